@@ -1,0 +1,230 @@
+"""Shared machinery for the scripts: distributed setup, seeding, logging, atomic checkpoint IO.
+
+Nothing here is RL math (that lives in losses.py / judge.py); this is the plumbing every script
+needs, written once. Modelled on nanochat's `compute_init()` / `print0` pattern.
+"""
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import time
+import uuid
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+# ----------------------------------------------------------------------------------------------
+# distributed
+
+
+def is_ddp() -> bool:
+    """True when launched by torchrun (it sets RANK / WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def print0(*args, **kwargs):
+    """print on rank 0 only (flushes, so torchrun logs interleave sensibly)."""
+    if get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def autodetect_device(device: str = "auto") -> torch.device:
+    if device != "auto":
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def compute_init(device: str = "auto"):
+    """Initialise (optional) DDP and pick the device.
+
+    Returns (ddp, rank, local_rank, world_size, device). Under torchrun the backend is NCCL on
+    CUDA and gloo on CPU; each rank takes `cuda:LOCAL_RANK`.
+    """
+    ddp = is_ddp()
+    dev = autodetect_device(device)
+    rank, local_rank, world_size = 0, 0, 1
+    if ddp:
+        rank = int(os.environ["RANK"])
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        world_size = int(os.environ["WORLD_SIZE"])
+        if dev.type == "cuda":
+            dev = torch.device("cuda", local_rank)
+            torch.cuda.set_device(dev)
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    if dev.type == "cpu":
+        # 2-core CI machines: one intra-op thread per process keeps torchrun from oversubscribing.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    return ddp, rank, local_rank, world_size, dev
+
+
+def compute_cleanup():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks (identity when not distributed). Returns a new tensor."""
+    x = x.clone()
+    if get_world_size() > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# seeding and dtype
+
+
+def set_seed(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def get_rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+# ----------------------------------------------------------------------------------------------
+# atomic checkpoint IO: nothing the user made is ever left half-written
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str):
+    """Yield a temporary directory next to `path`; on success, swap it into place.
+
+    The temp dir lives in the same parent so the final `os.replace` is a rename on one
+    filesystem. If `path` already exists it is moved aside first and removed only after the new
+    directory is in place, so at every instant either the old or the new checkpoint is complete.
+    On an exception the temp dir is removed and `path` is untouched.
+    """
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+    os.makedirs(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if os.path.exists(path):
+        old = os.path.join(parent, f".{os.path.basename(path)}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_torch_save(obj, path: str):
+    """torch.save to `path` via a temp file + rename."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: str, text: str):
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# logging
+
+
+class MetricsLogger:
+    """One console line per step (rank 0) and the same numbers appended to metrics.jsonl.
+
+    Keys are slash-namespaced (`loss/pg`, `judge/accuracy`). A logger with `out_dir=None` or on a
+    rank other than 0 is a dummy, so the training loop never branches on "is logging on".
+    """
+
+    def __init__(self, out_dir=None, enabled=True):
+        self.enabled = enabled and get_rank() == 0
+        self.path = None
+        if self.enabled and out_dir is not None:
+            os.makedirs(out_dir, exist_ok=True)
+            self.path = os.path.join(out_dir, "metrics.jsonl")
+
+    def log(self, step: int, metrics: dict, total: int = None, console_keys=None):
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: _to_py(v) for k, v in metrics.items()}}
+        if self.path is not None:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+        keys = console_keys if console_keys is not None else list(metrics)
+        head = f"step {step}/{total}" if total is not None else f"step {step}"
+        parts = [head] + [f"{k} {_fmt(row[k])}" for k in keys if k in row]
+        print(" | ".join(parts), flush=True)
+
+
+def _to_py(v):
+    if isinstance(v, torch.Tensor):
+        return v.item()
+    if isinstance(v, (np.floating, np.integer)):
+        return v.item()
+    return v
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+class Progress:
+    """Progress line with an ETA for long phases: `bootstrap sft 120/400 | 12.3 s | eta 28.7 s`."""
+
+    def __init__(self, total: int, desc: str, every: int = None):
+        self.total, self.desc = total, desc
+        self.every = every or max(1, total // 10)
+        self.t0 = time.time()
+
+    def update(self, i: int, extra: str = ""):
+        """Call with the 1-based count of finished items; prints every `every` items and at the end."""
+        if i % self.every and i != self.total:
+            return
+        dt = time.time() - self.t0
+        eta = dt / max(i, 1) * (self.total - i)
+        tail = f" | {extra}" if extra else ""
+        print0(f"{self.desc} {i}/{self.total} | {dt:.1f} s | eta {eta:.1f} s{tail}")

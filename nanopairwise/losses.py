@@ -1,0 +1,234 @@
+"""Reference math for RLHF, in plain PyTorch and fp32: the spec every kernel is tested against.
+
+Each function here is written for clarity, not speed. `kernels/<op>.py` implements the same
+function fused in Triton and must match it forward and backward; `kernels/__init__.py` picks
+one or the other at run time. Nothing in the training scripts computes these quantities any
+other way.
+
+Conventions: `mask` tensors are 1 (or True) where a token counts (a sampled response token) and
+0 on padding / prompt; all means over tokens are masked token-means (sum(x * mask) / sum(mask)).
+Shapes: N flattened tokens, V vocabulary, B batch, T time.
+
+Contents
+- token_logprobs_ref: log softmax(z / T)[target], entropy of softmax(z / T), KL estimate
+- kl_estimate: Schulman's k1 / k2 / k3 estimators of KL(pi || pi_ref) from sampled log-probs
+- ppo_loss_ref: clipped surrogate (separate low/high clip) + optional KL term + clipped value loss
+- gae_ref: generalized advantage estimation (Schulman et al. 2015, arXiv 1506.02438)
+- masked_mean / masked_whiten (optionally over all DDP ranks) / explained_variance
+"""
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+
+IGNORE_INDEX = -100  # a target equal to this gets log-prob 0, entropy 0, KL 0 and no gradient
+
+# ----------------------------------------------------------------------------------------------
+# masked reductions
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum()
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sum(x * mask) / sum(mask); 0 when the mask is empty (never NaN)."""
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+                  distributed: bool = False, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the masked entries; masked-out entries come back as 0.
+
+    With `distributed=True` the mean and variance are those of the union of every rank's
+    masked entries (all-reduce of count, sum, sum of squares), so whitening over the global
+    batch equals single-process whitening of the concatenated batch. Variance is the biased
+    (population) one, as in most PPO implementations.
+    """
+    m = mask.to(torch.float32)
+    xf = x.float()
+    stats = torch.stack([m.sum(), (xf * m).sum(), (xf * xf * m).sum()])
+    if distributed and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM)
+    count, s1, s2 = stats[0].clamp(min=1.0), stats[1], stats[2]
+    mean = s1 / count
+    var = (s2 / count - mean * mean).clamp(min=0.0)
+    out = (xf - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return (out * m).to(x.dtype)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 - Var[returns - values] / Var[returns] over masked entries (1 = perfect critic)."""
+    var_r = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    diff = returns - values
+    var_d = masked_mean((diff - masked_mean(diff, mask)) ** 2, mask)
+    return 1.0 - var_d / var_r.clamp(min=1e-8)
+
+
+# ----------------------------------------------------------------------------------------------
+# token log-probs, entropy, KL
+
+
+class TokenLogprobs(NamedTuple):
+    logprobs: torch.Tensor            # (N,) fp32, <= 0; 0 at ignored targets
+    entropy: Optional[torch.Tensor]   # (N,) fp32 or None
+    kl: Optional[torch.Tensor]        # (N,) fp32 or None
+
+
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k3") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from log-probs of tokens sampled from pi.
+
+    With log r = ref_logprobs - logprobs (http://joschu.net/blog/kl-approx.html):
+      k1 = -log r                 unbiased, can be negative, high variance
+      k2 = (log r)^2 / 2          biased, low variance, >= 0
+      k3 = (r - 1) - log r        unbiased, low variance, >= 0
+    Gradients flow into `logprobs` (and `ref_logprobs` if it requires grad).
+    """
+    log_r = ref_logprobs - logprobs
+    if kind == "k1":
+        return -log_r
+    if kind == "k2":
+        return 0.5 * log_r * log_r
+    if kind == "k3":
+        return torch.expm1(log_r) - log_r
+    raise ValueError(f"unknown KL estimator {kind!r}; choose k1, k2 or k3")
+
+
+def token_logprobs_ref(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                       ref_logprobs: Optional[torch.Tensor] = None, entropy: bool = False,
+                       kl_estimator: str = "k3", ignore_index: int = IGNORE_INDEX) -> TokenLogprobs:
+    """Log-prob of each target under softmax(logits / temperature), plus optional entropy and KL.
+
+    logits (N, V) any float dtype (math in fp32), targets (N,) int64, ref_logprobs (N,) or None.
+    With z = logits / T, logZ = logsumexp(z), p = softmax(z):
+      logprob = z[target] - logZ                      (clamped to <= 0: it is a log-probability)
+      entropy = logZ - sum_v p_v z_v                  (= -sum p log p; -inf logits contribute 0)
+      kl      = kl_estimate(logprob, ref_logprobs)    (per token; see kl_estimate)
+    At targets equal to `ignore_index` all three are 0 and carry no gradient.
+    """
+    if logits.ndim != 2 or targets.shape != logits.shape[:1]:
+        raise ValueError(f"token_logprobs: logits must be (N, V) and targets (N,); got "
+                         f"{tuple(logits.shape)} and {tuple(targets.shape)}")
+    z = logits.float() / temperature                                   # (N, V)
+    valid = targets != ignore_index                                      # (N,)
+    safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
+    log_z = torch.logsumexp(z, dim=-1)                                  # (N,)
+    logprobs = z.gather(-1, safe_targets[:, None]).squeeze(-1) - log_z  # (N,)
+    logprobs = torch.where(valid, logprobs.clamp(max=0.0), torch.zeros_like(logprobs))
+    ent = kl = None
+    if entropy:
+        p = torch.softmax(z, dim=-1)
+        z_finite = torch.where(torch.isfinite(z), z, torch.zeros_like(z))  # 0 * -inf would be NaN
+        ent = log_z - (p * z_finite).sum(-1)
+        ent = torch.where(valid, ent, torch.zeros_like(ent))
+    if ref_logprobs is not None:
+        kl = kl_estimate(logprobs, ref_logprobs.float(), kl_estimator)
+        kl = torch.where(valid, kl, torch.zeros_like(kl))
+    return TokenLogprobs(logprobs, ent, kl)
+
+
+# ----------------------------------------------------------------------------------------------
+# PPO losses
+
+
+class PPOLoss(NamedTuple):
+    loss: torch.Tensor          # scalar: pg_loss + kl_coef * kl_loss + vf_coef * v_loss
+    pg_loss: torch.Tensor       # scalar, clipped surrogate (masked token-mean)
+    v_loss: torch.Tensor        # scalar, clipped value loss (0 when no values are given)
+    kl_loss: torch.Tensor       # scalar, KL-to-reference term (0 when not used)
+    clipfrac: torch.Tensor      # fraction of tokens where the clipped branch was active
+    approx_kl: torch.Tensor     # k3 estimate of KL(old || new): mean((ratio - 1) - log ratio)
+    ratio_mean: torch.Tensor
+    ratio_max: torch.Tensor
+    vf_clipfrac: torch.Tensor   # fraction of tokens where the clipped value branch was active
+
+
+def ppo_loss_ref(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                 mask: torch.Tensor, clip_low: float = 0.2, clip_high: float = 0.2,
+                 ref_logprobs: Optional[torch.Tensor] = None, kl_coef: float = 0.0,
+                 kl_estimator: str = "k3", values: Optional[torch.Tensor] = None,
+                 old_values: Optional[torch.Tensor] = None, returns: Optional[torch.Tensor] = None,
+                 value_clip: float = 0.2, vf_coef: float = 0.5) -> PPOLoss:
+    """PPO clipped objective over (B, T) tokens (Schulman et al. 2017, arXiv 1707.06347).
+
+      ratio   = exp(logprobs - old_logprobs)
+      pg_loss = mean_mask( max(-A * ratio, -A * clip(ratio, 1 - clip_low, 1 + clip_high)) )
+      kl_loss = mean_mask( kl_estimate(logprobs, ref_logprobs) )        (if ref_logprobs given)
+      v_clip  = old_values + clip(values - old_values, -value_clip, value_clip)
+      v_loss  = 0.5 * mean_mask( max((values - R)^2, (v_clip - R)^2) )  (if values given)
+      loss    = pg_loss + kl_coef * kl_loss + vf_coef * v_loss
+    Separate low/high clip ("clip-higher", DAPO arXiv 2503.14476) reduces to the symmetric
+    case when they are equal. Statistics are detached.
+    """
+    m = mask.to(torch.float32)
+    lp, old_lp, adv = logprobs.float(), old_logprobs.float(), advantages.float()
+    log_ratio = lp - old_lp
+    ratio = torch.exp(log_ratio)
+    pg1 = -adv * ratio
+    pg2 = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    pg_loss = masked_mean(torch.maximum(pg1, pg2), m)
+    zero = pg_loss.new_zeros(())
+    kl_loss = zero
+    if ref_logprobs is not None:
+        kl_loss = masked_mean(kl_estimate(lp, ref_logprobs.float(), kl_estimator), m)
+    v_loss, vf_clipfrac = zero, zero
+    if values is not None:
+        v, old_v, ret = values.float(), old_values.float(), returns.float()
+        v_clipped = old_v + (v - old_v).clamp(-value_clip, value_clip)
+        vl1, vl2 = (v - ret) ** 2, (v_clipped - ret) ** 2
+        v_loss = 0.5 * masked_mean(torch.maximum(vl1, vl2), m)
+        vf_clipfrac = masked_mean((vl2 > vl1).float(), m).detach()
+    loss = pg_loss + kl_coef * kl_loss + vf_coef * v_loss
+    with torch.no_grad():
+        clipfrac = masked_mean((pg2 > pg1).float(), m)
+        approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, m)
+        ratio_mean = masked_mean(ratio, m)
+        ratio_max = torch.where(m > 0, ratio, torch.full_like(ratio, float("-inf"))).max() if m.any() else zero
+    return PPOLoss(loss, pg_loss, v_loss, kl_loss, clipfrac, approx_kl, ratio_mean, ratio_max, vf_clipfrac)
+
+
+# ----------------------------------------------------------------------------------------------
+# advantages
+
+
+def gae_ref(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+            gamma: float = 1.0, lam: float = 0.95):
+    """Generalized advantage estimation over (B, T) response tokens.
+
+    mask marks the response tokens (a contiguous run starting at t = 0 per row). With m the mask,
+    values beyond a row's last token are treated as 0 (the episode ends there):
+      delta_t = r_t + gamma * V_{t+1} * m_{t+1} - V_t
+      A_t     = delta_t + gamma * lam * m_{t+1} * A_{t+1}
+      R_t     = A_t + V_t            (the lambda-return; the critic's regression target)
+    Returns (advantages, returns), both zero where mask is 0, fp32, no gradient.
+    """
+    with torch.no_grad():
+        m = mask.to(torch.float32)
+        r, v = rewards.float() * m, values.float() * m
+        B, T = r.shape
+        adv = torch.zeros_like(r)
+        last = torch.zeros(B, dtype=r.dtype, device=r.device)           # A_{t+1}
+        for t in reversed(range(T)):
+            m_next = m[:, t + 1] if t + 1 < T else torch.zeros_like(last)
+            v_next = v[:, t + 1] if t + 1 < T else torch.zeros_like(last)
+            delta = r[:, t] + gamma * v_next * m_next - v[:, t]
+            last = delta + gamma * lam * m_next * last
+            adv[:, t] = last
+        adv = adv * m
+        return adv, (adv + v) * m
+
+
+def linear_token_logprobs_ref(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                              temperature: float = 1.0, ref_logprobs: Optional[torch.Tensor] = None,
+                              entropy: bool = False, kl_estimator: str = "k3",
+                              ignore_index: int = IGNORE_INDEX) -> TokenLogprobs:
+    """token_logprobs_ref of the LM head's logits: hidden (N, C) @ weight (V, C)^T -> (N, V).
+
+    The spec for kernels/linear_logprob.py, which computes the same without storing the logits.
+    """
+    logits = hidden.float() @ weight.float().t()                        # (N, V)
+    return token_logprobs_ref(logits, targets, temperature, ref_logprobs, entropy, kl_estimator, ignore_index)
