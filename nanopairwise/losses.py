@@ -232,3 +232,32 @@ def linear_token_logprobs_ref(hidden: torch.Tensor, weight: torch.Tensor, target
     """
     logits = hidden.float() @ weight.float().t()                        # (N, V)
     return token_logprobs_ref(logits, targets, temperature, ref_logprobs, entropy, kl_estimator, ignore_index)
+
+
+# ----------------------------------------------------------------------------------------------
+# rewards
+
+
+def transform_score(win_prob: torch.Tensor, kind: str = "prob", eps: float = 1e-4) -> torch.Tensor:
+    """Map a win probability P(y > y*) in [0, 1] to a reward: `prob` (as is), `centered`
+    (P - 0.5) or `logit` (log P / (1 - P), clamped to [eps, 1 - eps])."""
+    if kind == "prob":
+        return win_prob
+    if kind == "centered":
+        return win_prob - 0.5
+    if kind == "logit":
+        p = win_prob.clamp(eps, 1.0 - eps)
+        return torch.log(p) - torch.log1p(-p)
+    raise ValueError(f"unknown reward transform {kind!r}; choose prob, centered or logit")
+
+
+def shape_rewards(scores: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor = None,
+                  kl_coef: float = 0.0) -> torch.Tensor:
+    """Per-token rewards (B, T): -kl_coef * kl_t on every response token, plus the sequence score
+    (B,) on its last token (InstructGPT-style, arXiv 2203.02155). Zero where mask is 0."""
+    m = mask.to(torch.float32)
+    rewards = torch.zeros_like(m) if kl is None else -kl_coef * kl.float() * m
+    last = (m.sum(1).long() - 1).clamp(min=0)                                          # (B,)
+    rows = torch.arange(m.size(0), device=m.device)
+    rewards[rows, last] += scores.float() * (m.sum(1) > 0)
+    return rewards

@@ -1,0 +1,435 @@
+"""Pairwise PPO (Pairwise-RL, arXiv 2504.04950) and the Bradley-Terry PPO baseline.
+
+    torchrun --standalone --nproc_per_node=2 train_ppo.py      # the main job: the whole built-in pipeline
+    python train_ppo.py                                         # the same in one process
+    python train_ppo.py --reward bt                             # baseline: BT scalar reward, standard critic
+    python train_ppo.py --policy DIR --judge DIR --prompts rl.jsonl --eval-prompts rl_heldout.jsonl
+
+On the built-in task the main job bootstraps the task if missing (tokenizer, SFT policy, pairs, RL
+prompts), trains the judge / BT reward model with train_rm.py if missing, runs PPO, and prints the
+held-out metrics before and after (oracle score, oracle and judge win rate against the anchor, KL).
+
+One PPO step (per rank, on its share of the global batch):
+  1. sample K responses for each prompt of the step with the KV-cache rollout engine
+  2. score them: pairwise -> P(y > y*) from the judge in both orders against the prompt's anchor
+     y*, then --reward-transform; bt -> the BT reward r(x, y)
+  3. old and reference log-probs of the sampled tokens and the critic's values (a forward each)
+  4. per-token reward -kl_coef * k1 on every token plus the score on the last token; GAE;
+     advantages whitened over the global batch (all ranks)
+  5. --ppo-epochs passes of --minibatches minibatches: clipped surrogate + clipped value loss
+     through the fused PPO-loss kernel (reference with NANOPAIRWISE_KERNELS=ref)
+
+Our reading of the paper (its public text fixes few details); each is a flag:
+  1. Anchor: the prompt's gold answer when the data has one (the built-in task does), else the best
+     of --anchor-samples samples of the initial policy ranked by the judge (round robin). Anchors are
+     fixed for the run and stored in the checkpoint.
+  2. Reward: order-symmetrised win probability (p(y, y*) + 1 - p(y*, y)) / 2 (--no-symmetric: one
+     order, half the judge cost), as a probability (--reward-transform prob|centered|logit).
+  3. Critic: pairwise, reading (principle, prompt, anchor, partial response), initialised from the
+     judge's weights with a fresh zero scalar head (--critic standard: no anchor).
+  4. KL: k1 per token inside the reward with fixed beta (--kl-coef); --kl-mode loss instead adds a
+     k3 KL term to the policy loss (GRPO-style) and leaves the reward KL-free.
+  5. GAE with gamma 1 and lambda 0.95 for the policy; --value-lam sets the critic's lambda-return.
+  6. Whitening of advantages over the global batch; no per-prompt reward normalisation.
+  7. A response cut off at --max-new-tokens without EOS gets --truncation-penalty subtracted.
+  8. Separate AdamW optimisers for policy and critic; a joint backward of pg + vf_coef * v loss.
+The baseline (--reward bt) is standard RLHF PPO: BT scalar reward, standard critic initialised
+from the reward model, the same KL, GAE, whitening and losses.
+"""
+
+import argparse
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import kernels
+import train_rm
+from nanopairwise import bootstrap, data, judge as J, losses, tasks
+from nanopairwise.common import (MetricsLogger, Progress, atomic_dir, atomic_torch_save, compute_cleanup,
+                                 compute_init, parse_dtype, print0, set_seed)
+from nanopairwise.model import Transformer
+from nanopairwise.policy import PolicyLogprobs, encode_prompt
+from nanopairwise.rollout import generate
+from nanopairwise.tokenizer import Tokenizer
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # runs and data
+    p.add_argument("--run-dir", default="runs", help="where the built-in pipeline keeps task, RMs and PPO runs")
+    p.add_argument("--reward", choices=["pairwise", "bt"], default="pairwise", help="Pairwise-RL or BT baseline")
+    p.add_argument("--policy", default=None, help="initial policy HF dir (default: the task's SFT policy)")
+    p.add_argument("--judge", default=None, help="pairwise judge dir (default: RUN_DIR/judge/checkpoint)")
+    p.add_argument("--bt-rm", default=None, help="BT reward model dir (default: RUN_DIR/bt/checkpoint)")
+    p.add_argument("--prompts", default=None, help="RL prompts JSONL (default: the task's train prompts)")
+    p.add_argument("--eval-prompts", default=None, help="held-out RL prompts JSONL (default: the task's)")
+    p.add_argument("--out-dir", default=None, help="run directory (default: RUN_DIR/ppo_<reward>)")
+    p.add_argument("--default-principle", default="Prefer the response that follows the instruction best.")
+    # reward and critic (our reading, see the docstring)
+    p.add_argument("--reward-transform", choices=["prob", "centered", "logit"], default="prob")
+    p.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=True,
+                   help="score both orders against the anchor (else one order)")
+    p.add_argument("--critic", choices=["pairwise", "standard"], default=None,
+                   help="critic input (default: pairwise for --reward pairwise, standard for bt)")
+    p.add_argument("--anchor-samples", type=int, default=4, help="best-of-N anchors for prompts without one")
+    p.add_argument("--truncation-penalty", type=float, default=0.5, help="subtracted from a score without EOS")
+    # PPO
+    p.add_argument("--steps", type=int, default=40, help="PPO steps (one rollout batch each)")
+    p.add_argument("--prompts-per-step", type=int, default=32, help="prompts per step over all ranks")
+    p.add_argument("--samples-per-prompt", type=int, default=4, help="K responses per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--ppo-epochs", type=int, default=2)
+    p.add_argument("--minibatches", type=int, default=2, help="minibatches per PPO epoch")
+    p.add_argument("--lr", type=float, default=2e-4, help="policy AdamW learning rate")
+    p.add_argument("--critic-lr", type=float, default=5e-4, help="critic AdamW learning rate")
+    p.add_argument("--clip-low", type=float, default=0.2)
+    p.add_argument("--clip-high", type=float, default=0.2)
+    p.add_argument("--value-clip", type=float, default=0.2)
+    p.add_argument("--vf-coef", type=float, default=0.5)
+    p.add_argument("--kl-coef", type=float, default=0.02, help="beta of the KL penalty to the reference")
+    p.add_argument("--kl-mode", choices=["reward", "loss"], default="reward", help="k1 in reward, or k3 loss term")
+    p.add_argument("--gamma", type=float, default=1.0)
+    p.add_argument("--lam", type=float, default=0.95, help="GAE lambda of the advantages")
+    p.add_argument("--value-lam", type=float, default=0.95, help="lambda of the critic's return targets")
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--fused-head", action="store_true", help="LM head + log-prob in one kernel (no logits)")
+    # evaluation and runtime
+    p.add_argument("--eval-every", type=int, default=20, help="evaluate every N steps (0 = start and end only)")
+    p.add_argument("--eval-size", type=int, default=128, help="held-out prompts per evaluation")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0 = at the end)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    args.critic = args.critic or ("pairwise" if args.reward == "pairwise" else "standard")
+    args.out_dir = args.out_dir or os.path.join(args.run_dir, f"ppo_{args.reward}")
+    args.task_dir = os.path.join(args.run_dir, "task")
+    args.judge = args.judge or os.path.join(args.run_dir, "judge", "checkpoint")
+    args.bt_rm = args.bt_rm or os.path.join(args.run_dir, "bt", "checkpoint")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# setup: pipeline pieces that may be missing
+
+
+def ensure_reward_models(args, ddp, rank):
+    """Built-in pipeline: bootstrap the task, then train whichever reward model is missing."""
+    builtin = args.prompts is None
+    if builtin:
+        if rank == 0:
+            bootstrap.ensure_bootstrap(args.task_dir, seed=args.seed)
+        if ddp:
+            dist.barrier()
+        paths = bootstrap.task_paths(args.task_dir)
+        args.prompts, args.eval_prompts = paths["rl_train"], args.eval_prompts or paths["rl_test"]
+        args.policy = args.policy or paths["policy"]
+    for objective, path in (("pairwise", args.judge), ("bt", args.bt_rm)):
+        needed = objective == args.reward or (objective == "pairwise" and builtin)  # the judge also evaluates
+        if needed and not os.path.exists(os.path.join(path, "config.json")):
+            if not builtin:
+                raise SystemExit(f"no reward model at {path}; train one with train_rm.py --objective {objective}")
+            print0(f"== training the {objective} reward model (missing at {path}) ==")
+            train_rm.main(["--objective", objective, "--task-dir", args.task_dir, "--seed", str(args.seed),
+                           "--out-dir", os.path.dirname(path), "--device", args.device])
+
+
+def load_prompts(path, args):
+    prompts = data.load_rl_prompts(path)
+    for p in prompts:
+        p.principle = p.principle or args.default_principle
+    return prompts
+
+
+@torch.no_grad()
+def fill_anchors(prompts, policy_lm, judge, tok, args, device):
+    """Best-of-N anchors for prompts without one: N initial-policy samples, each scored by its mean
+    symmetric win probability against the other N-1 (round robin), the best kept."""
+    missing = [p for p in prompts if not p.anchor]
+    if not missing:
+        return
+    if judge is None:
+        raise SystemExit("prompts without an anchor need a judge to pick best-of-N anchors")
+    n = args.anchor_samples
+    gen = torch.Generator(device=device).manual_seed(args.seed + 17)
+    for p in missing:
+        ro = generate(policy_lm, [encode_prompt(tok, p.prompt)] * n, args.max_new_tokens, tok.eos_token_id,
+                      tok.pad_token_id, temperature=args.temperature, generator=gen)
+        texts = decode_responses(tok, ro)
+        items = [(p.principle, p.prompt, texts[i], texts[j]) for i in range(n) for j in range(n) if i != j]
+        win = J.judge_win_probs(judge, tok, J.JudgeTemplate(), items)[0].view(n, n - 1).mean(1)
+        p.anchor = texts[int(win.argmax())]
+
+
+def decode_responses(tok, ro):
+    return [tok.decode([t for t, m in zip(ids, mask) if m], skip_special_tokens=True).strip()
+            for ids, mask in zip(ro.response_ids.tolist(), ro.response_mask.tolist())]
+
+
+def build_critic_inputs(prompts, ro, tok, args, template, device):
+    """Critic sequences: left-padded prefix (principle, prompt[, anchor]) then the response tokens.
+    Returns (ids, mask, prefix_len); values of response token t are read at prefix_len - 1 + t."""
+    prefixes = []
+    for p in prompts:
+        text = (template.anchor_prefix(p.principle, p.prompt, p.anchor) if args.critic == "pairwise"
+                else template.single_prefix(p.principle, p.prompt))
+        prefixes.append(tok.encode(text))
+    pre_ids, pre_mask = data.pad_batch(prefixes, tok.pad_token_id, side="left")
+    ids = torch.cat([pre_ids.to(device), ro.response_ids], 1)
+    mask = torch.cat([pre_mask.to(device), ro.response_mask.long()], 1)
+    return ids, mask, pre_ids.size(1)
+
+
+def critic_values(critic, ids, mask, prefix_len, R):
+    return critic(ids, mask)[:, prefix_len - 1:prefix_len - 1 + R]                     # (B, R)
+
+
+# ----------------------------------------------------------------------------------------------
+# scoring and evaluation
+
+
+@torch.no_grad()
+def score_responses(prompts, texts, rm, tok, args):
+    """Sequence scores (B,) and the raw judge win probability (B,) (None for bt)."""
+    template = J.JudgeTemplate()
+    if args.reward == "pairwise":
+        items = [(p.principle, p.prompt, y, p.anchor) for p, y in zip(prompts, texts)]
+        win = J.judge_win_probs(rm, tok, template, items, symmetric=args.symmetric)[0]
+        return losses.transform_score(win, args.reward_transform), win
+    items = [(p.principle, p.prompt, y) for p, y in zip(prompts, texts)]
+    return J.scalar_scores(rm, tok, template, items), None
+
+
+@torch.no_grad()
+def evaluate(policy, ref, judge, prompts, tok, args, device):
+    """Held-out metrics of the current policy: one sample per prompt at the training temperature
+    with a fixed seed. Oracle metrics where the prompt carries the task's oracle fields."""
+    policy.eval()
+    gen = torch.Generator(device=device).manual_seed(args.seed + 12345)
+    ro = generate(policy.lm, [encode_prompt(tok, p.prompt) for p in prompts], args.max_new_tokens,
+                  tok.eos_token_id, tok.pad_token_id, temperature=args.temperature, top_p=args.top_p, generator=gen)
+    texts = decode_responses(tok, ro)
+    ids, attn = ro.sequences()
+    lp = policy(ids, attn, ro.response_mask, args.temperature).logprobs
+    ref_lp = ref(ids, attn, ro.response_mask, args.temperature).logprobs
+    m = ro.response_mask.float()
+    out = {"kl": ((lp - ref_lp) * m).sum(1).mean().item(), "length": m.sum(1).mean().item(),
+           "eos_rate": ro.ended.float().mean().item()}
+    if judge is not None:
+        items = [(p.principle, p.prompt, y, p.anchor) for p, y in zip(prompts, texts)]
+        out["judge_win_rate"] = J.judge_win_probs(judge, tok, J.JudgeTemplate(), items)[0].mean().item()
+    if all("principle_name" in p.meta for p in prompts):
+        q = torch.tensor([tasks.oracle_score(p.meta["principle_name"], p.meta["numbers"], y)
+                          for p, y in zip(prompts, texts)])
+        q_anchor = torch.tensor([tasks.oracle_score(p.meta["principle_name"], p.meta["numbers"], p.anchor)
+                                 for p in prompts])
+        out["oracle_score"] = q.mean().item()
+        out["oracle_win_rate"] = ((q > q_anchor).float() + 0.5 * (q == q_anchor).float()).mean().item()
+    policy.train()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# one PPO step
+
+
+@torch.no_grad()
+def make_experience(step_prompts, models, tok, args, device, gen):
+    """Rollout + scores + old/ref log-probs + values + GAE for this rank's prompts (K samples each)."""
+    policy, ref, critic, rm = (getattr(m, "module", m) for m in models)   # no DDP needed without grads
+    policy.eval()
+    K = args.samples_per_prompt
+    prompts = [p for p in step_prompts for _ in range(K)]
+    t0 = time.time()
+    ro = generate(policy.lm, [encode_prompt(tok, p.prompt) for p in prompts], args.max_new_tokens,
+                  tok.eos_token_id, tok.pad_token_id, temperature=args.temperature, top_p=args.top_p, generator=gen)
+    t_rollout = time.time() - t0
+    texts = decode_responses(tok, ro)
+    scores, win = score_responses(prompts, texts, rm, tok, args)
+    scores = scores.to(device) - args.truncation_penalty * (~ro.ended).float()
+    ids, attn = ro.sequences()
+    mask = ro.response_mask.float()
+    old = policy(ids, attn, ro.response_mask, args.temperature).logprobs
+    ref_lp = ref(ids, attn, ro.response_mask, args.temperature).logprobs
+    c_ids, c_mask, c_pre = build_critic_inputs(prompts, ro, tok, args, J.JudgeTemplate(), device)
+    values = critic_values(critic, c_ids, c_mask, c_pre, mask.size(1)) * mask
+    kl = losses.kl_estimate(old, ref_lp, "k1") * mask
+    rewards = losses.shape_rewards(scores, mask, kl if args.kl_mode == "reward" else None, args.kl_coef)
+    adv, _ = losses.gae_ref(rewards, values, mask, args.gamma, args.lam)
+    _, returns = losses.gae_ref(rewards, values, mask, args.gamma, args.value_lam)
+    adv = losses.masked_whiten(adv, mask, distributed=True)
+    policy.train()
+    exp = dict(ids=ids, attn=attn, response_mask=ro.response_mask, old_logprobs=old, ref_logprobs=ref_lp,
+               values=values, advantages=adv, returns=returns, c_ids=c_ids, c_mask=c_mask)
+    stats = {"reward/score": scores.mean().item(), "rollout/kl": kl.sum(1).mean().item(),
+             "rollout/length": mask.sum(1).mean().item(), "rollout/eos_rate": ro.ended.float().mean().item(),
+             "perf/rollout_s": t_rollout, "tokens": int(mask.sum().item())}
+    if win is not None:
+        stats["rollout/win_rate"] = win.mean().item()
+    return exp, c_pre, stats
+
+
+def ppo_update(exp, c_pre, models, optimizers, args, gen):
+    """--ppo-epochs passes of --minibatches shuffled minibatches over this rank's experience."""
+    policy, _, critic, _ = models
+    B, R = exp["response_mask"].shape
+    mb = max(1, B // args.minibatches)
+    sums = {}
+    for _ in range(args.ppo_epochs):
+        order = torch.randperm(B, generator=gen)
+        for i in range(0, B - B % mb if B >= mb else B, mb):
+            idx = order[i:i + mb].to(exp["ids"].device)
+            e = {k: v[idx] for k, v in exp.items()}
+            kl_ref = e["ref_logprobs"] if args.kl_mode == "loss" else None
+            out = policy(e["ids"], e["attn"], e["response_mask"], args.temperature, entropy=True)
+            values = critic_values(critic, e["c_ids"], e["c_mask"], c_pre, R)
+            m = e["response_mask"].float()
+            loss = kernels.ppo_loss(out.logprobs, e["old_logprobs"], e["advantages"], m,
+                                    clip_low=args.clip_low, clip_high=args.clip_high, ref_logprobs=kl_ref,
+                                    kl_coef=args.kl_coef if kl_ref is not None else 0.0, values=values,
+                                    old_values=e["values"], returns=e["returns"], value_clip=args.value_clip,
+                                    vf_coef=args.vf_coef)
+            if not torch.isfinite(loss.loss):
+                raise FloatingPointError(f"PPO loss is {loss.loss.item()} (pg_loss {loss.pg_loss.item()}, "
+                                         f"v_loss {loss.v_loss.item()}); lower --lr / --critic-lr")
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            loss.loss.backward()
+            for mod in (policy, critic):
+                torch.nn.utils.clip_grad_norm_(mod.parameters(), args.grad_clip or float("inf"))
+            for opt in optimizers:
+                opt.step()
+            row = {"loss/pg": loss.pg_loss, "loss/v": loss.v_loss, "loss/kl": loss.kl_loss,
+                   "ppo/clipfrac": loss.clipfrac, "ppo/approx_kl": loss.approx_kl, "ppo/ratio_max": loss.ratio_max,
+                   "policy/entropy": losses.masked_mean(out.entropy.detach(), m),
+                   "critic/explained_var": losses.explained_variance(values.detach(), e["returns"], m)}
+            for k, v in row.items():
+                sums.setdefault(k, []).append(float(v))
+    return {k: sum(v) / len(v) for k, v in sums.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+
+
+def main(argv=None):
+    args = get_args(argv)
+    owns_pg = not (dist.is_available() and dist.is_initialized())
+    ddp, rank, _, world_size, device = compute_init(args.device)
+    dtype = parse_dtype(args.dtype)
+    set_seed(args.seed)
+    ensure_reward_models(args, ddp, rank)
+    assert args.prompts_per_step % world_size == 0, "--prompts-per-step must divide by the number of ranks"
+    ckpt = os.path.join(args.out_dir, "checkpoint")
+    if args.resume and not os.path.exists(os.path.join(ckpt, "trainer_state.pt")):
+        raise SystemExit(f"--resume: no checkpoint at {ckpt}")
+    policy_dir = os.path.join(ckpt, "policy") if args.resume else args.policy
+    tok = Tokenizer.from_pretrained(policy_dir)
+    rm_dir = args.judge if args.reward == "pairwise" else args.bt_rm
+
+    # ---- models: policy (trained), reference (frozen), reward model (frozen), critic (trained)
+    policy = PolicyLogprobs(Transformer.from_pretrained(policy_dir, dtype=dtype, device=device), args.fused_head)
+    ref = PolicyLogprobs(Transformer.from_pretrained(args.policy, dtype=dtype, device=device)).eval().requires_grad_(False)
+    judge = None
+    if os.path.exists(os.path.join(args.judge, "config.json")):
+        judge_tok = Tokenizer.from_pretrained(args.judge)
+        judge = J.PairwiseJudge(Transformer.from_pretrained(args.judge, dtype=dtype, device=device),
+                                *J.verdict_token_ids(judge_tok, J.JudgeTemplate())).eval().requires_grad_(False)
+    rm = judge if args.reward == "pairwise" else J.ScalarHeadModel.from_pretrained(rm_dir, dtype, device).eval()
+    rm.requires_grad_(False)
+    if Tokenizer.from_pretrained(rm_dir).vocab_size != tok.vocab_size:
+        raise SystemExit(f"the critic starts from {rm_dir}, whose tokenizer differs from the policy's; "
+                         "they must share a vocabulary (the critic reads the policy's tokens)")
+    critic = (J.ScalarHeadModel.from_pretrained(os.path.join(ckpt, "critic"), dtype, device) if args.resume
+              else J.ScalarHeadModel.from_pretrained(rm_dir, dtype, device, new_head=True))
+    # DDP wrappers sync gradients in the update; no-grad forwards and generation use the raw modules
+    policy_ddp, critic_ddp = (DDP(policy), DDP(critic)) if ddp else (policy, critic)
+    optimizers = [torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0),
+                  torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, betas=(0.9, 0.95), weight_decay=0.0)]
+
+    # ---- prompts and anchors (fixed for the run; stored in the checkpoint) -------------------
+    train_prompts = load_prompts(args.prompts, args)
+    eval_prompts = load_prompts(args.eval_prompts, args)[:args.eval_size] if args.eval_prompts else []
+    step = 0
+    if args.resume:
+        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
+        for opt, sd in zip(optimizers, state["optimizers"]):
+            opt.load_state_dict(sd)
+        step = state["step"]
+        for p, a in zip(train_prompts, state["anchors"]):
+            p.anchor = a
+    fill_anchors(train_prompts + eval_prompts, policy.lm, judge, tok, args, device)
+    models = (policy_ddp, ref, critic_ddp, rm)                                          # DDP-wrapped where trained
+    print0(f"PPO | reward {args.reward} ({args.reward_transform}, symmetric={args.symmetric}) | critic {args.critic} | "
+           f"{len(train_prompts):,} prompts | {args.prompts_per_step}x{args.samples_per_prompt} samples/step | "
+           f"{args.steps} steps | {world_size} rank(s) on {device} | out {args.out_dir}")
+    logger = MetricsLogger(args.out_dir)
+    history = {}
+
+    def run_eval(tag):
+        if rank == 0 and eval_prompts:
+            history[tag] = evaluate(policy, ref, judge, eval_prompts, tok, args, device)
+            logger.log(step, {f"eval/{k}": v for k, v in history[tag].items()}, total=args.steps)
+        if ddp:
+            dist.barrier()
+
+    if step == 0:
+        run_eval("before")
+    per_rank = args.prompts_per_step // world_size
+    progress = Progress(args.steps, "ppo", every=max(1, args.steps // 10))
+    while step < args.steps:
+        t0 = time.time()
+        # the same prompt order on every rank, a function of (seed, epoch): resume is exact
+        per_epoch = len(train_prompts) // args.prompts_per_step
+        epoch, pos = divmod(step, per_epoch)
+        order = torch.randperm(len(train_prompts), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+        start = pos * args.prompts_per_step + rank * per_rank
+        step_prompts = [train_prompts[i] for i in order[start:start + per_rank].tolist()]
+        gen = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step * world_size + rank)
+        cpu_gen = torch.Generator().manual_seed(args.seed * 7919 + step * world_size + rank)
+        exp, c_pre, stats = make_experience(step_prompts, models, tok, args, device, gen)
+        stats.update(ppo_update(exp, c_pre, models, optimizers, args, cpu_gen))
+        step += 1
+        dt = time.time() - t0
+        tokens = stats.pop("tokens") * world_size
+        stats.update({"perf/ms": 1000 * dt, "perf/tok_per_s": tokens / dt})
+        logger.log(step, stats, total=args.steps,
+                   console_keys=["reward/score", "rollout/win_rate", "rollout/kl", "ppo/clipfrac",
+                                 "loss/v", "rollout/length", "perf/ms", "perf/tok_per_s"])
+        progress.update(step)
+        if args.eval_every and step % args.eval_every == 0 and step < args.steps:
+            run_eval(f"step{step}")
+        if step == args.steps or (args.save_every and step % args.save_every == 0):
+            if rank == 0:
+                with atomic_dir(ckpt) as tmp:
+                    policy.lm.save_pretrained(os.path.join(tmp, "policy"))
+                    tok.save_pretrained(os.path.join(tmp, "policy"))
+                    critic.save_pretrained(os.path.join(tmp, "critic"))
+                    atomic_torch_save({"optimizers": [o.state_dict() for o in optimizers], "step": step,
+                                       "anchors": [p.anchor for p in train_prompts]},
+                                      os.path.join(tmp, "trainer_state.pt"))
+            if ddp:
+                dist.barrier()
+    run_eval("after")
+    if rank == 0 and "after" in history:
+        before = history.get("before", {})
+        print0("\nheld-out metric        before    after")
+        for k, v in history["after"].items():
+            print0(f"{k:<20} {before.get(k, float('nan')):>8.4f} {v:>8.4f}")
+        with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
+            json.dump(history, f, indent=2)
+    if owns_pg:
+        compute_cleanup()
+    return history
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""Train the generative pairwise judge (default) or the Bradley-Terry baseline (--objective bt).
+
+    python train_rm.py                                  # judge on the built-in task (bootstraps it)
+    python train_rm.py --objective bt                   # the BT scalar reward model baseline
+    torchrun --standalone --nproc_per_node=2 train_rm.py
+    python train_rm.py --model DIR --train-data pairs.jsonl --eval-data heldout.jsonl --out-dir runs/my_judge
+
+The pairwise judge (nanopairwise/judge.py) is a causal LM trained with next-token cross-entropy
+on a verdict token; every pair appears in both orders in every batch. The BT baseline puts a
+scalar head on the same trunk and trains -log sigmoid(r_w - r_l). Both start from the same
+generative model (the SFT policy on the built-in task), evaluate on held-out pairs at the end
+(accuracy vs labels and vs the oracle, position consistency, ECE, Brier) and write an
+HF-format checkpoint to OUT_DIR/checkpoint that `--resume` continues from exactly.
+"""
+
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from nanopairwise import bootstrap, data, judge as J
+from nanopairwise.common import (MetricsLogger, atomic_dir, atomic_torch_save, atomic_write_text,
+                                 compute_cleanup, compute_init, get_rng_state, parse_dtype, print0,
+                                 set_rng_state, set_seed)
+from nanopairwise.model import Transformer
+from nanopairwise.tokenizer import Tokenizer
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # what to train
+    p.add_argument("--objective", choices=["pairwise", "bt"], default="pairwise",
+                   help="pairwise = generative judge; bt = Bradley-Terry scalar RM baseline")
+    p.add_argument("--task-dir", default="runs/task", help="built-in task directory (bootstrapped if missing)")
+    p.add_argument("--model", default=None, help="HF checkpoint dir to start from (default: the task's SFT policy)")
+    p.add_argument("--train-data", default=None, help="preference pairs JSONL (default: the task's train pairs)")
+    p.add_argument("--eval-data", default=None, help="held-out pairs JSONL (default: the task's test pairs)")
+    p.add_argument("--out-dir", default=None, help="run directory (default: runs/judge or runs/bt)")
+    p.add_argument("--skip-bad-lines", action="store_true", help="skip (and count) malformed JSONL lines")
+    p.add_argument("--default-principle", default="Prefer the response that follows the instruction best.",
+                   help="principle for pairs that carry none")
+    # judge format
+    p.add_argument("--verdicts", default=" Yes, No", help="the two verdict strings 'yes,no'; each must be one token")
+    p.add_argument("--max-response-tokens", type=int, default=256, help="responses are cut to this many tokens")
+    # optimisation
+    p.add_argument("--batch-size", type=int, default=32, help="preference pairs per step, over all ranks")
+    p.add_argument("--epochs", type=float, default=2.0, help="passes over the training pairs")
+    p.add_argument("--lr", type=float, default=3e-4, help="peak AdamW learning rate")
+    p.add_argument("--warmup-steps", type=int, default=20, help="linear warmup, then cosine decay to 10%%")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip (0 = off)")
+    # runtime
+    p.add_argument("--dtype", default="float32", help="float32 or bfloat16 (weights and compute)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0 = only at the end)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint")
+    p.add_argument("--max-steps", type=int, default=0, help="stop after N steps (0 = run all epochs)")
+    p.add_argument("--eval-batch-size", type=int, default=64)
+    args = p.parse_args(argv)
+    args.out_dir = args.out_dir or os.path.join("runs", "judge" if args.objective == "pairwise" else "bt")
+    verdicts = args.verdicts.split(",")
+    if len(verdicts) != 2:
+        p.error(f"--verdicts needs two comma-separated strings, got {args.verdicts!r}")
+    args.template = J.JudgeTemplate(yes=verdicts[0], no=verdicts[1])
+    return args
+
+
+def load_pairs(path, args):
+    pairs = data.load_preference_pairs(path, skip_bad=args.skip_bad_lines)
+    for p in pairs:
+        p.principle = p.principle or args.default_principle
+    return pairs
+
+
+def lr_at(step, total, args):
+    """Linear warmup, then cosine decay to 10% of the peak."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    frac = (step - args.warmup_steps) / max(1, total - args.warmup_steps)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac))))
+
+
+def batch_tensors(batch, args, tok, device):
+    """Token tensors of one rank's share of pairs. pairwise: 2 sequences per pair (both orders)
+    with verdict labels; bt: chosen rows then rejected rows."""
+    if args.objective == "pairwise":
+        rows = [(p.principle, p.prompt, p.chosen, p.rejected) for p in batch]
+        seqs, labels = [], []
+        for pr, q, c, r in rows:
+            seqs.append(J.encode_pair(tok, args.template, pr, q, c, r, args.max_response_tokens)); labels.append(1)
+            seqs.append(J.encode_pair(tok, args.template, pr, q, r, c, args.max_response_tokens)); labels.append(0)
+        ids, mask = data.pad_batch(seqs, tok.pad_token_id, side="right")
+        return ids.to(device), mask.to(device), torch.tensor(labels, device=device)
+    seqs = [J.encode_single(tok, args.template, p.principle, p.prompt, y, args.max_response_tokens)
+            for y_key in ("chosen", "rejected") for p in batch for y in [getattr(p, y_key)]]
+    ids, mask = data.pad_batch(seqs, tok.pad_token_id, side="right")
+    return ids.to(device), mask.to(device), None
+
+
+def loss_fn(model, ids, mask, labels, args, yes_no):
+    """Returns (loss, accuracy on this batch) for either objective."""
+    if args.objective == "pairwise":
+        logits = model(ids, mask)                                                       # (2b, V)
+        loss, p_yes = J.judge_loss(logits, labels, *yes_no)
+        return loss, ((p_yes > 0.5).long() == labels).float().mean()
+    values = model(ids, mask)                                                           # (2b, T)
+    r = values[torch.arange(values.size(0), device=ids.device), J.last_index(mask)]
+    r_chosen, r_rejected = r.chunk(2)
+    return J.bt_loss(r_chosen, r_rejected), (r_chosen > r_rejected).float().mean()
+
+
+def evaluate(raw_model, pairs, args, tok, yes_no):
+    """Held-out metrics of P(chosen > rejected); oracle metrics when the pairs carry oracle fields."""
+    raw_model.eval()
+    items = [(p.principle, p.prompt, p.chosen, p.rejected) for p in pairs]
+    kw = dict(batch_size=args.eval_batch_size, max_response_tokens=args.max_response_tokens)
+    if args.objective == "pairwise":
+        p_chosen, p_ab, p_ba = J.judge_win_probs(raw_model, tok, args.template, items, **kw)
+    else:
+        r_c = J.scalar_scores(raw_model, tok, args.template, [(a, b, c) for a, b, c, _ in items], **kw)
+        r_r = J.scalar_scores(raw_model, tok, args.template, [(a, b, d) for a, b, _, d in items], **kw)
+        p_chosen, p_ab, p_ba = torch.sigmoid(r_c - r_r), None, None
+    meta = lambda k: torch.tensor([float(p.meta[k]) for p in pairs]) if all(k in p.meta for p in pairs) else None
+    metrics = J.pair_metrics(p_chosen, meta("p_true"), meta("chosen_score"), meta("rejected_score"), p_ab, p_ba)
+    raw_model.train()
+    return metrics
+
+
+def build_model(args, init_dir, dtype, device, yes_no):
+    lm = Transformer.from_pretrained(init_dir, dtype=dtype, device=device)
+    if args.objective == "pairwise":
+        return J.PairwiseJudge(lm, *yes_no)
+    if os.path.exists(os.path.join(init_dir, J.ScalarHeadModel.HEAD_FILE)):
+        return J.ScalarHeadModel.from_pretrained(init_dir, dtype=dtype, device=device)
+    return J.ScalarHeadModel(lm)
+
+
+def save_checkpoint(path, raw_model, tok, state, args):
+    """Model (HF format) + tokenizer + trainer state, swapped into place atomically."""
+    with atomic_dir(path) as tmp:
+        (raw_model if args.objective == "bt" else raw_model.lm).save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        rm_config = {"objective": args.objective, "yes": args.template.yes, "no": args.template.no,
+                     "question": args.template.question}
+        atomic_write_text(os.path.join(tmp, "rm_config.json"), json.dumps(rm_config, indent=2))
+        atomic_torch_save(state, os.path.join(tmp, "trainer_state.pt"))
+
+
+def main(argv=None):
+    args = get_args(argv)
+    owns_pg = not (dist.is_available() and dist.is_initialized())  # False when called from train_ppo.py
+    ddp, rank, _, world_size, device = compute_init(args.device)
+    dtype = parse_dtype(args.dtype)
+    set_seed(args.seed)
+    # ---- data and model -------------------------------------------------------------------
+    if args.train_data is None:
+        if rank == 0:
+            bootstrap.ensure_bootstrap(args.task_dir, seed=args.seed)
+        if ddp:
+            dist.barrier()
+        paths = bootstrap.task_paths(args.task_dir)
+        args.train_data = args.train_data or paths["pairs_train"]
+        args.eval_data = args.eval_data or paths["pairs_test"]
+        args.model = args.model or paths["policy"]
+    if args.model is None:
+        raise SystemExit("--model DIR is required with --train-data")
+    train_pairs = load_pairs(args.train_data, args)
+    eval_pairs = load_pairs(args.eval_data, args) if args.eval_data else []
+    ckpt_dir = os.path.join(args.out_dir, "checkpoint")
+    init_dir = ckpt_dir if args.resume else args.model
+    if args.resume and not os.path.exists(os.path.join(ckpt_dir, "trainer_state.pt")):
+        raise SystemExit(f"--resume: no checkpoint at {ckpt_dir}")
+    tok = Tokenizer.from_pretrained(init_dir if os.path.exists(os.path.join(init_dir, "tokenizer.json")) else args.model)
+    yes_no = J.verdict_token_ids(tok, args.template)
+    raw_model = build_model(args, init_dir, dtype, device, yes_no)
+    model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else raw_model
+    optimizer = torch.optim.AdamW(raw_model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                                  betas=(0.9, 0.95))
+    assert args.batch_size % world_size == 0, f"--batch-size {args.batch_size} must divide by {world_size} ranks"
+    steps_per_epoch = len(train_pairs) // args.batch_size
+    total_steps = max(1, int(steps_per_epoch * args.epochs))
+    if args.max_steps:
+        total_steps = min(total_steps, args.max_steps)
+    step = 0
+    if args.resume:
+        state = torch.load(os.path.join(ckpt_dir, "trainer_state.pt"), weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+        step = state["step"]
+    print0(f"{args.objective} RM | {len(train_pairs):,} train pairs, {len(eval_pairs):,} eval pairs | "
+           f"{sum(p.numel() for p in raw_model.parameters()):,} params | {world_size} rank(s) on {device} | "
+           f"{total_steps} steps of {args.batch_size} pairs | out {args.out_dir}")
+    logger = MetricsLogger(args.out_dir)
+
+    # ---- training loop --------------------------------------------------------------------
+    def data_order(epoch):
+        # the same permutation on every rank, a function of (seed, epoch) only: resume is exact
+        return torch.randperm(len(train_pairs), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+
+    per_rank = args.batch_size // world_size
+    t_last = time.time()
+    while step < total_steps:
+        epoch, pos = divmod(step, steps_per_epoch)
+        order = data_order(epoch)
+        idx = order[pos * args.batch_size + rank * per_rank: pos * args.batch_size + (rank + 1) * per_rank]
+        batch = [train_pairs[i] for i in idx.tolist()]
+        ids, mask, labels = batch_tensors(batch, args, tok, device)
+        lr = lr_at(step, total_steps, args)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        loss, acc = loss_fn(model, ids, mask, labels, args, yes_no)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"step {step}: loss is {loss.item()} (tensor 'loss'); lower --lr or check data")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip or float("inf"))
+        optimizer.step()
+        step += 1
+        dt = time.time() - t_last
+        t_last = time.time()
+        logger.log(step, {"loss/rm": loss.item(), "train/accuracy": acc.item(), "train/grad_norm": grad_norm.item(),
+                          "lr": lr, "perf/ms": 1000 * dt}, total=total_steps)
+        if step == total_steps or (args.save_every and step % args.save_every == 0):
+            rngs = [None] * world_size
+            if ddp:
+                dist.all_gather_object(rngs, get_rng_state())
+            else:
+                rngs = [get_rng_state()]
+            if rank == 0:
+                save_checkpoint(ckpt_dir, raw_model, tok, {"optimizer": optimizer.state_dict(), "step": step,
+                                                           "rng": rngs, "args": vars(args) | {"template": None}}, args)
+            if ddp:
+                dist.barrier()
+
+    # ---- evaluation -----------------------------------------------------------------------
+    metrics = {}
+    if rank == 0 and eval_pairs:
+        metrics = evaluate(raw_model, eval_pairs, args, tok, yes_no)
+        atomic_write_text(os.path.join(args.out_dir, "eval.json"), json.dumps(metrics, indent=2))
+        print0("eval | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        logger.log(step, {f"eval/{k}": v for k, v in metrics.items()}, total=total_steps, console_keys=[])
+    if ddp:
+        dist.barrier()
+    if owns_pg:
+        compute_cleanup()
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
