@@ -1,0 +1,180 @@
+"""PPO math in nanopairwise/losses.py: GAE, clipping, a toy bandit update, masks, global whitening.
+
+These are behaviour tests of the reference math the training loop uses (the fused kernel is
+tested against the same reference in test_ppo_loss.py).
+"""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from nanopairwise import losses
+
+# tolerance table: all math here is fp32; sums of <= 50 terms of O(1) values
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5)}
+
+
+def gae_loop(rewards, values, lengths, gamma, lam):
+    """Textbook GAE, one Python loop per row, reversed over each row's own steps."""
+    adv = torch.zeros_like(rewards)
+    for b, n in enumerate(lengths):
+        last = 0.0
+        for t in reversed(range(n)):
+            v_next = values[b, t + 1].item() if t + 1 < n else 0.0
+            delta = rewards[b, t].item() + gamma * v_next - values[b, t].item()
+            last = delta + gamma * lam * last
+            adv[b, t] = last
+    return adv
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.99, 1.0), (0.9, 0.0)])
+def test_gae_matches_reversed_loop(gamma, lam):
+    g = torch.Generator().manual_seed(0)
+    B, T = 5, 13
+    lengths = [13, 1, 7, 9, 4]
+    mask = torch.zeros(B, T)
+    for b, n in enumerate(lengths):
+        mask[b, :n] = 1
+    rewards, values = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+    adv, ret = losses.gae_ref(rewards, values, mask, gamma, lam)
+    want = gae_loop(rewards, values, lengths, gamma, lam)
+    torch.testing.assert_close(adv, want, **TOL[torch.float32])
+    torch.testing.assert_close(ret, (want + values) * mask, **TOL[torch.float32])
+    assert (adv[mask == 0] == 0).all() and (ret[mask == 0] == 0).all()
+
+
+def test_gae_lambda1_gamma1_is_return_to_go_minus_value():
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
+    values = torch.tensor([[0.2, 0.4, 0.6, 9.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    adv, ret = losses.gae_ref(rewards, values, mask, 1.0, 1.0)
+    torch.testing.assert_close(ret, torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
+    torch.testing.assert_close(adv, torch.tensor([[0.8, 0.6, 0.4, 0.0]]))
+
+
+def _pg(lp, old_lp, adv, clip=0.2):
+    return losses.ppo_loss_ref(lp, old_lp, adv, torch.ones_like(lp), clip_low=clip, clip_high=clip)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_clip_boundaries(sign):
+    """Inside [1-eps, 1+eps] the gradient is the unclipped one; beyond the clip in the direction the
+    advantage pushes, the gradient is zero and the token counts in clipfrac."""
+    eps = 0.2
+    old = torch.zeros(1)
+    adv = torch.tensor([sign])
+    for log_ratio, clipped in [(0.0, False), (0.9 * eps, False), (-0.9 * eps, False),
+                               (sign * 1.5 * eps, True), (-sign * 1.5 * eps, False)]:
+        lp = torch.tensor([log_ratio], requires_grad=True)
+        out = _pg(lp, old, adv, eps)
+        out.pg_loss.backward()
+        ratio = torch.exp(lp.detach())
+        if clipped:
+            assert lp.grad.abs().item() == 0.0, (sign, log_ratio)
+            assert out.clipfrac.item() == 1.0
+        else:
+            torch.testing.assert_close(lp.grad, -adv * ratio)                  # d(-A r)/d lp = -A r
+            assert out.clipfrac.item() == 0.0
+    # exactly at ratio 1: the loss is -A and the ratio statistics are 1
+    out = _pg(torch.zeros(1), old, adv, eps)
+    torch.testing.assert_close(out.pg_loss, -adv[0])
+    assert out.ratio_mean.item() == 1.0 and out.approx_kl.item() == 0.0
+
+
+def test_asymmetric_clip():
+    adv = torch.tensor([1.0])
+    lp = torch.tensor([0.25], requires_grad=True)                  # ratio 1.284
+    loose = losses.ppo_loss_ref(lp, torch.zeros(1), adv, torch.ones(1), clip_low=0.2, clip_high=0.3)
+    tight = losses.ppo_loss_ref(lp, torch.zeros(1), adv, torch.ones(1), clip_low=0.2, clip_high=0.2)
+    assert loose.clipfrac.item() == 0.0 and tight.clipfrac.item() == 1.0
+
+
+def test_bandit_update_raises_advantaged_action():
+    """One PPO step on a 4-armed bandit policy raises the log-prob of the action with A > 0."""
+    torch.manual_seed(0)
+    logits = torch.zeros(4, requires_grad=True)
+    actions = torch.tensor([0, 1, 2, 3, 2, 2])
+    adv = torch.tensor([-1.0, -1.0, 2.0, -1.0, 2.0, 2.0])
+    old_lp = torch.log_softmax(logits, -1)[actions].detach()
+    opt = torch.optim.SGD([logits], lr=0.5)
+    lp = torch.log_softmax(logits, -1)[actions]
+    losses.ppo_loss_ref(lp, old_lp, adv, torch.ones(6)).loss.backward()
+    opt.step()
+    new = torch.log_softmax(logits.detach(), -1)
+    assert new[2] > old_lp[2] + 0.1
+    assert (new[[0, 1, 3]] < old_lp[[0, 1, 3]]).all()
+
+
+def test_only_sampled_tokens_get_advantages_and_gradients():
+    g = torch.Generator().manual_seed(1)
+    B, T = 3, 6
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0]], dtype=torch.float32)
+    scores = torch.randn(B, generator=g)
+    kl = torch.randn(B, T, generator=g).abs()
+    rewards = losses.shape_rewards(scores, mask, kl, kl_coef=0.1)
+    assert (rewards[mask == 0] == 0).all()
+    torch.testing.assert_close(rewards[0, 2], scores[0] - 0.1 * kl[0, 2])      # score lands on the last token
+    adv, ret = losses.gae_ref(rewards, torch.randn(B, T, generator=g), mask)
+    adv = losses.masked_whiten(adv, mask)
+    assert (adv[mask == 0] == 0).all()
+    lp = torch.randn(B, T, generator=g, requires_grad=True)
+    values = torch.randn(B, T, generator=g, requires_grad=True)
+    out = losses.ppo_loss_ref(lp, lp.detach() + 0.05, adv, mask, values=values, old_values=values.detach(),
+                              returns=ret)
+    out.loss.backward()
+    assert (lp.grad[mask == 0] == 0).all() and (values.grad[mask == 0] == 0).all()
+    assert (lp.grad[mask == 1] != 0).any()
+
+
+def test_masked_whiten_statistics():
+    g = torch.Generator().manual_seed(2)
+    x = 3 + 5 * torch.randn(4, 9, generator=g)
+    mask = (torch.rand(4, 9, generator=g) > 0.3).float()
+    w = losses.masked_whiten(x, mask)
+    sel = w[mask == 1]
+    assert abs(sel.mean().item()) < 1e-5 and abs(sel.var(unbiased=False).item() - 1) < 1e-4
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _whiten_worker(rank, world, port, x, mask, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    half = x.size(0) // world
+    rows = slice(rank * half, (rank + 1) * half)
+    out[rows] = losses.masked_whiten(x[rows], mask[rows], distributed=True)
+    dist.destroy_process_group()
+
+
+def test_global_whitening_equals_single_process():
+    """Whitening over 2 gloo ranks, each with half the rows, equals whitening the whole batch."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 7, generator=g) * 2 + 1
+    mask = (torch.rand(6, 7, generator=g) > 0.4).float()
+    mask[:3] *= 0.0
+    mask[0, :2] = 1.0                                            # the ranks hold very different counts
+    out = torch.zeros_like(x).share_memory_()
+    mp.spawn(_whiten_worker, args=(2, _free_port(), x, mask, out), nprocs=2, join=True)
+    torch.testing.assert_close(out, losses.masked_whiten(x, mask), **TOL[torch.float32])
+    per_rank = torch.cat([losses.masked_whiten(x[:3], mask[:3]), losses.masked_whiten(x[3:], mask[3:])])
+    assert not torch.allclose(out, per_rank)                     # the test can tell the two apart
+
+
+def test_reward_transforms_and_kl_estimators():
+    p = torch.tensor([0.1, 0.5, 0.9])
+    torch.testing.assert_close(losses.transform_score(p, "centered"), p - 0.5)
+    torch.testing.assert_close(losses.transform_score(p, "logit"), torch.log(p / (1 - p)))
+    lp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])
+    torch.testing.assert_close(losses.kl_estimate(lp, ref, "k1"), lp - ref)
+    torch.testing.assert_close(losses.kl_estimate(lp, ref, "k2"), 0.5 * (ref - lp) ** 2)
+    torch.testing.assert_close(losses.kl_estimate(lp, ref, "k3"), torch.exp(ref - lp) - 1 - (ref - lp))
+    with pytest.raises(ValueError, match="k4"):
+        losses.kl_estimate(lp, ref, "k4")
