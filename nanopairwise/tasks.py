@@ -48,6 +48,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
+from nanopairwise.tokenizer import render_chat
+
 MIN_LEN, MAX_LEN = 3, 8  # input length range = difficulty
 MAX_DIGIT = 9
 W_POS, W_BAG = 0.75, 0.25  # oracle weights (see module docstring)
@@ -328,12 +330,19 @@ def make_rl_prompts(rng: random.Random, n: int, principle=None, length: int = No
     return records
 
 
-def tokenizer_corpus(rng: random.Random, n_prompts: int = 2000) -> list:
-    """Texts to train the task's BPE tokenizer on: prompts, principles, gold and corrupted answers."""
-    texts = [p.description for p in PRINCIPLES]
+def tokenizer_corpus(rng: random.Random, n_prompts: int = 2000, chat_template: str = "plain",
+                     extra_texts=(), extra_repeat: int = 20) -> list:
+    """Texts to train the task's BPE tokenizer on (see tokenizer.train_bpe).
+
+    Each prompt is rendered with `chat_template` and followed by its gold answer and a corrupted
+    one, so the template words ("User", "Assistant") and " d" digits become single tokens.
+    `extra_texts` (e.g. the judge template and its verdict words "Yes" / "No") are repeated
+    `extra_repeat` times so their words merge too.
+    """
+    texts = [p.description for p in PRINCIPLES] + list(extra_texts) * extra_repeat
     for _ in range(n_prompts):
         t = make_prompt(rng)
-        texts += [t.prompt_text, t.gold, corrupted_response(rng, t)]
+        texts += [render_chat(t.prompt_text, chat_template) + t.gold, corrupted_response(rng, t)]
     return texts
 
 

@@ -31,6 +31,9 @@ What exactly is reproduced (checked against the upstream Jinja templates with tr
     Llama 3.1+ templates add a dated system header ("Cutting Knowledge Date: ...") to every
     conversation; we do not (pass a system message yourself if you need it).
   - no template adds a default system prompt unless `default_system` is given.
+Encode a rendered prompt and its response separately and concatenate the ids: the plain prompt
+ends in a space, which BPE on the joined string would merge into the first response token, so the
+ids would differ from those seen at generation time.
 The template is picked by name, else from `chat_template_name` in tokenizer_config.json, else
 from the config's Jinja text, else from the vocabulary (`<|im_start|>` -> chatml,
 `<|start_header_id|>` -> llama3, otherwise plain).

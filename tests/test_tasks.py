@@ -196,3 +196,15 @@ def test_deterministic_under_seed():
                 [make_demonstration(rng, make_prompt(rng)) for _ in range(20)], tasks.tokenizer_corpus(rng, 50))
     assert build(7) == build(7)
     assert build(7) != build(8)
+
+
+def test_tokenizer_corpus_gives_compact_tokens():
+    from nanopairwise.tokenizer import train_bpe
+    rng = random.Random(9)
+    tok = train_bpe(tasks.tokenizer_corpus(rng, 1000, extra_texts=["Yes", "No"]), 512)
+    for p in PRINCIPLES:
+        t = make_prompt(rng, p.name, MAX_LEN)
+        # "User" ":" keyword-words ":" 8 digits "\n" "Assistant" ":" " " -> at most 8 + 11 tokens
+        assert len(tok.encode(tok.render_chat(t.prompt_text))) <= MAX_LEN + 11, p.name
+        assert len(tok.encode(t.gold)) == len(t.gold.split())  # one token per number
+    assert len(tok.encode("Yes")) == len(tok.encode("No")) == 1
