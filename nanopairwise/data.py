@@ -18,7 +18,7 @@ dropped, with a count ("ties in preference data: dropped", PAPER.md).
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -33,34 +33,35 @@ class FieldError(ValueError):
     """Raised by a row validator; read_jsonl turns it into a DataError with the file and line."""
 
 
+class Record:
+    """A JSONL line as a dataclass: named fields, plus `meta` for every other key of the line."""
+
+    @classmethod
+    def from_row(cls, row: dict):
+        names = [f.name for f in fields(cls) if f.name != "meta"]
+        return cls(**{k: row.get(k) for k in names}, meta={k: v for k, v in row.items() if k not in names})
+
+    def to_dict(self) -> dict:
+        """The line back (optional fields that are None are left out)."""
+        row = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "meta"}
+        return {**{k: v for k, v in row.items() if v is not None}, **self.meta}
+
+
 @dataclass
-class PreferencePair:
+class PreferencePair(Record):
     prompt: object  # str or list of {"role", "content"} dicts
     chosen: str
     rejected: str
     principle: str = None
     meta: dict = field(default_factory=dict)  # every other field of the line
 
-    def to_dict(self) -> dict:
-        row = {"prompt": self.prompt, "chosen": self.chosen, "rejected": self.rejected}
-        if self.principle is not None:
-            row["principle"] = self.principle
-        return {**row, **self.meta}
-
 
 @dataclass
-class RLPrompt:
+class RLPrompt(Record):
     prompt: object  # str or list of {"role", "content"} dicts
     anchor: str = None
     principle: str = None
     meta: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        row = {"prompt": self.prompt}
-        for key in ("anchor", "principle"):
-            if getattr(self, key) is not None:
-                row[key] = getattr(self, key)
-        return {**row, **self.meta}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -78,7 +79,8 @@ def _check_prompt(row: dict):
                          f"got {_describe(prompt)}")
     for i, msg in enumerate(prompt):
         if not isinstance(msg, dict):
-            raise FieldError(f"field 'prompt'[{i}]: expected an object with 'role' and 'content', got {_describe(msg)}")
+            raise FieldError(f"field 'prompt'[{i}]: expected an object with 'role' and 'content', "
+                             f"got {_describe(msg)}")
         for key in ("role", "content"):
             if key not in msg:
                 raise FieldError(f"field 'prompt'[{i}]: missing key {key!r}")
@@ -157,11 +159,7 @@ def read_jsonl(path: str, validate=None, skip_bad: bool = False, report: dict = 
 def load_preference_pairs(path: str, skip_bad: bool = False, report: dict = None) -> list:
     """Read preference pairs; ties (chosen == rejected) are dropped and counted in `report["ties"]`."""
     report = {} if report is None else report
-    rows = read_jsonl(path, validate=check_pair_row, skip_bad=skip_bad, report=report)
-    pairs = []
-    for row in rows:
-        meta = {k: v for k, v in row.items() if k not in ("prompt", "chosen", "rejected", "principle")}
-        pairs.append(PreferencePair(row["prompt"], row["chosen"], row["rejected"], row.get("principle"), meta))
+    pairs = [PreferencePair.from_row(r) for r in read_jsonl(path, check_pair_row, skip_bad, report)]
     kept = [p for p in pairs if p.chosen != p.rejected]
     report.update(ties=len(pairs) - len(kept), kept=len(kept))
     if report["ties"]:
@@ -171,11 +169,7 @@ def load_preference_pairs(path: str, skip_bad: bool = False, report: dict = None
 
 def load_rl_prompts(path: str, skip_bad: bool = False, report: dict = None) -> list:
     report = {} if report is None else report
-    rows = read_jsonl(path, validate=check_rl_row, skip_bad=skip_bad, report=report)
-    prompts = []
-    for row in rows:
-        meta = {k: v for k, v in row.items() if k not in ("prompt", "anchor", "principle")}
-        prompts.append(RLPrompt(row["prompt"], row.get("anchor"), row.get("principle"), meta))
+    prompts = [RLPrompt.from_row(r) for r in read_jsonl(path, check_rl_row, skip_bad, report)]
     report.update(kept=len(prompts))
     return prompts
 

@@ -282,8 +282,9 @@ def make_pair(rng: random.Random, prompt: TaskPrompt, response_a: str, response_
         return None
     p = prompt.principle
     q_a, q_b = (oracle_score(p, prompt.numbers, r) for r in (response_a, response_b))
-    a_wins = sample_label(rng, p, q_a, q_b)
-    chosen, rejected, q_c, q_r = (response_a, response_b, q_a, q_b) if a_wins else (response_b, response_a, q_b, q_a)
+    chosen, rejected, q_c, q_r = response_a, response_b, q_a, q_b
+    if not sample_label(rng, p, q_a, q_b):  # the labeller preferred b
+        chosen, rejected, q_c, q_r = response_b, response_a, q_b, q_a
     return {"prompt": prompt.prompt_text, "chosen": chosen, "rejected": rejected, "principle": p.description,
             "principle_name": p.name, "numbers": list(prompt.numbers), "chosen_score": q_c, "rejected_score": q_r,
             "p_true": preference_prob(p, q_c, q_r), "source": source}

@@ -174,14 +174,15 @@ class Tokenizer:
         self.pad_token_id = self.token_to_id(self.pad_token) if self.pad_token else None
         self.chat_template = chat_template or detect_chat_template(vocab)
         if self.chat_template not in CHAT_TEMPLATES:
-            raise ValueError(f"{source}: unknown chat template {self.chat_template!r}; choose one of {CHAT_TEMPLATES}")
+            raise ValueError(f"{source}: unknown chat template {self.chat_template!r}; "
+                             f"choose one of {CHAT_TEMPLATES}")
         self.default_system = default_system
 
     # -- loading and saving --------------------------------------------------------------------
 
     @classmethod
     def from_pretrained(cls, path: str, chat_template: str = None) -> "Tokenizer":
-        """Load `path/tokenizer.json` (+ `path/tokenizer_config.json` if present); `path` may also be the json file."""
+        """Load `path/tokenizer.json` (+ `tokenizer_config.json` beside it); `path` may be the json file."""
         tok_file = path if os.path.isfile(path) else os.path.join(path, "tokenizer.json")
         if not os.path.isfile(tok_file):
             raise FileNotFoundError(f"{tok_file}: not found (only tokenizer.json is supported, "
@@ -232,7 +233,7 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
-        """Number of ids the tokenizer can emit, added tokens included (a model may pad its embedding above this)."""
+        """Ids the tokenizer can emit, added tokens included (a model may pad its embedding above this)."""
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
     def token_to_id(self, token: str):

@@ -38,7 +38,8 @@ BAD_PAIR_LINES = [
     (dumps({"prompt": 3, "chosen": "b", "rejected": "c"}), r"field 'prompt': expected a string or a non-empty list"),
     (dumps({"prompt": [], "chosen": "b", "rejected": "c"}), r"field 'prompt': .*non-empty list"),
     (dumps({"prompt": ["hi"], "chosen": "b", "rejected": "c"}), r"field 'prompt'\[0\]: expected an object"),
-    (dumps({"prompt": [{"role": "user"}], "chosen": "b", "rejected": "c"}), r"field 'prompt'\[0\]: missing key 'content'"),
+    (dumps({"prompt": [{"role": "user"}], "chosen": "b", "rejected": "c"}),
+     r"field 'prompt'\[0\]: missing key 'content'"),
     (dumps({"prompt": [CONVO[0], {"role": 1, "content": "x"}], "chosen": "b", "rejected": "c"}),
      r"field 'prompt'\[1\]\['role'\]: expected a string, got int"),
     (dumps({**GOOD_PAIR, "principle": ["x"]}), r"field 'principle': expected a string, got list"),
@@ -57,7 +58,8 @@ def test_bad_pair_line_names_file_line_and_field(tmp_path, bad, pattern):
 def test_bad_rl_lines(tmp_path):
     for bad, pattern in [(dumps({"anchor": "x"}), r"missing required field 'prompt'"),
                          (dumps({"prompt": "p", "anchor": 1.5}), r"field 'anchor': expected a string, got float"),
-                         (dumps({"prompt": "p", "principle": True}), r"field 'principle': expected a string, got bool")]:
+                         (dumps({"prompt": "p", "principle": True}),
+                          r"field 'principle': expected a string, got bool")]:
         path = write_lines(tmp_path / "rl.jsonl", [dumps({"prompt": "ok"}), bad])
         with pytest.raises(DataError, match=rf"^{path}:2: {pattern}"):
             load_rl_prompts(path)
@@ -99,13 +101,12 @@ def test_skip_bad_counts_and_reports(tmp_path, capsys):
 
 
 def test_rl_prompts_roundtrip(tmp_path):
-    rows = [{"prompt": "reverse: 1 2 3", "anchor": "3 2 1", "principle": "Reverse the order.", "numbers": [1, 2, 3]},
+    rows = [{"prompt": "reverse: 1 2 3", "anchor": "3 2 1", "principle": "Reverse the order.",
+             "numbers": [1, 2, 3]},
             {"prompt": CONVO},
             {"prompt": "p", "anchor": None}]
     path = str(tmp_path / "sub" / "rl.jsonl")
-    write_jsonl(path, [RLPrompt(r["prompt"], r.get("anchor"), r.get("principle"),
-                                {k: v for k, v in r.items() if k not in ("prompt", "anchor", "principle")})
-                       for r in rows])
+    write_jsonl(path, [RLPrompt.from_row(r) for r in rows])
     prompts = load_rl_prompts(path)
     assert prompts[0] == RLPrompt("reverse: 1 2 3", "3 2 1", "Reverse the order.", {"numbers": [1, 2, 3]})
     assert prompts[1].prompt == CONVO and prompts[1].anchor is None
@@ -114,7 +115,8 @@ def test_rl_prompts_roundtrip(tmp_path):
 
 def test_write_jsonl_atomic_and_readable(tmp_path):
     path = str(tmp_path / "out.jsonl")
-    pairs = [PreferencePair("p", "a", "b", "principle", {"k": [1, 2]}), {"prompt": "q", "chosen": "c", "rejected": "d"}]
+    pairs = [PreferencePair("p", "a", "b", "principle", {"k": [1, 2]}),
+             {"prompt": "q", "chosen": "c", "rejected": "d"}]
     write_jsonl(path, pairs)
     assert read_jsonl(path) == [pairs[0].to_dict(), pairs[1]]
     # a failing write leaves the old file untouched and no temp file behind
@@ -135,7 +137,8 @@ def test_pad_batch_right_and_left():
     torch.testing.assert_close(ids, torch.tensor([[5, 6, 7, 0, 0], [8, 0, 0, 0, 0], [0] * 5, [1, 2, 3, 4, 9]]))
     torch.testing.assert_close(mask, torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [0] * 5, [1] * 5]))
     ids, mask = pad_batch(seqs, pad_id=-1, side="left")
-    torch.testing.assert_close(ids, torch.tensor([[-1, -1, 5, 6, 7], [-1, -1, -1, -1, 8], [-1] * 5, [1, 2, 3, 4, 9]]))
+    torch.testing.assert_close(ids, torch.tensor([[-1, -1, 5, 6, 7], [-1, -1, -1, -1, 8], [-1] * 5,
+                                                  [1, 2, 3, 4, 9]]))
     torch.testing.assert_close(mask, torch.tensor([[0, 0, 1, 1, 1], [0, 0, 0, 0, 1], [0] * 5, [1] * 5]))
     # masked positions hold the pad id, unmasked ones give back each sequence
     for side in ("right", "left"):
