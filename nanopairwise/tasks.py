@@ -33,6 +33,10 @@ Labels. A "human" comparing responses a and b of the same prompt prefers a with 
 to 4 (add one: labellers are noisy); see PRINCIPLES. `p_true` in pair records is this probability
 for the recorded chosen over rejected, so the best achievable judge is known exactly.
 
+Corruptions (wrong answers of graded severity; each step one of): swap two different numbers, drop
+one, duplicate one, off-by-one on one number, apply a different principle, truncate. `corrupt`
+always returns something other than the gold answer, so its oracle score is below 1.
+
 Demonstrations (for the SFT bootstrap): the gold answer with probability
 p_gold(length) = 0.9 − 0.1 · (length − 3) (0.9 at length 3, 0.4 at length 8), otherwise a
 corruption of severity 1..(1 + length // 4). Longer prompts thus get worse demonstrations, and the
