@@ -1,0 +1,227 @@
+"""Data: validated JSONL readers for preference pairs and RL prompts, and token batching helpers.
+
+Formats (DESIGN.md section 5), one JSON object per line, empty lines ignored:
+
+    preference pairs  {"prompt": P, "chosen": str, "rejected": str, "principle"?: str, ...}
+    RL prompts        {"prompt": P, "anchor"?: str, "principle"?: str, ...}
+
+where P is a string or a conversation `[{"role": str, "content": str}, ...]` (non-empty). Optional
+fields may be null. Any other field (e.g. the oracle scores the built-in task writes) is kept in a
+`meta` dict and written back by `to_dict()`.
+
+A bad line is a `DataError` (a ValueError) that names `file:line`, the field and what is wrong,
+e.g. `pairs.jsonl:17: field 'chosen': expected a string, got int`. Nothing is skipped silently:
+with `skip_bad=True` bad lines are skipped, counted and reported (print0, and the optional
+`report` dict). Pairs whose chosen and rejected texts are equal carry no preference and are
+dropped, with a count ("ties in preference data: dropped", PAPER.md).
+"""
+
+import json
+import os
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from nanopairwise.common import atomic_write_text, print0
+
+
+class DataError(ValueError):
+    """A malformed data line: the message starts with `file:line:`."""
+
+
+class FieldError(ValueError):
+    """Raised by a row validator; read_jsonl turns it into a DataError with the file and line."""
+
+
+class Record:
+    """A JSONL line as a dataclass: named fields, plus `meta` for every other key of the line."""
+
+    @classmethod
+    def from_row(cls, row: dict):
+        names = [f.name for f in fields(cls) if f.name != "meta"]
+        return cls(**{k: row.get(k) for k in names}, meta={k: v for k, v in row.items() if k not in names})
+
+    def to_dict(self) -> dict:
+        """The line back (optional fields that are None are left out)."""
+        row = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "meta"}
+        return {**{k: v for k, v in row.items() if v is not None}, **self.meta}
+
+
+@dataclass
+class PreferencePair(Record):
+    prompt: object  # str or list of {"role", "content"} dicts
+    chosen: str
+    rejected: str
+    principle: str = None
+    meta: dict = field(default_factory=dict)  # every other field of the line
+
+
+@dataclass
+class RLPrompt(Record):
+    prompt: object  # str or list of {"role", "content"} dicts
+    anchor: str = None
+    principle: str = None
+    meta: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------
+# validation of one row
+
+
+def _check_prompt(row: dict):
+    if "prompt" not in row:
+        raise FieldError("missing required field 'prompt'")
+    prompt = row["prompt"]
+    if isinstance(prompt, str):
+        return
+    if not isinstance(prompt, list) or not prompt:
+        raise FieldError(f"field 'prompt': expected a string or a non-empty list of messages, "
+                         f"got {_describe(prompt)}")
+    for i, msg in enumerate(prompt):
+        if not isinstance(msg, dict):
+            raise FieldError(f"field 'prompt'[{i}]: expected an object with 'role' and 'content', "
+                             f"got {_describe(msg)}")
+        for key in ("role", "content"):
+            if key not in msg:
+                raise FieldError(f"field 'prompt'[{i}]: missing key {key!r}")
+            if not isinstance(msg[key], str):
+                raise FieldError(f"field 'prompt'[{i}][{key!r}]: expected a string, got {_describe(msg[key])}")
+
+
+def _check_str(row: dict, key: str, required: bool):
+    if key not in row or (row[key] is None and not required):
+        if required:
+            raise FieldError(f"missing required field {key!r}")
+        return
+    if not isinstance(row[key], str):
+        raise FieldError(f"field {key!r}: expected a string, got {_describe(row[key])}")
+
+
+def _describe(value) -> str:
+    name = {bool: "bool", int: "int", float: "float", list: "list", dict: "object", type(None): "null"}
+    return name.get(type(value), type(value).__name__)
+
+
+def check_pair_row(row: dict):
+    _check_prompt(row)
+    for key, required in (("chosen", True), ("rejected", True), ("principle", False)):
+        _check_str(row, key, required)
+
+
+def check_rl_row(row: dict):
+    _check_prompt(row)
+    for key in ("anchor", "principle"):
+        _check_str(row, key, required=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# reading and writing
+
+
+def read_jsonl(path: str, validate=None, skip_bad: bool = False, report: dict = None) -> list:
+    """Parse a JSONL file into a list of dicts; `validate(row)` may raise FieldError.
+
+    Raises DataError("path:line: what") on malformed JSON, a non-object line or a FieldError,
+    unless `skip_bad`, in which case such lines are skipped and counted in `report["bad"]`
+    (the first error message goes to `report["first_error"]`).
+    """
+    rows, bad, first_error = [], 0, None
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                try:
+                    row = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    raise FieldError(f"not valid UTF-8 (byte {e.start})") from None
+                except json.JSONDecodeError as e:
+                    raise FieldError(f"malformed JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(row, dict):
+                    raise FieldError(f"expected a JSON object, got {_describe(row)}")
+                if validate is not None:
+                    validate(row)
+            except FieldError as e:
+                error = DataError(f"{path}:{lineno}: {e}")
+                if not skip_bad:
+                    raise error from None
+                bad += 1
+                first_error = first_error or str(error)
+                continue
+            rows.append(row)
+    if report is not None:
+        report.update(path=path, rows=len(rows), bad=bad, first_error=first_error)
+    if bad:
+        print0(f"warning: skipped {bad} bad line(s) in {path} (skip_bad=True); first: {first_error}")
+    return rows
+
+
+def load_preference_pairs(path: str, skip_bad: bool = False, report: dict = None) -> list:
+    """Read preference pairs; ties (chosen == rejected) are dropped and counted in `report["ties"]`."""
+    report = {} if report is None else report
+    pairs = [PreferencePair.from_row(r) for r in read_jsonl(path, check_pair_row, skip_bad, report)]
+    kept = [p for p in pairs if p.chosen != p.rejected]
+    report.update(ties=len(pairs) - len(kept), kept=len(kept))
+    if report["ties"]:
+        print0(f"{path}: dropped {report['ties']} tie(s) (chosen == rejected) of {len(pairs)} pairs")
+    return kept
+
+
+def load_rl_prompts(path: str, skip_bad: bool = False, report: dict = None) -> list:
+    report = {} if report is None else report
+    prompts = [RLPrompt.from_row(r) for r in read_jsonl(path, check_rl_row, skip_bad, report)]
+    report.update(kept=len(prompts))
+    return prompts
+
+
+def write_jsonl(path: str, rows):
+    """Write dicts (or objects with `to_dict()`) one per line, atomically (temp file + rename)."""
+    lines = [json.dumps(r.to_dict() if hasattr(r, "to_dict") else r, ensure_ascii=False) for r in rows]
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+
+
+# ----------------------------------------------------------------------------------------------
+# batching
+
+
+def pad_batch(seqs, pad_id: int, side: str = "right"):
+    """Pad token lists to one length. Returns (ids (B, T) long, mask (B, T) long, 1 = real token).
+
+    Right padding suits training (positions start at 0); left padding suits batched generation
+    (every prompt ends at the last column, so new tokens append in lockstep).
+    """
+    if side not in ("right", "left"):
+        raise ValueError(f"side must be 'right' or 'left', got {side!r}")
+    if len(seqs) == 0:
+        raise ValueError("pad_batch: empty batch")
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)  # (B, T)
+    for b, s in enumerate(seqs):
+        n = len(s)
+        if n == 0:
+            continue
+        cols = slice(0, n) if side == "right" else slice(T - n, T)
+        ids[b, cols] = torch.as_tensor(list(s), dtype=torch.long)
+        mask[b, cols] = 1
+    return ids, mask
+
+
+def iterate_minibatches(n: int, batch_size: int, generator: torch.Generator = None, shuffle: bool = True,
+                        drop_last: bool = False):
+    """Yield LongTensor index batches covering range(n) once (a fresh permutation if shuffle)."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    stop = n - n % batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        yield order[start:start + batch_size]
+
+
+def shard_for_rank(items, rank: int, world_size: int) -> list:
+    """Items rank, rank + world_size, ... (strided, so shard sizes differ by at most one)."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    return list(items)[rank::world_size]
