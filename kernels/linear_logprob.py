@@ -1,0 +1,281 @@
+"""Fused LM head + token log-probs: log-probs, entropy and KL straight from hidden states.
+
+The spec is nanopairwise.losses.linear_token_logprobs_ref: logits = hidden (N, C) @ weight (V, C)^T,
+then token_logprobs_ref. Here the (N, V) logits never exist in memory in the forward (the idea of
+Cut Cross-Entropy, Wijmans et al. 2024, arXiv 2411.09009), and the backward holds d-logits for
+one vocabulary chunk at a time. For a Qwen2.5-0.5B head (C = 896, V = 151936) and N = 16384
+tokens the bf16 logits alone are 4.98 GB; this op needs O(N) plus one chunk (<= 512 MiB).
+
+Math. With z = hidden @ weight^T / T, logZ = logsumexp_v z_v, p = softmax(z):
+    lp_raw = z_y - logZ            H = logZ - E_p[z] = -sum_v p_v log p_v
+    d lp_raw / d logits_v = (onehot_v - p_v) / T
+    d H      / d logits_v = -p_v (log p_v + H) / T
+so with upstream gradients g_lp, g_H per row, dL/d logits = [g_lp (onehot - p) - g_H p (log p + H)] / T,
+    dL/d hidden = dlogits @ weight (N, C)       dL/d weight = dlogits^T @ hidden (V, C).
+The forward keeps, per row, only logZ and H (no E_p[z] needed: log p_v + H = z_v - logZ + H).
+Everything the spec adds on top of (lp_raw, H) is O(N) and done by autograd with the spec's own
+functions: the clamp lp <= 0 (torch's clamp gradient: passes where lp_raw <= 0), the ignore
+mask (0 and no gradient at targets == ignore_index), and KL via losses.kl_estimate (k1/k2/k3).
+Fusing those would save a few kernel launches of N floats against 2·N·V·C FLOPs of matmul.
+
+Forward (kernel 1). Grid (row tiles of BLOCK_N tokens) x (S vocabulary splits). A program walks
+the vocabulary tiles of its split; each (BLOCK_N, BLOCK_V) logits tile is a tl.dot loop over C in
+BLOCK_C steps with fp32 accumulation, consumed at once by an online log-sum-exp (Milakov &
+Gimelshein 2018, arXiv 1805.02867): running max m, sum s = sum e^(z-m), a = sum e^(z-m) z (all
+rescaled by e^(m_old - m_new)), and the target logit when the target falls in the tile. The split
+writes (logsumexp, E[z]) of its columns; torch merges the S partials (O(N·S)). Splits exist for
+parallelism: with few tokens, N / BLOCK_N programs would leave most SMs idle (flash-decoding).
+
+Backward (kernel 2 + two cuBLAS GEMMs per vocabulary chunk of V_c columns). Kernel 2 recomputes
+the logits tiles of the chunk (grid over (N, V_c) tiles, the natural GEMM tiling), turns them into
+d-logits with the formula above and writes them (N, V_c) in the operand dtype; then
+grad_weight[chunk] = dlogits^T @ hidden (exclusive rows, no accumulation) and grad_hidden +=
+dlogits @ weight[chunk] (fp32 accumulator of N·C, small). Why not the two all-Triton designs:
+  (a) one kernel per token tile with tl.atomic_add into dW: (N / BLOCK_N)·V·C fp32 atomics,
+      128 · 151936 · 896 · 4 B = 70 GB of read-modify-write for the goal shape: far slower.
+  (b) a dh kernel over token tiles and a dW kernel over vocab tiles: each program must hold a
+      (BLOCK_N, C) or (BLOCK_V, C) fp32 accumulator, 128 · 896 · 4 B = 458 KB, more than an SM's
+      registers; tiling C instead recomputes the logits C / BLOCK_C times.
+The chunked design is deterministic (no atomics), recomputes the logits once, and gives the two
+gradient products to cuBLAS at full speed. Its price: d-logits for one chunk touch memory.
+
+Cost, with e = bytes per element of hidden/weight (2 for bf16), S splits, V_c chunk columns:
+    FLOPs   forward 2·N·V·C     backward 2·N·V·C (recompute) + 4·N·V·C (two GEMMs) = 8·N·V·C total
+            (unfused: 6·N·V·C, since it keeps the logits instead of recomputing them)
+    HBM     forward N·C·e + V·C·e (+ L2 re-reads of W per row tile) + 8·N·S + 4·N writes
+            backward 3·N·V·e (d-logits written once, read by two GEMMs) + (V/V_c)·N·C·(e + 8)
+            (unfused: 6·N·V·e: logits written, read by the log-prob forward and backward, d-logits
+            written and read by two GEMMs)
+    peak    N·V_c·e (d-logits chunk) + N·C·(4 + e) + V·C·e (grad_weight); unfused 2·N·V·e.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from nanopairwise import losses
+
+DLOGITS_CHUNK_BYTES = 512 * 2**20  # backward: d-logits of one vocabulary chunk fit in this
+
+
+@triton.jit
+def _logits_tile(hidden_ptr, weight_ptr, rows, n_rows, cols, v_end, C, stride_h, stride_w,
+                 inv_temperature, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                 BLOCK_C: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """z = hidden[rows] @ weight[cols]^T / T as a (BLOCK_N, BLOCK_V) fp32 tile. Rows >= n_rows and
+    cols >= v_end read zeros; callers mask them. rows, cols are int64 (V·C passes 2^31 for big heads)."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        h = tl.load(hidden_ptr + rows[:, None] * stride_h + c[None, :],
+                    mask=(rows[:, None] < n_rows) & (c[None, :] < C), other=0.0)       # (BN, BC)
+        w_t = tl.load(weight_ptr + cols[None, :] * stride_w + c[:, None],
+                      mask=(cols[None, :] < v_end) & (c[:, None] < C), other=0.0)      # (BC, BV)
+        acc = tl.dot(h, w_t, acc, input_precision=DOT_PRECISION)                       # fp32 acc
+    return acc * inv_temperature
+
+
+@triton.jit
+def _linear_logprob_fwd_kernel(
+    hidden_ptr,        # (N, C) fp32 / fp16 / bf16, unit stride along C
+    weight_ptr,        # (V, C) same dtype, unit stride along C
+    targets_ptr,       # (N,) int64 target ids (ignored rows: any value, masked by the caller)
+    lse_ptr,           # (N, S) fp32 out: logsumexp of z over this program's vocabulary split
+    mean_ptr,          # (N, S) fp32 out: E[z] under the softmax restricted to the split
+    target_logit_ptr,  # (N,) fp32 out, zero-filled: z[target], written by the split holding it
+    N, V, C,           # tokens, vocabulary, width
+    stride_h,          # row stride of hidden, in elements
+    stride_w,          # row stride of weight, in elements
+    v_per_split,       # vocabulary columns per split, a multiple of BLOCK_V
+    n_splits,          # S, the row stride of lse / mean
+    inv_temperature,   # 1 / T
+    BLOCK_N: tl.constexpr,        # tokens per program
+    BLOCK_V: tl.constexpr,        # vocabulary columns per logits tile
+    BLOCK_C: tl.constexpr,        # width of one tl.dot step
+    DOT_PRECISION: tl.constexpr,  # "ieee" (no TF32, as torch's default) or "tf32"; moot for 16-bit
+):
+    # 1. this program's token rows and vocabulary split [v_start, v_end)
+    split = tl.program_id(1)
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_ok = rows < N
+    y = tl.load(targets_ptr + rows, mask=row_ok, other=-1)
+    v_start = split * v_per_split
+    v_end = tl.minimum(v_start + v_per_split, V)  # every split holds >= 1 column (launcher)
+    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)  # running max of z
+    s = tl.zeros((BLOCK_N,), tl.float32)                # sum e^(z - m)
+    a = tl.zeros((BLOCK_N,), tl.float32)                # sum e^(z - m) z
+    z_y = tl.zeros((BLOCK_N,), tl.float32)              # target logit, if in this split
+    for v0 in range(v_start, v_end, BLOCK_V):
+        # 2. one logits tile, never stored: (BN, BV) fp32, -inf beyond the split
+        cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+        col_ok = cols < v_end
+        z = _logits_tile(hidden_ptr, weight_ptr, rows, N, cols, v_end, C, stride_h, stride_w,
+                         inv_temperature, BLOCK_N, BLOCK_V, BLOCK_C, DOT_PRECISION)
+        z = tl.where(col_ok[None, :], z, float("-inf"))
+        # 3. online log-sum-exp; the first tile has a finite max, so alpha = e^-inf = 0 is exact
+        m_new = tl.maximum(m, tl.max(z, 1))
+        alpha = tl.exp(m - m_new)
+        e = tl.exp(z - m_new[:, None])                                   # 0 on masked columns
+        s = s * alpha + tl.sum(e, 1)
+        a = a * alpha + tl.sum(e * tl.where(col_ok[None, :], z, 0.0), 1)  # avoid 0 * -inf
+        m = m_new
+        # 4. gather the target logit (splits are BLOCK_V-aligned: masked columns are >= V > y)
+        hit = cols[None, :] == y[:, None]
+        z_y += tl.sum(tl.where(hit, z, 0.0), 1)
+    # 5. per-split results; the launcher merges the S splits
+    tl.store(lse_ptr + rows * n_splits + split, m + tl.log(s), mask=row_ok)
+    tl.store(mean_ptr + rows * n_splits + split, a / s, mask=row_ok)
+    tl.store(target_logit_ptr + rows, z_y, mask=row_ok & (y >= v_start) & (y < v_end))
+
+
+@triton.jit
+def _linear_logprob_bwd_kernel(
+    hidden_ptr,       # (N, C) as in the forward
+    weight_ptr,       # (V, C) as in the forward
+    targets_ptr,      # (N,) int64
+    log_z_ptr,        # (N,) fp32 logsumexp of z over the full vocabulary (forward)
+    entropy_ptr,      # (N,) fp32 H (forward)
+    g_lp_ptr,         # (N,) fp32 dL/d lp_raw (clamp and ignore mask already applied by autograd)
+    g_ent_ptr,        # (N,) fp32 dL/dH
+    dlogits_ptr,      # (N, V_c) out, operand dtype: dL/d logits of columns v0 .. v0 + V_c
+    N, V_c, C,        # tokens, chunk columns, width
+    v0,               # first vocabulary column of the chunk
+    stride_h,         # row stride of hidden, in elements
+    stride_w,         # row stride of weight, in elements
+    inv_temperature,  # 1 / T
+    BLOCK_N: tl.constexpr,        # tokens per program
+    BLOCK_V: tl.constexpr,        # chunk columns per program
+    BLOCK_C: tl.constexpr,        # width of one tl.dot step
+    DOT_PRECISION: tl.constexpr,  # as in the forward
+):
+    # 1. this program's (BN, BV) tile of the chunk, and the per-row scalars
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    local = (tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)  # column in chunk
+    row_ok = rows < N
+    col_ok = local < V_c
+    y = tl.load(targets_ptr + rows, mask=row_ok, other=-1)
+    log_z = tl.load(log_z_ptr + rows, mask=row_ok, other=0.0)
+    ent = tl.load(entropy_ptr + rows, mask=row_ok, other=0.0)
+    g_lp = tl.load(g_lp_ptr + rows, mask=row_ok, other=0.0)
+    g_ent = tl.load(g_ent_ptr + rows, mask=row_ok, other=0.0)
+    # 2. recompute the logits tile and the softmax from the saved logZ
+    z = _logits_tile(hidden_ptr, weight_ptr, rows, N, v0 + local, v0 + V_c, C, stride_h, stride_w,
+                     inv_temperature, BLOCK_N, BLOCK_V, BLOCK_C, DOT_PRECISION)
+    log_p = z - log_z[:, None]
+    p = tl.exp(log_p)
+    onehot = ((v0 + local)[None, :] == y[:, None]).to(tl.float32)
+    # 3. dL/dlogits = [g_lp (onehot - p) - g_H p (log p + H)] / T, stored in the operand dtype
+    dz = g_lp[:, None] * (onehot - p) - g_ent[:, None] * p * (log_p + ent[:, None])
+    dz = dz * inv_temperature
+    tl.store(dlogits_ptr + rows[:, None] * V_c + local[None, :],
+             dz.to(dlogits_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _tiles(device) -> dict:
+    """GPU: a GEMM-like starting point for H100-class parts (not yet tuned: no GPU measured it).
+    Interpreter: the smallest tiles tl.dot accepts (16), so CPU tests cover many (partial) tiles."""
+    if device.type == "cuda":
+        return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_C=64, num_warps=8, num_stages=3)
+    return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_C=16, num_warps=4, num_stages=1)
+
+
+class LinearLogprobs(torch.autograd.Function):
+    """(hidden (N, C), weight (V, C), targets (N,)) -> (lp_raw, entropy), (N,) fp32, unmasked."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, vocab_splits, vocab_chunk):
+        (N, C), V = hidden.shape, weight.shape[0]
+        t = _tiles(hidden.device)
+        bn, bv = t["BLOCK_N"], t["BLOCK_V"]
+        row_tiles, vocab_tiles = triton.cdiv(N, bn), triton.cdiv(V, bv)
+        if vocab_splits is None:  # about 2 programs per SM; 2 splits in the interpreter (tests the merge)
+            sms = torch.cuda.get_device_properties(hidden.device).multi_processor_count if hidden.is_cuda else 0
+            vocab_splits = triton.cdiv(2 * sms, row_tiles) if hidden.is_cuda else 2
+        v_per_split = triton.cdiv(vocab_tiles, min(max(vocab_splits, 1), vocab_tiles)) * bv
+        S = triton.cdiv(V, v_per_split)  # recount so no split is empty
+        lse = torch.empty(N, S, dtype=torch.float32, device=hidden.device)
+        mean = torch.empty_like(lse)
+        target_logit = torch.zeros(N, dtype=torch.float32, device=hidden.device)
+        precision = "ieee" if hidden.dtype == torch.float32 else "tf32"
+        _linear_logprob_fwd_kernel[(row_tiles, S)](
+            hidden, weight, targets, lse, mean, target_logit, N, V, C, hidden.stride(0),
+            weight.stride(0), v_per_split, S, 1.0 / temperature, DOT_PRECISION=precision, **t)
+        # merge splits: logZ = logsumexp_s lse_s; E[z] = sum_s w_s E_s[z] with w_s = e^(lse_s - logZ)
+        log_z = torch.logsumexp(lse, 1)                                    # (N,)
+        entropy = log_z - (torch.exp(lse - log_z[:, None]) * mean).sum(1)  # (N,)
+        ctx.save_for_backward(hidden, weight, targets, log_z, entropy)
+        ctx.temperature, ctx.vocab_chunk, ctx.precision = temperature, vocab_chunk, precision
+        return target_logit - log_z, entropy
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent):
+        hidden, weight, targets, log_z, entropy = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        (N, C), V = hidden.shape, weight.shape[0]
+        t = _tiles(hidden.device)
+        chunk = ctx.vocab_chunk or max(t["BLOCK_V"], DLOGITS_CHUNK_BYTES // (N * hidden.element_size()))
+        chunk = min(chunk, V)
+        g_lp, g_ent = g_lp.float().contiguous(), g_ent.float().contiguous()
+        grad_hidden = torch.zeros(N, C, dtype=torch.float32, device=hidden.device) if need_hidden else None
+        grad_weight = torch.empty_like(weight) if need_weight else None
+        buf = torch.empty(N * chunk, dtype=hidden.dtype, device=hidden.device)  # our own scratch
+        for v0 in range(0, V, chunk):
+            vc = min(chunk, V - v0)
+            dlogits = buf[:N * vc].view(N, vc)                               # (N, V_c)
+            grid = (triton.cdiv(N, t["BLOCK_N"]), triton.cdiv(vc, t["BLOCK_V"]))
+            _linear_logprob_bwd_kernel[grid](
+                hidden, weight, targets, log_z, entropy, g_lp, g_ent, dlogits, N, vc, C, v0,
+                hidden.stride(0), weight.stride(0), 1.0 / ctx.temperature,
+                DOT_PRECISION=ctx.precision, **t)
+            if need_weight:  # rows v0 .. v0 + V_c of dW are this chunk's alone: one rounding
+                torch.mm(dlogits.t(), hidden, out=grad_weight[v0:v0 + vc])  # (V_c, C)
+            if need_hidden:  # fp32 sum over chunks of (N, C) partial products
+                grad_hidden += dlogits @ weight[v0:v0 + vc]
+        grad_hidden = grad_hidden.to(hidden.dtype) if need_hidden else None
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def _check_inputs(hidden, weight, targets, temperature, ref_logprobs, ignore_index):
+    if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[1] \
+            or targets.shape != hidden.shape[:1]:
+        raise ValueError(f"linear_token_logprobs: need hidden (N, C), weight (V, C), targets (N,); got "
+                         f"{tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(targets.shape)}")
+    if hidden.dtype != weight.dtype or hidden.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"hidden and weight must share one of fp32/fp16/bf16; got {hidden.dtype}, {weight.dtype}")
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be integer token ids, got {targets.dtype}")
+    if len({hidden.device, weight.device, targets.device}) != 1:
+        raise ValueError("hidden, weight and targets must be on one device")
+    if ref_logprobs is not None and ref_logprobs.shape != targets.shape:
+        raise ValueError(f"ref_logprobs must be (N,), got {tuple(ref_logprobs.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= weight.shape[0]))
+    if bad.any():  # one host sync; an unchecked id would silently give log-prob -logZ
+        raise ValueError(f"target ids out of [0, {weight.shape[0]}) at rows {bad.nonzero()[:5, 0].tolist()}")
+
+
+def linear_token_logprobs(hidden, weight, targets, temperature=1.0, ref_logprobs=None, entropy=False,
+                          kl_estimator="k3", ignore_index=losses.IGNORE_INDEX, *, vocab_splits=None,
+                          vocab_chunk=None) -> losses.TokenLogprobs:
+    """losses.linear_token_logprobs_ref without (N, V) logits. vocab_splits (forward parallelism)
+    and vocab_chunk (backward d-logits columns) are tuning knobs; None picks them."""
+    _check_inputs(hidden, weight, targets, temperature, ref_logprobs, ignore_index)
+    if hidden.shape[0] == 0:  # nothing to launch; the reference returns the empty outputs
+        return losses.linear_token_logprobs_ref(hidden, weight, targets, temperature, ref_logprobs,
+                                                entropy, kl_estimator, ignore_index)
+    if hidden.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        hidden, weight = hidden.float(), weight.float()  # exact; bf16 tl.dot is wrong in the interpreter
+    lp_raw, ent = LinearLogprobs.apply(hidden.contiguous(), weight.contiguous(), targets.long().contiguous(),
+                                       float(temperature), vocab_splits, vocab_chunk)
+    # the spec's O(N) epilogue, through autograd: clamp to <= 0, zero ignored rows, KL
+    valid = targets != ignore_index
+    zero = torch.zeros_like(lp_raw)
+    logprobs = torch.where(valid, lp_raw.clamp(max=0.0), zero)
+    ent = torch.where(valid, ent, zero) if entropy else None
+    kl = None
+    if ref_logprobs is not None:
+        kl = torch.where(valid, losses.kl_estimate(logprobs, ref_logprobs.float(), kl_estimator), zero)
+    return losses.TokenLogprobs(logprobs, ent, kl)
