@@ -48,19 +48,21 @@ As in the reference, masked-out positions must hold finite numbers (0 * inf is N
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from nanopairwise import losses
 
 KL_KINDS = {None: 0, "k1": 1, "k2": 2, "k3": 3}   # KL_KIND constexpr: 0 = no KL term
 BLOCK = 1024                                       # tokens per program
-N_PARTIALS = 9   # per block: mask sum, pg, kl, v, clip count, approx-kl, ratio sum, vf clip count, ratio max
+N_PARTIALS = 9   # per block: mask sum, pg, kl, v, clip count, approx-kl, ratio, vf clip count, ratio max
 
 
 @triton.jit
 def _expm1(x):
     """exp(x) - 1 without cancellation near 0 (libdevice.expm1 does not run in the interpreter):
     Horner form of the Taylor series for |x| < 0.5 (truncation x^9/9! < 1.1e-8 |x|), else exp - 1."""
-    p = x * (1 + x / 2 * (1 + x / 3 * (1 + x / 4 * (1 + x / 5 * (1 + x / 6 * (1 + x / 7 * (1 + x / 8)))))))
+    p = 1 + x / 7 * (1 + x / 8)
+    p = x * (1 + x / 2 * (1 + x / 3 * (1 + x / 4 * (1 + x / 5 * (1 + x / 6 * p)))))
     return tl.where(tl.abs(x) < 0.5, p, tl.exp(x) - 1.0)
 
 
@@ -71,7 +73,8 @@ def _load(ptr, offs, in_bounds):
 
 @triton.jit
 def _token_terms(lp_ptr, old_lp_ptr, adv_ptr, mask_ptr, ref_lp_ptr, v_ptr, old_v_ptr, ret_ptr, offs,
-                 in_bounds, ratio_lo, ratio_hi, value_clip, KL_KIND: tl.constexpr, HAS_VALUE: tl.constexpr):
+                 in_bounds, ratio_lo, ratio_hi, value_clip,
+                 KL_KIND: tl.constexpr, HAS_VALUE: tl.constexpr):
     """Per-token terms shared by forward and backward (the compiler drops what a caller ignores)."""
     # 1. policy: ratio, the two surrogate branches and their derivative w.r.t. lp
     lp = _load(lp_ptr, offs, in_bounds)
@@ -191,6 +194,14 @@ def _ppo_loss_bwd_kernel(
         tl.store(dv_ptr + offs, m * g_v * dvl, mask=in_bounds)
 
 
+def _kernel_inputs(logprobs, values, old_logprobs, advantages, mask, ref_logprobs, old_values, returns):
+    """The eight input pointers in kernel order; an absent optional input is stood in for by
+    logprobs, which the kernel then never reads (its constexpr flag is off)."""
+    absent = (logprobs,) * 3
+    return (logprobs, old_logprobs, advantages, mask, logprobs if ref_logprobs is None else ref_logprobs,
+            *(absent if values is None else (values, old_values, returns)))
+
+
 class PPOLossFunction(torch.autograd.Function):
     """(pg_loss, kl_loss, v_loss, clipfrac, approx_kl, ratio_mean, ratio_max, vf_clipfrac) of flat,
     contiguous (N,) inputs; differentiable in logprobs and values only."""
@@ -201,33 +212,32 @@ class PPOLossFunction(torch.autograd.Function):
         n = logprobs.numel()
         grid = (max(triton.cdiv(n, BLOCK), 1),)          # one program even for N = 0: sums are 0
         partials = torch.empty(grid[0], N_PARTIALS, device=logprobs.device, dtype=torch.float32)
-        ptrs = (logprobs, old_logprobs, advantages, mask, ref_logprobs if kl_kind else logprobs,
-                *((values, old_values, returns) if values is not None else (logprobs,) * 3))
+        inputs = (logprobs, values, old_logprobs, advantages, mask, ref_logprobs, old_values, returns)
         scalars = (n, 1.0 - clip_low, 1.0 + clip_high, value_clip)
-        _ppo_loss_fwd_kernel[grid](*ptrs, partials, *scalars, KL_KIND=kl_kind, HAS_VALUE=values is not None,
-                                   BLOCK=BLOCK)
+        _ppo_loss_fwd_kernel[grid](*_kernel_inputs(*inputs), partials, *scalars,
+                                   KL_KIND=kl_kind, HAS_VALUE=values is not None, BLOCK=BLOCK)
         sums = partials[:, :N_PARTIALS - 1].sum(0)       # (8,)
         count = sums[0]
         means = sums[1:] / count.clamp(min=1.0)          # pg, kl, v, clip, approx-kl, ratio, vf clip
         ratio_max = partials[:, -1].max()
         ratio_max = torch.where(torch.isneginf(ratio_max), torch.zeros_like(ratio_max), ratio_max)
-        ctx.save_for_backward(logprobs, values, old_logprobs, advantages, mask, ref_logprobs, old_values,
-                              returns)
+        ctx.save_for_backward(*inputs)                   # references to the inputs, no new memory
         ctx.count, ctx.grid, ctx.scalars, ctx.kl_kind = count, grid, scalars, kl_kind
         stats = (means[3], means[4], means[5], ratio_max, means[6])
         ctx.mark_non_differentiable(*stats)
         return (means[0], means[1], 0.5 * means[2], *stats)
 
     @staticmethod
+    @once_differentiable                                 # the kernel's backward builds no graph
     def backward(ctx, g_pg, g_kl, g_v, *_stats_grads):
-        logprobs, values, old_logprobs, advantages, mask, ref_logprobs, old_values, returns = ctx.saved_tensors
+        inputs = ctx.saved_tensors
+        logprobs, values = inputs[:2]
         coef = torch.stack([g_pg, g_kl, 0.5 * g_v]).float() / ctx.count.clamp(min=1.0)   # (3,)
         dlp = torch.empty_like(logprobs)
         dv = torch.empty_like(values) if values is not None else None
-        ptrs = (logprobs, old_logprobs, advantages, mask, ref_logprobs if ctx.kl_kind else logprobs,
-                *((values, old_values, returns) if values is not None else (logprobs,) * 3))
-        _ppo_loss_bwd_kernel[ctx.grid](*ptrs, coef, dlp, dv if dv is not None else dlp, *ctx.scalars,
-                                       KL_KIND=ctx.kl_kind, HAS_VALUE=values is not None, BLOCK=BLOCK)
+        _ppo_loss_bwd_kernel[ctx.grid](*_kernel_inputs(*inputs), coef, dlp, dlp if dv is None else dv,
+                                       *ctx.scalars, KL_KIND=ctx.kl_kind, HAS_VALUE=values is not None,
+                                       BLOCK=BLOCK)
         return (dlp, dv) + (None,) * 10
 
 
@@ -261,6 +271,7 @@ def ppo_loss(logprobs, old_logprobs, advantages, mask, clip_low=0.2, clip_high=0
     # 3. fused forward; loss is put together here so autograd routes its gradient to the three terms
     kl_kind = KL_KINDS[kl_estimator if ref_logprobs is not None else None]
     pg_loss, kl_loss, v_loss, *stats = PPOLossFunction.apply(
-        flat["logprobs"], flat["values"], *data, float(clip_low), float(clip_high), kl_kind, float(value_clip))
+        flat["logprobs"], flat["values"], *data, float(clip_low), float(clip_high), kl_kind,
+        float(value_clip))
     loss = pg_loss + kl_coef * kl_loss + vf_coef * v_loss
     return losses.PPOLoss(loss, pg_loss, v_loss, kl_loss, *stats)
