@@ -36,7 +36,8 @@ Memory traffic, s_x the bytes of one element of x, P = ceil(N / BLOCK):
   forward  reads N (s_lp + s_old + s_A + s_m [+ s_ref] [+ s_v + s_oldv + s_R]) once, writes 36 P bytes;
   backward reads the same once more, writes N s_lp [+ N s_v] (gradients in the input's dtype).
 Nothing (N,)-sized is saved: the backward recomputes every elementwise term from the inputs.
-The eager reference materialises about twenty (N,) fp32 temporaries each way.
+The eager reference materialises every intermediate above as an (N,) tensor, and autograd keeps
+many of them for its backward.
 
 Inputs: any shape, any float dtype (fp32, bf16, ...), loaded and cast to fp32 at once (bf16
 arithmetic is wrong under TRITON_INTERPRET). Non-contiguous inputs are copied to contiguous
