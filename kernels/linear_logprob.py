@@ -5,6 +5,7 @@ then token_logprobs_ref. Here the (N, V) logits never exist in memory in the for
 Cut Cross-Entropy, Wijmans et al. 2024, arXiv 2411.09009), and the backward holds d-logits for
 one vocabulary chunk at a time. For a Qwen2.5-0.5B head (C = 896, V = 151936) and N = 16384
 tokens the bf16 logits alone are 4.98 GB; this op needs O(N) plus one chunk (<= 512 MiB).
+A side effect: the forward's logits are fp32 accumulators never rounded to bf16, as F.linear's are.
 
 Math. With z = hidden @ weight^T / T, logZ = logsumexp_v z_v, p = softmax(z):
     lp_raw = z_y - logZ            H = logZ - E_p[z] = -sum_v p_v log p_v
@@ -21,10 +22,13 @@ Fusing those would save a few kernel launches of N floats against 2·N·V·C FLO
 Forward (kernel 1). Grid (row tiles of BLOCK_N tokens) x (S vocabulary splits). A program walks
 the vocabulary tiles of its split; each (BLOCK_N, BLOCK_V) logits tile is a tl.dot loop over C in
 BLOCK_C steps with fp32 accumulation, consumed at once by an online log-sum-exp (Milakov &
-Gimelshein 2018, arXiv 1805.02867): running max m, sum s = sum e^(z-m), a = sum e^(z-m) z (all
-rescaled by e^(m_old - m_new)), and the target logit when the target falls in the tile. The split
-writes (logsumexp, E[z]) of its columns; torch merges the S partials (O(N·S)). Splits exist for
-parallelism: with few tokens, N / BLOCK_N programs would leave most SMs idle (flash-decoding).
+Gimelshein 2018, arXiv 1805.02867): running max m, s = sum e^(z-m), t = sum e^(z-m) (z-m);
+when m moves to m' (alpha = e^(m-m')): s' = alpha s, t' = alpha (t + (m-m') s); plus the target
+logit when the target falls in the tile. A split writes lse_s = m + log s and the entropy of the
+softmax restricted to its columns, H_s = log s - t/s (no cancellation of logZ against E_p[z] at
+|z| ~ 20, which would cost ~10 ulp(|z|)). Torch merges the S partials, O(N·S), with the chain
+rule of entropy: logZ = logsumexp_s lse_s, w_s = e^(lse_s - logZ), H = sum_s w_s (H_s - log w_s).
+Splits exist for parallelism: with few tokens N / BLOCK_N programs would leave SMs idle.
 
 Backward (kernel 2 + two cuBLAS GEMMs per vocabulary chunk of V_c columns). Kernel 2 recomputes
 the logits tiles of the chunk (grid over (N, V_c) tiles, the natural GEMM tiling), turns them into
@@ -83,13 +87,13 @@ def _linear_logprob_fwd_kernel(
     weight_ptr,        # (V, C) same dtype, unit stride along C
     targets_ptr,       # (N,) int64 target ids (ignored rows: any value, masked by the caller)
     lse_ptr,           # (N, S) fp32 out: logsumexp of z over this program's vocabulary split
-    mean_ptr,          # (N, S) fp32 out: E[z] under the softmax restricted to the split
+    ent_ptr,           # (N, S) fp32 out: entropy of the softmax restricted to the split
     target_logit_ptr,  # (N,) fp32 out, zero-filled: z[target], written by the split holding it
     N, V, C,           # tokens, vocabulary, width
     stride_h,          # row stride of hidden, in elements
     stride_w,          # row stride of weight, in elements
     v_per_split,       # vocabulary columns per split, a multiple of BLOCK_V
-    n_splits,          # S, the row stride of lse / mean
+    n_splits,          # S, the row stride of lse / ent
     inv_temperature,   # 1 / T
     BLOCK_N: tl.constexpr,        # tokens per program
     BLOCK_V: tl.constexpr,        # vocabulary columns per logits tile
@@ -105,7 +109,7 @@ def _linear_logprob_fwd_kernel(
     v_end = tl.minimum(v_start + v_per_split, V)  # every split holds >= 1 column (launcher)
     m = tl.full((BLOCK_N,), float("-inf"), tl.float32)  # running max of z
     s = tl.zeros((BLOCK_N,), tl.float32)                # sum e^(z - m)
-    a = tl.zeros((BLOCK_N,), tl.float32)                # sum e^(z - m) z
+    t = tl.zeros((BLOCK_N,), tl.float32)                # sum e^(z - m) (z - m)
     z_y = tl.zeros((BLOCK_N,), tl.float32)              # target logit, if in this split
     for v0 in range(v_start, v_end, BLOCK_V):
         # 2. one logits tile, never stored: (BN, BV) fp32, -inf beyond the split
@@ -115,18 +119,20 @@ def _linear_logprob_fwd_kernel(
                          inv_temperature, BLOCK_N, BLOCK_V, BLOCK_C, DOT_PRECISION)
         z = tl.where(col_ok[None, :], z, float("-inf"))
         # 3. online log-sum-exp; the first tile has a finite max, so alpha = e^-inf = 0 is exact
+        #    (s = 0 there too: the where avoids (m - m_new) s = -inf * 0 = NaN)
         m_new = tl.maximum(m, tl.max(z, 1))
         alpha = tl.exp(m - m_new)
         e = tl.exp(z - m_new[:, None])                                   # 0 on masked columns
+        t = alpha * (t + (tl.where(s > 0, m, m_new) - m_new) * s)
+        t += tl.sum(e * tl.where(col_ok[None, :], z - m_new[:, None], 0.0), 1)  # avoid 0 * -inf
         s = s * alpha + tl.sum(e, 1)
-        a = a * alpha + tl.sum(e * tl.where(col_ok[None, :], z, 0.0), 1)  # avoid 0 * -inf
         m = m_new
         # 4. gather the target logit (splits are BLOCK_V-aligned: masked columns are >= V > y)
         hit = cols[None, :] == y[:, None]
         z_y += tl.sum(tl.where(hit, z, 0.0), 1)
     # 5. per-split results; the launcher merges the S splits
     tl.store(lse_ptr + rows * n_splits + split, m + tl.log(s), mask=row_ok)
-    tl.store(mean_ptr + rows * n_splits + split, a / s, mask=row_ok)
+    tl.store(ent_ptr + rows * n_splits + split, tl.log(s) - t / s, mask=row_ok)
     tl.store(target_logit_ptr + rows, z_y, mask=row_ok & (y >= v_start) & (y < v_end))
 
 
@@ -196,15 +202,16 @@ class LinearLogprobs(torch.autograd.Function):
         v_per_split = triton.cdiv(vocab_tiles, min(max(vocab_splits, 1), vocab_tiles)) * bv
         S = triton.cdiv(V, v_per_split)  # recount so no split is empty
         lse = torch.empty(N, S, dtype=torch.float32, device=hidden.device)
-        mean = torch.empty_like(lse)
+        ent = torch.empty_like(lse)
         target_logit = torch.zeros(N, dtype=torch.float32, device=hidden.device)
         precision = "ieee" if hidden.dtype == torch.float32 else "tf32"
         _linear_logprob_fwd_kernel[(row_tiles, S)](
-            hidden, weight, targets, lse, mean, target_logit, N, V, C, hidden.stride(0),
+            hidden, weight, targets, lse, ent, target_logit, N, V, C, hidden.stride(0),
             weight.stride(0), v_per_split, S, 1.0 / temperature, DOT_PRECISION=precision, **t)
-        # merge splits: logZ = logsumexp_s lse_s; E[z] = sum_s w_s E_s[z] with w_s = e^(lse_s - logZ)
+        # merge splits: logZ = logsumexp_s lse_s; H = sum_s w_s (H_s - log w_s), log w_s = lse_s - logZ
         log_z = torch.logsumexp(lse, 1)                                    # (N,)
-        entropy = log_z - (torch.exp(lse - log_z[:, None]) * mean).sum(1)  # (N,)
+        log_w = lse - log_z[:, None]                                       # (N, S)
+        entropy = (log_w.exp() * (ent - log_w)).sum(1)                     # (N,)
         ctx.save_for_backward(hidden, weight, targets, log_z, entropy)
         ctx.temperature, ctx.vocab_chunk, ctx.precision = temperature, vocab_chunk, precision
         return target_logit - log_z, entropy

@@ -12,12 +12,12 @@ only compiled on a GPU (skipped cleanly without one).
 
 Tolerances, keyed by operand dtype (forward = logprobs / entropy / kl, grad = d hidden, d weight):
   float32   fwd atol 1e-5, rtol 1e-5: same fp32 maths in another order (16-wide tl.dot blocks
-            against BLAS, online against two-pass logsumexp, split merge); seen 5e-6 at |lp| ~ 16.
-            grad atol 1e-5, rtol 1e-5: the same, through two more matmuls; seen 7e-6 at |g| ~ 10.
+            against BLAS, online against two-pass logsumexp, split merge); seen 0.13 of the bound.
+            grad atol 1e-5, rtol 1e-5: the same, through two more matmuls; seen 0.78 of the bound.
   float16   fwd as float32: fp16 products are exact in fp32 and both sides accumulate in fp32.
-            grad atol 4e-3, rtol 2e-3: d-logits are stored in fp16 before the gradient matmuls
-            (as in the unfused path) and grads return in fp16 (ulp 2^-10 relative; 7.8e-3 at |g| ~ 9);
-            seen 1 ulp.
+            grad atol 2e-3, rtol 1e-3: d-logits are stored in fp16 before the gradient matmuls
+            (as in the unfused path) and grads return in fp16 (ulp 2^-10 relative: 7.8e-3 at
+            |g| ~ 9); seen 1 ulp, 0.6 of this bound.
   bfloat16  (GPU only, not yet run on one) fwd atol 1e-4, rtol 1e-4: exact bf16 products with fp32
             accumulation on tensor cores. grad atol 3e-2, rtol 1.6e-2: two bf16 roundings
             (2^-8 = 3.9e-3 relative each) of d-logits and of the grads, summed over V.
@@ -30,13 +30,13 @@ import torch
 
 import kernels
 from kernels.linear_logprob import linear_token_logprobs
-from nanopairwise.losses import IGNORE_INDEX, linear_token_logprobs_ref
+from nanopairwise.losses import IGNORE_INDEX, kl_estimate, linear_token_logprobs_ref
 from nanopairwise.model import ModelConfig, Transformer
 from nanopairwise.policy import PolicyLogprobs
 
 TOL = {
     torch.float32: dict(fwd=dict(atol=1e-5, rtol=1e-5), grad=dict(atol=1e-5, rtol=1e-5)),
-    torch.float16: dict(fwd=dict(atol=1e-5, rtol=1e-5), grad=dict(atol=4e-3, rtol=2e-3)),
+    torch.float16: dict(fwd=dict(atol=1e-5, rtol=1e-5), grad=dict(atol=2e-3, rtol=1e-3)),
     torch.bfloat16: dict(fwd=dict(atol=1e-4, rtol=1e-4), grad=dict(atol=3e-2, rtol=1.6e-2)),
 }
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -100,22 +100,41 @@ def test_parity_forward_backward(N, C, V, temperature, dtype, kl, ignore_index, 
         assert not x[ignored].any()
 
 
-def test_dominant_target_logprob_is_never_positive():
-    """Logits ~ 100 with the target far ahead: lp rounds to ~0; it must be <= 0 and stay finite."""
+def oracle64(hidden, weight, targets, temperature=1.0, ref_logprobs=None, entropy=True, kl_estimator="k3",
+             ignore_index=IGNORE_INDEX):
+    """The spec's maths in float64 (linear_token_logprobs_ref itself runs in fp32), written out
+    independently: the judge when fp32 rounding of large logits dominates both implementations."""
+    log_p = torch.log_softmax(hidden.double() @ weight.double().t() / temperature, 1)  # (N, V)
+    valid = targets != ignore_index
+    lp = torch.where(valid, log_p.gather(1, targets.clamp(min=0)[:, None])[:, 0].clamp(max=0.0), 0.0)
+    ent = torch.where(valid, -(log_p.exp() * log_p).sum(1), 0.0)
+    return lp, ent, torch.where(valid, kl_estimate(lp, ref_logprobs.double(), kl_estimator), 0.0)
+
+
+def test_large_logits_near_certain_targets():
+    """|z| ~ 28 with the target far ahead: lp is within a few ulp(|z|) of 0 (some round to exactly
+    0, the clamp's regime) and H = logZ - E_p[z] is a difference of two ~28s. The kernel must stay
+    <= 0, finite, and within 2x the fp32 reference's own error against a float64 oracle (seen 1.1x;
+    the two round in different places, each a few ulp(|z|) = 1.9e-6 off)."""
     N, C, V = 20, 16, 50
     hidden, weight, targets, ref_logprobs = make_inputs(N, C, V, torch.float32, seed=3)
     weight = weight / weight.norm(dim=1, keepdim=True)
-    hidden = 100.0 * weight[targets.clamp(min=0)]  # z_y = 100, the rest ~ 100 cos(angle)
+    hidden = 25.0 * weight[targets.clamp(min=0)]  # z_y = 25 / T, the rest 25 cos(angle) / T
     upstream = [torch.randn(N, generator=torch.Generator().manual_seed(4)) for _ in range(3)]
     common = dict(temperature=0.9, entropy=True, kl_estimator="k3")
     out, grads = run_with_grads(linear_token_logprobs, hidden, weight, targets, ref_logprobs, upstream, **common)
     ref_out, ref_grads = run_with_grads(linear_token_logprobs_ref, hidden, weight, targets, ref_logprobs,
                                         upstream, **common)
-    assert (out.logprobs <= 0).all() and (out.logprobs > -1e-3).sum() > N // 2
-    for x, y in zip((*out, *grads), (*ref_out, *ref_grads)):
-        assert torch.isfinite(x).all()
-        # fp32 tolerance scaled by |z| ~ 100: logsumexp rounds at ulp(100) = 7.6e-6
-        torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-5)
+    exact_out, exact_grads = run_with_grads(oracle64, hidden.double(), weight.double(), targets,
+                                            ref_logprobs.double(), [u.double() for u in upstream], **common)
+    valid = targets != IGNORE_INDEX
+    assert (out.logprobs <= 0).all() and (out.logprobs[valid] == 0).sum() >= 3
+    assert (out.logprobs > -2e-3).all()
+    for name, x, y, exact in zip(("logprobs", "entropy", "kl", "d hidden", "d weight", "d ref"),
+                                 (*out, *grads), (*ref_out, *ref_grads), (*exact_out, *exact_grads)):
+        assert torch.isfinite(x).all(), name
+        err, ref_err = (x.double() - exact).abs().max(), (y.double() - exact).abs().max()
+        assert err <= 2 * ref_err + 1e-7, f"{name}: error {err:.3g} vs the fp32 reference's {ref_err:.3g}"
 
 
 def test_dispatch_optional_outputs_and_determinism():
