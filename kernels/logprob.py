@@ -26,13 +26,14 @@ losses.kl_estimate itself; autograd folds dk/dlogprob (k1: 1, k2: logprob - ref,
 1 - e^(ref - logprob)) into g_lp, and gives ref_logprobs its gradient (k1: -1, k2: ref - logprob,
 k3: e^(ref - logprob) - 1) when it requires one. That costs a few (N,) ops and no kernel flags.
 
-Memory traffic (E = bytes per logit, 2 for bf16): forward reads N*V*E once and writes 3 floats
-per row (logprob, entropy, and m / log s / E_p[z] - m saved for backward); backward reads
+Memory traffic (E = bytes per logit, 2 for bf16): forward reads N*V*E once and writes at most
+5 floats per row (logprob, entropy, and m, log s, E_p[z] - m saved for backward); backward reads
 N*V*E once more and writes the (N, V) gradient once, in the logits' dtype. Nothing (N, V) in
 fp32 is ever allocated: peak extra memory is the gradient itself. The gradient is written to a
 new buffer, never into `logits` (an in-place write would save that buffer but silently corrupt
 any other consumer of the logits, Liger #272), so the default and only mode is out-of-place.
 Ignored rows (target == ignore_index) are not read at all; their gradient rows are written as 0.
+Not supported: +inf logits (logZ = inf; the reference returns NaN there too).
 """
 
 import torch
