@@ -197,8 +197,8 @@ class LinearLogprobs(torch.autograd.Function):
         bn, bv = t["BLOCK_N"], t["BLOCK_V"]
         row_tiles, vocab_tiles = triton.cdiv(N, bn), triton.cdiv(V, bv)
         if vocab_splits is None:  # about 2 programs per SM; 2 splits in the interpreter (tests the merge)
-            sms = torch.cuda.get_device_properties(hidden.device).multi_processor_count if hidden.is_cuda else 0
-            vocab_splits = triton.cdiv(2 * sms, row_tiles) if hidden.is_cuda else 2
+            vocab_splits = 2 if not hidden.is_cuda else triton.cdiv(
+                2 * torch.cuda.get_device_properties(hidden.device).multi_processor_count, row_tiles)
         v_per_split = triton.cdiv(vocab_tiles, min(max(vocab_splits, 1), vocab_tiles)) * bv
         S = triton.cdiv(V, v_per_split)  # recount so no split is empty
         lse = torch.empty(N, S, dtype=torch.float32, device=hidden.device)
@@ -238,7 +238,7 @@ class LinearLogprobs(torch.autograd.Function):
                 DOT_PRECISION=ctx.precision, **t)
             if need_weight:  # rows v0 .. v0 + V_c of dW are this chunk's alone: one rounding
                 torch.mm(dlogits.t(), hidden, out=grad_weight[v0:v0 + vc])  # (V_c, C)
-            if need_hidden:  # fp32 sum over chunks of (N, C) partial products
+            if need_hidden:  # fp32 sum over chunks of (N, C) partial products (each rounded to e bytes)
                 grad_hidden += dlogits @ weight[v0:v0 + vc]
         grad_hidden = grad_hidden.to(hidden.dtype) if need_hidden else None
         return grad_hidden, grad_weight, None, None, None, None
