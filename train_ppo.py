@@ -292,7 +292,7 @@ def ppo_update(exp, c_pre, models, optimizers, args, gen):
             out = policy(e["ids"], e["attn"], e["response_mask"], args.temperature, entropy=True)
             values = critic_values(critic, e["c_ids"], e["c_mask"], c_pre, R)
             m = e["response_mask"].float()
-            loss = kernels.ppo_loss(out.logprobs, e["old_logprobs"], e["advantages"], m,
+            loss = kernels.clipped_ppo_loss(out.logprobs, e["old_logprobs"], e["advantages"], m,
                                     clip_low=args.clip_low, clip_high=args.clip_high, ref_logprobs=kl_ref,
                                     kl_coef=args.kl_coef if kl_ref is not None else 0.0, values=values,
                                     old_values=e["values"], returns=e["returns"], value_clip=args.value_clip,

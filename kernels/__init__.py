@@ -2,13 +2,15 @@
 
   token_logprobs         kernels/logprob.py         <-> nanopairwise.losses.token_logprobs_ref
   linear_token_logprobs  kernels/linear_logprob.py  <-> nanopairwise.losses.linear_token_logprobs_ref
-  ppo_loss               kernels/ppo_loss.py        <-> nanopairwise.losses.ppo_loss_ref
+  clipped_ppo_loss       kernels/ppo_loss.py        <-> nanopairwise.losses.ppo_loss_ref
 
 Backend choice, per call: `backend=` argument, else the environment variable
 NANOPAIRWISE_KERNELS (`triton`, `ref` or `auto`, default `auto`). `auto` runs Triton when the
 tensors are on CUDA or when TRITON_INTERPRET=1 (the CPU interpreter, how CI tests kernels), and
 the pure-PyTorch reference otherwise. Kernel modules are imported lazily, so importing this
-package never compiles or launches anything.
+package never compiles or launches anything. A dispatch function never shares its name with a
+kernel module: importing `kernels/ppo_loss.py` binds the attribute `kernels.ppo_loss` to that
+module, which would replace a function of the same name after its first Triton call.
 """
 
 import os
@@ -54,7 +56,7 @@ def linear_token_logprobs(hidden, weight, targets, temperature=1.0, ref_logprobs
     return fused(hidden, weight, targets, temperature, ref_logprobs, entropy, kl_estimator, ignore_index)
 
 
-def ppo_loss(logprobs, old_logprobs, advantages, mask, backend=None, **kwargs):
+def clipped_ppo_loss(logprobs, old_logprobs, advantages, mask, backend=None, **kwargs):
     """See nanopairwise.losses.ppo_loss_ref (same keyword arguments); returns losses.PPOLoss."""
     if pick_backend(logprobs, backend) == "ref":
         return losses.ppo_loss_ref(logprobs, old_logprobs, advantages, mask, **kwargs)

@@ -189,19 +189,17 @@ def test_mask_dtypes_and_fractional_weights(device):
     assert_parity(*both(inp, upstream), torch.float32, weights)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "kernels/__init__.py, not this kernel: importing the submodule kernels/ppo_loss.py rebinds the "
-    "package attribute kernels.ppo_loss from the dispatch function to the module, so every call after "
-    "the first Triton one fails ('module' object is not callable). Rename the module or the dispatch "
-    "function, then drop this marker (strict: the test fails once the name works)."))
 @pytest.mark.parametrize("device", DEVICES)
 def test_dispatch_triton_matches_ref(device):
+    """Through kernels.clipped_ppo_loss, twice each way: a second Triton call must still dispatch."""
     inp = make_inputs((4, 33), torch.bfloat16, device, seed=4)
     upstream = [0.9, 0.2, -0.6, 1.4]
     kwargs = dict(clip_low=0.1, clip_high=0.3, kl_coef=0.1, kl_estimator="k2")
-    fused = run(lambda **a: kernels.ppo_loss(**a, backend="triton"), inp, upstream, **kwargs)
-    ref = run(lambda **a: kernels.ppo_loss(**a, backend="ref"), inp, upstream, **kwargs)
+    fused = run(lambda **a: kernels.clipped_ppo_loss(**a, backend="triton"), inp, upstream, **kwargs)
+    ref = run(lambda **a: kernels.clipped_ppo_loss(**a, backend="ref"), inp, upstream, **kwargs)
     assert_parity(fused, ref, torch.bfloat16, inp["mask"])
+    again = run(lambda **a: kernels.clipped_ppo_loss(**a, backend="triton"), inp, upstream, **kwargs)
+    assert_parity(again, ref, torch.bfloat16, inp["mask"])
 
 
 @pytest.mark.parametrize("device", DEVICES)
