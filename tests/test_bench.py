@@ -1,4 +1,5 @@
-"""kernels/bench.py: the --smoke run works end to end, and a wrong kernel fails the run.
+"""Benchmark scripts (kernels/bench.py, scripts/bench_generate.py): the --smoke runs work end to end,
+and a wrong kernel fails the kernel run.
 
 The smoke run is a subprocess (bench.py sets TRITON_INTERPRET itself, before importing triton)
 on tiny shapes; the failure path is checked in-process with plain-PyTorch "kernels", so it
@@ -66,3 +67,14 @@ def test_wrong_peer_is_dropped_but_ours_is_timed(capsys):
     out = capsys.readouterr().out
     assert "correctness FAILED: peer" in out and "correctness ok: triton" in out
     assert "triton     fwd+bwd" in out and "peer       fwd" not in out
+
+
+def test_generation_benchmark_smoke():
+    """scripts/bench_generate.py --smoke: ours and transformers on a tiny model, fp32 greedy parity first."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_generate.py"), "--smoke"],
+                          capture_output=True, text=True, timeout=300)
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    assert "check: batch-1 greedy tokens agree with transformers for 16/16 steps" in out
+    assert "| batch | ours tok/s | transformers tok/s | speedup |" in out
+    assert out.count("x |") == 2                                                  # batches 1 and 4
