@@ -165,7 +165,7 @@ def fill_anchors(prompts, policy_lm, judge, tok, args, device):
                       tok.pad_token_id, temperature=args.temperature, generator=gen)
         texts = decode_responses(tok, ro)
         items = [(p.principle, p.prompt, texts[i], texts[j]) for i in range(n) for j in range(n) if i != j]
-        win = J.judge_win_probs(judge, tok, J.JudgeTemplate(), items)[0].view(n, n - 1).mean(1)
+        win = J.judge_win_probs(judge, tok, args.judge_template, items)[0].view(n, n - 1).mean(1)
         p.anchor = texts[int(win.argmax())]
 
 
@@ -174,13 +174,13 @@ def decode_responses(tok, ro):
             for ids, mask in zip(ro.response_ids.tolist(), ro.response_mask.tolist())]
 
 
-def build_critic_inputs(prompts, ro, tok, args, template, device):
+def build_critic_inputs(prompts, ro, tok, args, device):
     """Critic sequences: left-padded prefix (principle, prompt[, anchor]) then the response tokens.
     Returns (ids, mask, prefix_len); values of response token t are read at prefix_len - 1 + t."""
     prefixes = []
     for p in prompts:
-        text = (template.anchor_prefix(p.principle, p.prompt, p.anchor) if args.critic == "pairwise"
-                else template.single_prefix(p.principle, p.prompt))
+        text = (args.rm_template.anchor_prefix(tok, p.principle, p.prompt, p.anchor) if args.critic == "pairwise"
+                else args.rm_template.single_prefix(tok, p.principle, p.prompt))
         prefixes.append(tok.encode(text))
     pre_ids, pre_mask = data.pad_batch(prefixes, tok.pad_token_id, side="left")
     ids = torch.cat([pre_ids.to(device), ro.response_ids], 1)
@@ -199,13 +199,12 @@ def critic_values(critic, ids, mask, prefix_len, R):
 @torch.no_grad()
 def score_responses(prompts, texts, rm, tok, args):
     """Sequence scores (B,) and the raw judge win probability (B,) (None for bt)."""
-    template = J.JudgeTemplate()
     if args.reward == "pairwise":
         items = [(p.principle, p.prompt, y, p.anchor) for p, y in zip(prompts, texts)]
-        win = J.judge_win_probs(rm, tok, template, items, symmetric=args.symmetric)[0]
+        win = J.judge_win_probs(rm, tok, args.rm_template, items, symmetric=args.symmetric)[0]
         return losses.transform_score(win, args.reward_transform), win
     items = [(p.principle, p.prompt, y) for p, y in zip(prompts, texts)]
-    return J.scalar_scores(rm, tok, template, items), None
+    return J.scalar_scores(rm, tok, args.rm_template, items), None
 
 
 @torch.no_grad()
@@ -225,7 +224,7 @@ def evaluate(policy, ref, judge, prompts, tok, args, device):
            "eos_rate": ro.ended.float().mean().item()}
     if judge is not None:
         items = [(p.principle, p.prompt, y, p.anchor) for p, y in zip(prompts, texts)]
-        out["judge_win_rate"] = J.judge_win_probs(judge, tok, J.JudgeTemplate(), items)[0].mean().item()
+        out["judge_win_rate"] = J.judge_win_probs(judge, tok, args.judge_template, items)[0].mean().item()
     if all("principle_name" in p.meta for p in prompts):
         q = torch.tensor([tasks.oracle_score(p.meta["principle_name"], p.meta["numbers"], y)
                           for p, y in zip(prompts, texts)])
@@ -259,7 +258,7 @@ def make_experience(step_prompts, models, tok, args, device, gen):
     mask = ro.response_mask.float()
     old = policy(ids, attn, ro.response_mask, args.temperature).logprobs
     ref_lp = ref(ids, attn, ro.response_mask, args.temperature).logprobs
-    c_ids, c_mask, c_pre = build_critic_inputs(prompts, ro, tok, args, J.JudgeTemplate(), device)
+    c_ids, c_mask, c_pre = build_critic_inputs(prompts, ro, tok, args, device)
     values = critic_values(critic, c_ids, c_mask, c_pre, mask.size(1)) * mask
     kl = losses.kl_estimate(old, ref_lp, "k1") * mask
     rewards = losses.shape_rewards(scores, mask, kl if args.kl_mode == "reward" else None, args.kl_coef)
@@ -312,7 +311,7 @@ def ppo_update(exp, c_pre, models, optimizers, args, gen):
                    "policy/entropy": losses.masked_mean(out.entropy.detach(), m),
                    "critic/explained_var": losses.explained_variance(values.detach(), e["returns"], m)}
             for k, v in row.items():
-                sums.setdefault(k, []).append(float(v))
+                sums.setdefault(k, []).append(float(v.detach()) if torch.is_tensor(v) else float(v))
     return {k: sum(v) / len(v) for k, v in sums.items()}
 
 
@@ -334,6 +333,8 @@ def main(argv=None):
     policy_dir = os.path.join(ckpt, "policy") if args.resume else args.policy
     tok = Tokenizer.from_pretrained(policy_dir)
     rm_dir = args.judge if args.reward == "pairwise" else args.bt_rm
+    _, args.judge_template = J.load_rm_config(args.judge)     # each reward model's own text layout
+    _, args.rm_template = J.load_rm_config(rm_dir)
 
     # ---- models: policy (trained), reference (frozen), reward model (frozen), critic (trained)
     policy = PolicyLogprobs(Transformer.from_pretrained(policy_dir, dtype=dtype, device=device), args.fused_head)
@@ -342,7 +343,7 @@ def main(argv=None):
     if os.path.exists(os.path.join(args.judge, "config.json")):
         judge_tok = Tokenizer.from_pretrained(args.judge)
         judge = J.PairwiseJudge(Transformer.from_pretrained(args.judge, dtype=dtype, device=device),
-                                *J.verdict_token_ids(judge_tok, J.JudgeTemplate())).eval().requires_grad_(False)
+                                *J.verdict_token_ids(judge_tok, args.judge_template)).eval().requires_grad_(False)
     rm = judge if args.reward == "pairwise" else J.ScalarHeadModel.from_pretrained(rm_dir, dtype, device).eval()
     rm.requires_grad_(False)
     if Tokenizer.from_pretrained(rm_dir).vocab_size != tok.vocab_size:

@@ -47,6 +47,7 @@ def get_args(argv=None):
                    help="principle for pairs that carry none")
     # judge format
     p.add_argument("--verdicts", default=" Yes, No", help="the two verdict strings 'yes,no'; each must be one token")
+    p.add_argument("--question", default=J.JudgeTemplate.question, help="the judge's question after the two answers")
     p.add_argument("--max-response-tokens", type=int, default=256, help="responses are cut to this many tokens")
     # optimisation
     p.add_argument("--batch-size", type=int, default=32, help="preference pairs per step, over all ranks")
@@ -68,7 +69,7 @@ def get_args(argv=None):
     verdicts = args.verdicts.split(",")
     if len(verdicts) != 2:
         p.error(f"--verdicts needs two comma-separated strings, got {args.verdicts!r}")
-    args.template = J.JudgeTemplate(yes=verdicts[0], no=verdicts[1])
+    args.template = J.JudgeTemplate(question=args.question, yes=verdicts[0], no=verdicts[1])
     return args
 
 
@@ -147,9 +148,7 @@ def save_checkpoint(path, raw_model, tok, state, args):
     with atomic_dir(path) as tmp:
         (raw_model if args.objective == "bt" else raw_model.lm).save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        rm_config = {"objective": args.objective, "yes": args.template.yes, "no": args.template.no,
-                     "question": args.template.question}
-        atomic_write_text(os.path.join(tmp, "rm_config.json"), json.dumps(rm_config, indent=2))
+        J.save_rm_config(tmp, args.objective, args.template)
         atomic_torch_save(state, os.path.join(tmp, "trainer_state.pt"))
 
 

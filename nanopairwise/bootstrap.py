@@ -44,7 +44,7 @@ TINY_POLICY = dict(model_type="llama", hidden_size=128, intermediate_size=384, n
 class BootstrapConfig:
     vocab_size: int = 512          # byte-level BPE: 256 bytes + specials + merges
     sft_prompts: int = 6000        # demonstrations (imperfect; see tasks.make_demonstration)
-    sft_steps: int = 300
+    sft_steps: int = 800
     sft_batch_size: int = 64
     sft_lr: float = 2e-3
     pair_prompts_train: int = 1500  # each gives one pair of policy samples and one synthetic pair
@@ -111,10 +111,8 @@ def bootstrap(task_dir: str, seed: int = 0, cfg: BootstrapConfig = BootstrapConf
     torch.manual_seed(seed)
     template = J.JudgeTemplate()
     # ---- tokenizer: trained on what the policy and the judge will read -------------------------
-    sample = tasks.make_prompt(rng)
-    judge_texts = [template.render(sample.principle.description, sample.prompt_text, sample.gold, sample.gold)
-                   + v for v in (template.yes, template.no)]
-    judge_texts += [template.anchor_prefix("x", "y", "z"), template.single_prefix("x", "y")]
+    judge_texts = [f"Principle: {p.description}" for p in tasks.PRINCIPLES]
+    judge_texts += [f"{template.question}\nAnswer:{v}" for v in (template.yes, template.no)]
     tok = train_bpe(tasks.tokenizer_corpus(rng, extra_texts=judge_texts), cfg.vocab_size,
                     special_tokens=("<|endoftext|>",), chat_template="plain")
     J.verdict_token_ids(tok, template)  # fail here, not in train_rm.py, if a verdict is not one token

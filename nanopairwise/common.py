@@ -206,7 +206,9 @@ def _to_py(v):
 
 def _fmt(v):
     if isinstance(v, float):
-        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4f}"
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        return f"{v:.2e}" if 0 < abs(v) < 1e-3 else f"{v:.4f}"
     if isinstance(v, int):
         return f"{v:,}"
     return str(v)

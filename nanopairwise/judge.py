@@ -1,11 +1,8 @@
 """The generative pairwise judge of Pairwise-RL, and the Bradley-Terry scalar RM baseline.
 
-Pairwise judge (DESIGN.md §1, arXiv 2504.04950). A causal LM reads
-
-    [Principle] <principle> [Prompt] <prompt> [Response A] <a> [Response B] <b>
-    [Question] Is Response A better than Response B? Answer Yes or No. [Answer]
-
-and predicts the next token, one of two verdict tokens (default " Yes" / " No"; each must be one
+Pairwise judge (DESIGN.md §1, arXiv 2504.04950). A causal LM reads the principle, the prompt and
+responses A and B, each shown as the policy's own chat turn (JudgeTemplate), then the question
+"Is the first answer better than the second? Answer Yes or No.", and predicts the next token, one of two verdict tokens (default " Yes" / " No"; each must be one
 token of the tokenizer, checked at start). Training is plain next-token cross-entropy on the
 verdict token (full vocabulary, through the fused log-prob kernel); every preference pair is used
 in both orders (chosen-first -> Yes, rejected-first -> No), which removes position bias by
@@ -16,8 +13,8 @@ construction. Scoring reads only the two verdict logits:
 
 so P(a > b) + P(b > a) = 1 exactly, and an identical pair scores exactly 0.5.
 
-Bradley-Terry baseline. The same trunk with a scalar head on the last token of
-[Principle] .. [Prompt] .. [Response] <y>, trained with -log sigmoid(r(x, y_w) - r(x, y_l));
+Bradley-Terry baseline. The same trunk with a scalar head on the last token (eos) of the principle,
+the prompt's user turn and the response y, trained with -log sigmoid(r(x, y_w) - r(x, y_l));
 its pair probability is sigmoid(r_a - r_b). `ScalarHeadModel` is also the PPO critic (per-token
 values), so it returns a value at every position.
 
@@ -26,7 +23,9 @@ true ordering, position consistency, ECE (10 bins) and Brier score of the pair p
 against the oracle's true preference probability.
 """
 
-from dataclasses import dataclass
+import json
+import os
+from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import torch
@@ -44,38 +43,77 @@ class VerdictTokenError(ValueError):
     """The tokenizer cannot express a verdict as a single token."""
 
 
-def prompt_as_text(prompt) -> str:
-    """A prompt is a string or a list of chat messages; the judge reads it as plain text."""
-    if isinstance(prompt, str):
-        return prompt
-    return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+RM_CONFIG = "rm_config.json"  # beside a reward model's weights: its objective and template
 
 
 @dataclass(frozen=True)
 class JudgeTemplate:
-    """The judge's text layout. Parts are tokenized separately and concatenated, so responses can
-    be truncated to a token budget without re-tokenizing, and a critic prefix can be reused."""
+    """The judge's text layout (our reading: the paper does not publish its template).
 
-    question: str = "Is Response A better than Response B? Answer Yes or No."
+    Each response is shown the way the policy produced it: the prompt rendered by the tokenizer's
+    chat template as a user turn with a generation prompt, the response as the assistant's turn,
+    closed by the template's end-of-turn text. The judge thus reads responses in the format its
+    generative training saw them in, which is the point of a generative RM. For the plain
+    template of the built-in task:
+
+        Principle: {principle}
+        User: {prompt}
+        Assistant: {response A}
+        User: {prompt}
+        Assistant: {response B}
+        {question}
+        Answer:                                  -> next token " Yes" / " No"
+
+    Parts are tokenized separately and concatenated (`encode_pair`), so a response has the same
+    ids as in a rollout and can be cut to a token budget without re-tokenizing. The BT reward
+    model and the standard critic read `single_prefix` + response; the pairwise critic reads
+    `anchor_prefix` (the anchor as the first answer) + the partial response.
+    """
+
+    question: str = "Is the first answer better than the second? Answer Yes or No."
     yes: str = " Yes"
     no: str = " No"
 
-    def pair_parts(self, principle: str, prompt, a: str, b: str):
-        """(head, a, middle, b, tail): the strings whose tokens make one judge input."""
-        head = f"[Principle]\n{principle}\n[Prompt]\n{prompt_as_text(prompt)}\n[Response A]\n"
-        return head, a, "\n[Response B]\n", b, f"\n[Question]\n{self.question}\n[Answer]"
+    def turn(self, tokenizer, prompt, first: bool = True) -> str:
+        """The prompt as a user turn ending in the assistant's generation prompt (bos only once)."""
+        text = tokenizer.render_chat(prompt)
+        bos = tokenizer.bos_token
+        return text if first or not bos else text.removeprefix(bos)
 
-    def render(self, principle: str, prompt, a: str, b: str) -> str:
-        return "".join(self.pair_parts(principle, prompt, a, b))
-
-    def single_prefix(self, principle: str, prompt) -> str:
+    def single_prefix(self, tokenizer, principle: str, prompt) -> str:
         """Prefix of a single-response input (BT reward model, standard critic)."""
-        return f"[Principle]\n{principle}\n[Prompt]\n{prompt_as_text(prompt)}\n[Response]\n"
+        return f"Principle: {principle}\n" + self.turn(tokenizer, prompt)
 
-    def anchor_prefix(self, principle: str, prompt, anchor: str) -> str:
-        """Prefix of the pairwise critic: it reads the anchor, then the (partial) response."""
-        return (f"[Principle]\n{principle}\n[Prompt]\n{prompt_as_text(prompt)}\n"
-                f"[Anchor]\n{anchor}\n[Response]\n")
+    def pair_parts(self, tokenizer, principle: str, prompt, a: str, b: str):
+        """(head, a, middle, b, tail): the strings whose tokens make one judge input."""
+        end = tokenizer.turn_end_text
+        return (self.single_prefix(tokenizer, principle, prompt), a, end + self.turn(tokenizer, prompt, first=False),
+                b, f"{end}{self.question}\nAnswer:")
+
+    def anchor_prefix(self, tokenizer, principle: str, prompt, anchor: str) -> str:
+        """Prefix of the pairwise critic: the anchor as the first answer, then the second turn."""
+        head, a, mid, _, _ = self.pair_parts(tokenizer, principle, prompt, anchor, "")
+        return head + a + mid
+
+    def render(self, tokenizer, principle: str, prompt, a: str, b: str) -> str:
+        return "".join(self.pair_parts(tokenizer, principle, prompt, a, b))
+
+
+def save_rm_config(path: str, objective: str, template: JudgeTemplate):
+    """Write RM_CONFIG into checkpoint directory `path` (the template travels with the weights)."""
+    from nanopairwise.common import atomic_write_text
+    atomic_write_text(os.path.join(path, RM_CONFIG), json.dumps({"objective": objective, **asdict(template)}, indent=2))
+
+
+def load_rm_config(path: str):
+    """(objective, JudgeTemplate) of the reward model in `path`; ("pairwise", default) if it has none."""
+    file = os.path.join(path, RM_CONFIG)
+    if not os.path.isfile(file):
+        return "pairwise", JudgeTemplate()
+    with open(file, encoding="utf-8") as f:
+        cfg = json.load(f)
+    known = {k: cfg[k] for k in ("question", "yes", "no") if k in cfg}
+    return cfg.get("objective", "pairwise"), JudgeTemplate(**known)
 
 
 def verdict_token_ids(tokenizer, template: JudgeTemplate):
@@ -96,14 +134,15 @@ def verdict_token_ids(tokenizer, template: JudgeTemplate):
 
 def encode_pair(tokenizer, template: JudgeTemplate, principle, prompt, a, b, max_response_tokens=256):
     """Token ids of one judge input; each response is cut to `max_response_tokens`."""
-    head, ta, mid, tb, tail = template.pair_parts(principle, prompt, a, b)
+    head, ta, mid, tb, tail = template.pair_parts(tokenizer, principle, prompt, a, b)
     return (tokenizer.encode(head) + tokenizer.encode(ta)[:max_response_tokens] + tokenizer.encode(mid)
             + tokenizer.encode(tb)[:max_response_tokens] + tokenizer.encode(tail))
 
 
 def encode_single(tokenizer, template: JudgeTemplate, principle, prompt, response, max_response_tokens=256):
     """Token ids of one BT reward-model input (prefix + response + eos): the score is read at eos."""
-    ids = tokenizer.encode(template.single_prefix(principle, prompt)) + tokenizer.encode(response)[:max_response_tokens]
+    ids = (tokenizer.encode(template.single_prefix(tokenizer, principle, prompt))
+           + tokenizer.encode(response)[:max_response_tokens])
     return ids + [tokenizer.eos_token_id]
 
 
@@ -167,6 +206,8 @@ class ScalarHeadModel(nn.Module):
 
     Used as the BT reward model (score at the last token) and as the PPO critic (value of each
     prefix). The head is new (zero-initialised, so training starts from a constant prediction).
+    An untied LM head is unused here and frozen, so DDP does not wait for its gradient (it stays
+    in the checkpoint, which therefore still loads as a causal LM).
     """
 
     HEAD_FILE = "score_head.safetensors"
@@ -174,6 +215,8 @@ class ScalarHeadModel(nn.Module):
     def __init__(self, lm: nn.Module):
         super().__init__()
         self.lm = lm
+        if not lm.config.tie_word_embeddings:
+            lm.lm_head.requires_grad_(False)
         width = lm.lm_head_weight.shape[1]
         self.score_head = nn.Linear(width, 1, dtype=lm.lm_head_weight.dtype, device=lm.lm_head_weight.device)
         nn.init.zeros_(self.score_head.weight)

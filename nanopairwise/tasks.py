@@ -341,10 +341,10 @@ def tokenizer_corpus(rng: random.Random, n_prompts: int = 2000, chat_template: s
 
     Each prompt is rendered with `chat_template` and followed by its gold answer and a corrupted
     one, so the template words ("User", "Assistant") and " d" digits become single tokens.
-    `extra_texts` (e.g. the judge template and its verdict words "Yes" / "No") are repeated
-    `extra_repeat` times so their words merge too.
+    The principle descriptions and `extra_texts` (e.g. the judge template and its verdict words
+    "Yes" / "No") are repeated `extra_repeat` times so their words merge into whole tokens too.
     """
-    texts = [p.description for p in PRINCIPLES] + list(extra_texts) * extra_repeat
+    texts = ([p.description for p in PRINCIPLES] + list(extra_texts)) * extra_repeat
     for _ in range(n_prompts):
         t = make_prompt(rng)
         texts += [render_chat(t.prompt_text, chat_template) + t.gold, corrupted_response(rng, t)]

@@ -63,6 +63,8 @@ TEMPLATE_TOKENS = {
 }
 # token that closes an assistant turn (None: the eos token does)
 END_OF_TURN = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "plain": None}
+# text that closes a turn when a finished conversation is rendered (what render_chat puts after content)
+TURN_END_TEXT = {"chatml": "<|im_end|>\n", "llama3": "<|eot_id|>", "plain": "\n"}
 
 # Jinja equivalents of the renderers below, written by save_pretrained when the checkpoint had no
 # template of its own, so transformers' apply_chat_template renders what render_chat renders.
@@ -261,6 +263,11 @@ class Tokenizer:
         """Render messages (or a bare prompt string, as one user message) with this tokenizer's template."""
         return render_chat(messages, template or self.chat_template, add_generation_prompt=add_generation_prompt,
                            bos_token=self.bos_token or "<|begin_of_text|>", default_system=self.default_system)
+
+    @property
+    def turn_end_text(self) -> str:
+        """Text that closes a message in the active template ("<|im_end|>\\n" for chatml)."""
+        return TURN_END_TEXT[self.chat_template]
 
     @property
     def end_of_turn_id(self):

@@ -1,0 +1,155 @@
+"""The generative pairwise judge and the BT baseline (nanopairwise/judge.py): template rendering,
+verdict-token checks, both-orders loss, the symmetric win probability, metrics on hand-made cases.
+
+Tolerances: fp32 on CPU; losses of the same logits in another row order agree to 1e-6.
+"""
+
+import math
+
+import pytest
+import torch
+
+from nanopairwise import judge as J
+from nanopairwise.data import pad_batch
+from nanopairwise.model import ModelConfig, Transformer
+from nanopairwise.tokenizer import train_bpe
+
+TEMPLATE = J.JudgeTemplate()
+CORPUS = ["Principle: Sort the numbers in ascending order.", "User: sort ascending: 3 1 2\nAssistant: 1 2 3",
+          f"{TEMPLATE.question}\nAnswer: Yes", f"{TEMPLATE.question}\nAnswer: No"] * 20
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_bpe(CORPUS, 400)
+
+
+@pytest.fixture(scope="module")
+def judge(tok):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    lm = Transformer(cfg)
+    with torch.no_grad():  # larger random weights than the 0.02 init, so verdicts differ by input
+        for p in lm.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return J.PairwiseJudge(lm, *J.verdict_token_ids(tok, TEMPLATE)).eval()
+
+
+def test_template_renders_literal_strings(tok):
+    text = TEMPLATE.render(tok, "Sort the numbers in ascending order.", "sort ascending: 3 1 2", "1 2 3", "3 2 1")
+    assert text == ("Principle: Sort the numbers in ascending order.\n"
+                    "User: sort ascending: 3 1 2\nAssistant: 1 2 3\n"
+                    "User: sort ascending: 3 1 2\nAssistant: 3 2 1\n"
+                    "Is the first answer better than the second? Answer Yes or No.\nAnswer:")
+    assert TEMPLATE.single_prefix(tok, "P.", "q") == "Principle: P.\nUser: q\nAssistant: "
+    assert TEMPLATE.anchor_prefix(tok, "P.", "q", "gold") == "Principle: P.\nUser: q\nAssistant: gold\nUser: q\nAssistant: "
+    chatml = train_bpe(CORPUS, 400, chat_template="chatml")
+    convo = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "q"}]
+    assert TEMPLATE.render(chatml, "P.", convo, "a", "b") == (
+        "Principle: P.\n<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\na"
+        "<|im_end|>\n<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\nb"
+        "<|im_end|>\nIs the first answer better than the second? Answer Yes or No.\nAnswer:")
+
+
+def test_encode_pair_is_parts_concatenated_and_truncates(tok):
+    ids = J.encode_pair(tok, TEMPLATE, "P.", "q", "1 2 3", "3 2 1")
+    head, a, mid, b, tail = TEMPLATE.pair_parts(tok, "P.", "q", "1 2 3", "3 2 1")
+    assert ids == tok.encode(head) + tok.encode(a) + tok.encode(mid) + tok.encode(b) + tok.encode(tail)
+    cut = J.encode_pair(tok, TEMPLATE, "P.", "q", "1 2 3", "3 2 1", max_response_tokens=1)
+    assert cut == tok.encode(head) + tok.encode(a)[:1] + tok.encode(mid) + tok.encode(b)[:1] + tok.encode(tail)
+    single = J.encode_single(tok, TEMPLATE, "P.", "q", "1 2 3")
+    assert single[-1] == tok.eos_token_id and single[:-1] == tok.encode(TEMPLATE.single_prefix(tok, "P.", "q")) + tok.encode("1 2 3")
+
+
+def test_verdicts_must_be_single_distinct_tokens(tok):
+    assert len(set(J.verdict_token_ids(tok, TEMPLATE))) == 2
+    with pytest.raises(J.VerdictTokenError, match=r"verdict ' Absolutely' is \d+ tokens"):
+        J.verdict_token_ids(tok, J.JudgeTemplate(yes=" Absolutely"))
+    with pytest.raises(J.VerdictTokenError, match="map to the same token"):
+        J.verdict_token_ids(tok, J.JudgeTemplate(yes=" Yes", no=" Yes"))
+
+
+def test_rm_config_roundtrip(tmp_path):
+    t = J.JudgeTemplate(question="Better?", yes=" A", no=" B")
+    J.save_rm_config(str(tmp_path), "bt", t)
+    assert J.load_rm_config(str(tmp_path)) == ("bt", t)
+    assert J.load_rm_config(str(tmp_path / "none")) == ("pairwise", J.JudgeTemplate())
+
+
+def both_orders_batch(tok, pairs, flip=False):
+    """Judge inputs for pairs in both orders; flip=True lists each pair rejected-first (label 0) first."""
+    seqs, labels = [], []
+    for c, r in pairs:
+        rows = [(c, r, 1), (r, c, 0)]
+        for a, b, label in (rows[::-1] if flip else rows):
+            seqs.append(J.encode_pair(tok, TEMPLATE, "P.", "sort ascending: 3 1 2", a, b))
+            labels.append(label)
+    ids, mask = pad_batch(seqs, tok.pad_token_id)
+    return ids, mask, torch.tensor(labels)
+
+
+def test_swapping_a_b_with_the_label_leaves_the_loss_unchanged(tok, judge):
+    pairs = [("1 2 3", "3 2 1"), ("1 2", "2 1 3"), ("3", "1 2 3 3")]
+    losses = []
+    for flip in (False, True):
+        ids, mask, labels = both_orders_batch(tok, pairs, flip)
+        with torch.no_grad():
+            losses.append(J.judge_loss(judge(ids, mask), labels, judge.yes_id, judge.no_id)[0])
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=0)
+    ids, mask, labels = both_orders_batch(tok, pairs)
+    with torch.no_grad():  # the test can fail: labels attached to the wrong order change the loss
+        wrong = J.judge_loss(judge(ids, mask), 1 - labels, judge.yes_id, judge.no_id)[0]
+    assert abs(wrong.item() - losses[0].item()) > 1e-2
+
+
+def test_judge_loss_is_verdict_cross_entropy():
+    logits = torch.randn(4, 11, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([1, 0, 0, 1])
+    loss, p_yes = J.judge_loss(logits, labels, yes_id=3, no_id=7)
+    want = torch.nn.functional.cross_entropy(logits, torch.where(labels.bool(), 3, 7))
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(p_yes, torch.sigmoid(logits[:, 3] - logits[:, 7]))
+
+
+def test_symmetric_win_probability(tok, judge):
+    items = [("P.", "q", "1 2 3", "3 2 1"), ("P.", "q", "7", "7 7"), ("P.", "q", "1 2", "1 2")]
+    p, p_ab, p_ba = J.judge_win_probs(judge, tok, TEMPLATE, items, batch_size=2)
+    q, _, _ = J.judge_win_probs(judge, tok, TEMPLATE, [(a, b, y, x) for a, b, x, y in items])
+    torch.testing.assert_close(p + q, torch.ones(3), atol=1e-6, rtol=0)
+    assert p[2].item() == 0.5                                      # identical responses tie exactly
+    assert not torch.allclose(p_ab, 1 - p_ba)                      # the raw orders differ (position bias)
+    one, p_one, none = J.judge_win_probs(judge, tok, TEMPLATE, items, symmetric=False)
+    assert none is None and torch.equal(one, p_one) and torch.equal(p_one, p_ab)
+    z = judge.verdict_logits(*pad_batch([J.encode_pair(tok, TEMPLATE, *items[0])], tok.pad_token_id))
+    full = judge(*pad_batch([J.encode_pair(tok, TEMPLATE, *items[0])], tok.pad_token_id))
+    torch.testing.assert_close(z[0], full[0, [judge.yes_id, judge.no_id]], atol=1e-5, rtol=1e-5)
+
+
+def test_bt_loss_and_scalar_head(tok):
+    torch.testing.assert_close(J.bt_loss(torch.tensor([2.0, 0.0]), torch.tensor([0.0, 0.0])),
+                               torch.tensor((math.log1p(math.exp(-2.0)) + math.log(2.0)) / 2))
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, tie_word_embeddings=False)
+    rm = J.ScalarHeadModel(Transformer(cfg))
+    assert not rm.lm.lm_head.weight.requires_grad                  # unused by a scalar head: frozen for DDP
+    scores = J.scalar_scores(rm, tok, TEMPLATE, [("P.", "q", "1 2 3")])
+    assert scores.tolist() == [0.0]                                # the fresh head starts at zero
+
+
+def test_pair_metrics_by_hand():
+    p = torch.tensor([0.95, 0.85, 0.35, 0.65])       # model P(chosen > rejected), away from bin edges
+    p_true = torch.tensor([0.9, 0.6, 0.4, 0.5])      # labeller model
+    q_c = torch.tensor([1.0, 0.5, 0.2, 0.7])
+    q_r = torch.tensor([0.5, 0.4, 0.6, 0.7])          # last pair: equal quality, left out of oracle accuracy
+    p_ab = torch.tensor([0.9, 0.6, 0.4, 0.7])
+    p_ba = torch.tensor([0.2, 0.3, 0.7, 0.6])         # pair 4 gets the same verdict in both orders
+    m = J.pair_metrics(p, p_true, q_c, q_r, p_ab, p_ba)
+    assert m["accuracy"] == 0.75 and m["oracle_accuracy"] == 1.0 and m["position_consistency"] == 0.75
+    # bins 9, 8, 3, 6: one prediction each, so ECE = mean |p - p_true|
+    assert m["ece"] == pytest.approx((0.05 + 0.25 + 0.05 + 0.15) / 4)
+    assert m["brier"] == pytest.approx((0.05 ** 2 + 0.25 ** 2 + 0.05 ** 2 + 0.15 ** 2) / 4)
+    two = J.expected_calibration_error(torch.tensor([0.71, 0.79]), torch.tensor([1.0, 0.0]))
+    assert two == pytest.approx(abs(0.75 - 0.5))     # same bin: averages cancel before the |.|
+    bare = J.pair_metrics(p, None, None, None)
+    assert set(bare) == {"accuracy", "position_consistency"}
