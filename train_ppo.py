@@ -44,14 +44,15 @@ import time
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import kernels
 import train_rm
 from nanopairwise import bootstrap, data, judge as J, losses, tasks
-from nanopairwise.common import (MetricsLogger, Progress, atomic_dir, atomic_torch_save, compute_cleanup,
-                                 compute_init, parse_dtype, print0, set_seed)
-from nanopairwise.model import Transformer
+from nanopairwise.common import (MetricsLogger, Progress, all_reduce_sum, atomic_dir_all_ranks, atomic_torch_save,
+                                 barrier, compute_cleanup, compute_init, full_state_dict, gathered, get_rank, get_world_size,
+                                 parse_dtype,
+                                 print0, set_seed, shard_model, unwrap, wrap_data_parallel)
+from nanopairwise.model import Block, Transformer
 from nanopairwise.policy import PolicyLogprobs, encode_prompt
 from nanopairwise.rollout import generate
 from nanopairwise.tokenizer import Tokenizer
@@ -100,6 +101,7 @@ def get_args(argv=None):
     p.add_argument("--value-lam", type=float, default=0.95, help="lambda of the critic's return targets")
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--fused-head", action="store_true", help="LM head + log-prob in one kernel (no logits)")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun, shard every model with FSDP2 (else DDP)")
     # evaluation and runtime
     p.add_argument("--eval-every", type=int, default=20, help="evaluate every N steps (0 = start and end only)")
     p.add_argument("--eval-size", type=int, default=128, help="held-out prompts per evaluation")
@@ -150,7 +152,7 @@ def load_prompts(path, args):
 
 
 @torch.no_grad()
-def fill_anchors(prompts, policy_lm, judge, tok, args, device):
+def fill_anchors(prompts, policy, judge, tok, args, device):
     """Best-of-N anchors for prompts without one: N initial-policy samples, each scored by its mean
     symmetric win probability against the other N-1 (round robin), the best kept."""
     missing = [p for p in prompts if not p.anchor]
@@ -160,13 +162,14 @@ def fill_anchors(prompts, policy_lm, judge, tok, args, device):
         raise SystemExit("prompts without an anchor need a judge to pick best-of-N anchors")
     n = args.anchor_samples
     gen = torch.Generator(device=device).manual_seed(args.seed + 17)
-    for p in missing:
-        ro = generate(policy_lm, [encode_prompt(tok, p.prompt)] * n, args.max_new_tokens, tok.eos_token_id,
-                      tok.pad_token_id, temperature=args.temperature, generator=gen)
-        texts = decode_responses(tok, ro)
-        items = [(p.principle, p.prompt, texts[i], texts[j]) for i in range(n) for j in range(n) if i != j]
-        win = J.judge_win_probs(judge, tok, args.judge_template, items)[0].view(n, n - 1).mean(1)
-        p.anchor = texts[int(win.argmax())]
+    with gathered(policy), gathered(judge):                          # every rank does the same work
+        for p in missing:
+            ro = generate(policy.lm, [encode_prompt(tok, p.prompt)] * n, args.max_new_tokens, tok.eos_token_id,
+                          tok.pad_token_id, temperature=args.temperature, generator=gen)
+            texts = decode_responses(tok, ro)
+            items = [(p.principle, p.prompt, texts[i], texts[j]) for i in range(n) for j in range(n) if i != j]
+            win = J.judge_win_probs(judge, tok, args.judge_template, items)[0].view(n, n - 1).mean(1)
+            p.anchor = texts[int(win.argmax())]
 
 
 def decode_responses(tok, ro):
@@ -201,7 +204,8 @@ def score_responses(prompts, texts, rm, tok, args):
     """Sequence scores (B,) and the raw judge win probability (B,) (None for bt)."""
     if args.reward == "pairwise":
         items = [(p.principle, p.prompt, y, p.anchor) for p, y in zip(prompts, texts)]
-        win = J.judge_win_probs(rm, tok, args.rm_template, items, symmetric=args.symmetric)[0]
+        with gathered(rm):                                            # verdict logits bypass forward()
+            win = J.judge_win_probs(rm, tok, args.rm_template, items, symmetric=args.symmetric)[0]
         return losses.transform_score(win, args.reward_transform), win
     items = [(p.principle, p.prompt, y) for p, y in zip(prompts, texts)]
     return J.scalar_scores(rm, tok, args.rm_template, items), None
@@ -209,31 +213,34 @@ def score_responses(prompts, texts, rm, tok, args):
 
 @torch.no_grad()
 def evaluate(policy, ref, judge, prompts, tok, args, device):
-    """Held-out metrics of the current policy: one sample per prompt at the training temperature
-    with a fixed seed. Oracle metrics where the prompt carries the task's oracle fields."""
+    """Held-out metrics of the current policy, each rank on its share of `prompts` (all ranks
+    call this: FSDP forwards are collective): one sample per prompt at the training temperature
+    with a fixed seed per rank, then sums all-reduced. Oracle metrics where the prompts carry the
+    task's oracle fields. The oracle win rate counts a tie with the anchor as half a win, like
+    the judge's symmetric probability (a gold anchor can only be tied)."""
     policy.eval()
-    gen = torch.Generator(device=device).manual_seed(args.seed + 12345)
-    ro = generate(policy.lm, [encode_prompt(tok, p.prompt) for p in prompts], args.max_new_tokens,
-                  tok.eos_token_id, tok.pad_token_id, temperature=args.temperature, top_p=args.top_p, generator=gen)
+    mine = data.shard_for_rank(prompts, get_rank(), get_world_size())
+    gen = torch.Generator(device=device).manual_seed(args.seed + 12345 + get_rank())
+    with gathered(policy):                                           # generation bypasses forward()
+        ro = generate(policy.lm, [encode_prompt(tok, p.prompt) for p in mine], args.max_new_tokens,
+                      tok.eos_token_id, tok.pad_token_id, temperature=args.temperature, top_p=args.top_p, generator=gen)
     texts = decode_responses(tok, ro)
     ids, attn = ro.sequences()
     lp = policy(ids, attn, ro.response_mask, args.temperature).logprobs
     ref_lp = ref(ids, attn, ro.response_mask, args.temperature).logprobs
     m = ro.response_mask.float()
-    out = {"kl": ((lp - ref_lp) * m).sum(1).mean().item(), "length": m.sum(1).mean().item(),
-           "eos_rate": ro.ended.float().mean().item()}
+    sums = {"kl": ((lp - ref_lp) * m).sum(1), "length": m.sum(1), "eos_rate": ro.ended.float()}
     if judge is not None:
-        items = [(p.principle, p.prompt, y, p.anchor) for p, y in zip(prompts, texts)]
-        out["judge_win_rate"] = J.judge_win_probs(judge, tok, args.judge_template, items)[0].mean().item()
+        items = [(p.principle, p.prompt, y, p.anchor) for p, y in zip(mine, texts)]
+        with gathered(judge):
+            sums["judge_win_rate"] = J.judge_win_probs(judge, tok, args.judge_template, items)[0]
     if all("principle_name" in p.meta for p in prompts):
-        q = torch.tensor([tasks.oracle_score(p.meta["principle_name"], p.meta["numbers"], y)
-                          for p, y in zip(prompts, texts)])
-        q_anchor = torch.tensor([tasks.oracle_score(p.meta["principle_name"], p.meta["numbers"], p.anchor)
-                                 for p in prompts])
-        out["oracle_score"] = q.mean().item()
-        out["oracle_win_rate"] = ((q > q_anchor).float() + 0.5 * (q == q_anchor).float()).mean().item()
+        q = torch.tensor([tasks.oracle_score(p.meta["principle_name"], p.meta["numbers"], y) for p, y in zip(mine, texts)])
+        q_anchor = torch.tensor([tasks.oracle_score(p.meta["principle_name"], p.meta["numbers"], p.anchor) for p in mine])
+        sums.update(oracle_score=q, oracle_win_rate=(q > q_anchor).float() + 0.5 * (q == q_anchor).float())
+    totals = all_reduce_sum(torch.stack([v.float().sum().to(device) for v in sums.values()]))
     policy.train()
-    return out
+    return {k: (t / len(prompts)).item() for k, t in zip(sums, totals)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,13 +250,15 @@ def evaluate(policy, ref, judge, prompts, tok, args, device):
 @torch.no_grad()
 def make_experience(step_prompts, models, tok, args, device, gen):
     """Rollout + scores + old/ref log-probs + values + GAE for this rank's prompts (K samples each)."""
-    policy, ref, critic, rm = (getattr(m, "module", m) for m in models)   # no DDP needed without grads
+    policy, ref, critic, rm = (unwrap(m) for m in models)          # no DDP wrapper needed without grads
     policy.eval()
     K = args.samples_per_prompt
     prompts = [p for p in step_prompts for _ in range(K)]
     t0 = time.time()
-    ro = generate(policy.lm, [encode_prompt(tok, p.prompt) for p in prompts], args.max_new_tokens,
-                  tok.eos_token_id, tok.pad_token_id, temperature=args.temperature, top_p=args.top_p, generator=gen)
+    with gathered(policy):                                           # generation bypasses forward()
+        ro = generate(policy.lm, [encode_prompt(tok, p.prompt) for p in prompts], args.max_new_tokens,
+                      tok.eos_token_id, tok.pad_token_id, temperature=args.temperature, top_p=args.top_p,
+                      generator=gen)
     t_rollout = time.time() - t0
     texts = decode_responses(tok, ro)
     scores, win = score_responses(prompts, texts, rm, tok, args)
@@ -316,6 +325,29 @@ def ppo_update(exp, c_pre, models, optimizers, args, gen):
 
 
 # ----------------------------------------------------------------------------------------------
+# checkpoints: policy and critic in HF format, optimizer and trainer state beside them
+
+
+def save_checkpoint(path, policy, critic, optimizers, tok, state, args):
+    """Written atomically by all ranks: weights gathered to rank 0 (collective under FSDP), the
+    optimizers' state from rank 0 (DDP: replicated) or from every rank (FSDP: its shards)."""
+    policy_state, critic_state = full_state_dict(policy.lm), full_state_dict(critic)
+    rank = get_rank()
+    with atomic_dir_all_ranks(path) as tmp:
+        if rank == 0:
+            policy.lm.save_pretrained(os.path.join(tmp, "policy"), state=policy_state)
+            tok.save_pretrained(os.path.join(tmp, "policy"))
+            critic.save_pretrained(os.path.join(tmp, "critic"), state=critic_state)
+            atomic_torch_save(state, os.path.join(tmp, "trainer_state.pt"))
+        if rank == 0 or args.fsdp:
+            atomic_torch_save([o.state_dict() for o in optimizers], os.path.join(tmp, optimizer_file(args, rank)))
+
+
+def optimizer_file(args, rank):
+    return f"optimizers.rank{rank}.pt" if args.fsdp else "optimizers.pt"
+
+
+# ----------------------------------------------------------------------------------------------
 # main
 
 
@@ -328,64 +360,72 @@ def main(argv=None):
     ensure_reward_models(args, ddp, rank)
     assert args.prompts_per_step % world_size == 0, "--prompts-per-step must divide by the number of ranks"
     ckpt = os.path.join(args.out_dir, "checkpoint")
-    if args.resume and not os.path.exists(os.path.join(ckpt, "trainer_state.pt")):
-        raise SystemExit(f"--resume: no checkpoint at {ckpt}")
+    state = {"step": 0, "anchors": None}
+    if args.resume:
+        if not os.path.exists(os.path.join(ckpt, "trainer_state.pt")):
+            raise SystemExit(f"--resume: no checkpoint at {ckpt}")
+        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
+        if args.fsdp and state["world_size"] != world_size:
+            raise SystemExit(f"--resume --fsdp: the checkpoint holds optimizer shards of {state['world_size']} "
+                             f"ranks; run on {state['world_size']} ranks")
     policy_dir = os.path.join(ckpt, "policy") if args.resume else args.policy
     tok = Tokenizer.from_pretrained(policy_dir)
     rm_dir = args.judge if args.reward == "pairwise" else args.bt_rm
     _, args.judge_template = J.load_rm_config(args.judge)     # each reward model's own text layout
     _, args.rm_template = J.load_rm_config(rm_dir)
-
-    # ---- models: policy (trained), reference (frozen), reward model (frozen), critic (trained)
-    policy = PolicyLogprobs(Transformer.from_pretrained(policy_dir, dtype=dtype, device=device), args.fused_head)
-    ref = PolicyLogprobs(Transformer.from_pretrained(args.policy, dtype=dtype, device=device)).eval().requires_grad_(False)
-    judge = None
-    if os.path.exists(os.path.join(args.judge, "config.json")):
-        judge_tok = Tokenizer.from_pretrained(args.judge)
-        judge = J.PairwiseJudge(Transformer.from_pretrained(args.judge, dtype=dtype, device=device),
-                                *J.verdict_token_ids(judge_tok, args.judge_template)).eval().requires_grad_(False)
-    rm = judge if args.reward == "pairwise" else J.ScalarHeadModel.from_pretrained(rm_dir, dtype, device).eval()
-    rm.requires_grad_(False)
     if Tokenizer.from_pretrained(rm_dir).vocab_size != tok.vocab_size:
         raise SystemExit(f"the critic starts from {rm_dir}, whose tokenizer differs from the policy's; "
                          "they must share a vocabulary (the critic reads the policy's tokens)")
+
+    # ---- models: policy (trained), reference (frozen), reward model (frozen), critic (trained)
+    load = lambda path: Transformer.from_pretrained(path, dtype=dtype, device=device)
+    policy = PolicyLogprobs(load(policy_dir), args.fused_head)
+    ref = PolicyLogprobs(load(args.policy)).eval().requires_grad_(False)
+    judge = None
+    if os.path.exists(os.path.join(args.judge, "config.json")):
+        judge = J.PairwiseJudge(load(args.judge), *J.verdict_token_ids(tok, args.judge_template))
+        judge.eval().requires_grad_(False)
+    rm = judge if args.reward == "pairwise" else J.ScalarHeadModel.from_pretrained(rm_dir, dtype, device).eval()
+    rm.requires_grad_(False)
     critic = (J.ScalarHeadModel.from_pretrained(os.path.join(ckpt, "critic"), dtype, device) if args.resume
               else J.ScalarHeadModel.from_pretrained(rm_dir, dtype, device, new_head=True))
-    # DDP wrappers sync gradients in the update; no-grad forwards and generation use the raw modules
-    policy_ddp, critic_ddp = (DDP(policy), DDP(critic)) if ddp else (policy, critic)
+    # under torchrun: trained models DDP-wrapped or FSDP2-sharded, frozen ones sharded too with FSDP
+    policy_dp = wrap_data_parallel(policy, args.fsdp, Block, device)
+    critic_dp = wrap_data_parallel(critic, args.fsdp, Block, device)
+    if args.fsdp and world_size > 1:
+        for frozen in {id(m): m for m in (ref, rm, judge) if m is not None}.values():
+            shard_model(frozen, Block)
     optimizers = [torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0),
                   torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, betas=(0.9, 0.95), weight_decay=0.0)]
+    if args.resume:
+        saved = torch.load(os.path.join(ckpt, optimizer_file(args, rank)), weights_only=False)
+        for opt, sd in zip(optimizers, saved):
+            opt.load_state_dict(sd)
 
     # ---- prompts and anchors (fixed for the run; stored in the checkpoint) -------------------
     train_prompts = load_prompts(args.prompts, args)
     eval_prompts = load_prompts(args.eval_prompts, args)[:args.eval_size] if args.eval_prompts else []
-    step = 0
-    if args.resume:
-        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
-        for opt, sd in zip(optimizers, state["optimizers"]):
-            opt.load_state_dict(sd)
-        step = state["step"]
-        for p, a in zip(train_prompts, state["anchors"]):
-            p.anchor = a
-    fill_anchors(train_prompts + eval_prompts, policy.lm, judge, tok, args, device)
-    models = (policy_ddp, ref, critic_ddp, rm)                                          # DDP-wrapped where trained
+    eval_prompts = eval_prompts[:len(eval_prompts) - len(eval_prompts) % world_size]   # equal shares
+    step = state["step"]
+    for p, a in zip(train_prompts, state["anchors"] or []):
+        p.anchor = a
+    fill_anchors(train_prompts + eval_prompts, policy, judge, tok, args, device)
+    models = (policy_dp, ref, critic_dp, rm)
     print0(f"PPO | reward {args.reward} ({args.reward_transform}, symmetric={args.symmetric}) | critic {args.critic} | "
            f"{len(train_prompts):,} prompts | {args.prompts_per_step}x{args.samples_per_prompt} samples/step | "
-           f"{args.steps} steps | {world_size} rank(s) on {device} | out {args.out_dir}")
+           f"{args.steps} steps | {world_size} rank(s) on {device}{' (FSDP2)' if args.fsdp else ''} | out {args.out_dir}")
     logger = MetricsLogger(args.out_dir)
     history = {}
 
     def run_eval(tag):
-        if rank == 0 and eval_prompts:
+        if eval_prompts:
             history[tag] = evaluate(policy, ref, judge, eval_prompts, tok, args, device)
             logger.log(step, {f"eval/{k}": v for k, v in history[tag].items()}, total=args.steps)
-        if ddp:
-            dist.barrier()
 
     if step == 0:
         run_eval("before")
     per_rank = args.prompts_per_step // world_size
-    progress = Progress(args.steps, "ppo", every=max(1, args.steps // 10))
+    progress = Progress(args.steps - step, "ppo", every=max(1, args.steps // 10))
     while step < args.steps:
         t0 = time.time()
         # the same prompt order on every rank, a function of (seed, epoch): resume is exact
@@ -405,20 +445,12 @@ def main(argv=None):
         logger.log(step, stats, total=args.steps,
                    console_keys=["reward/score", "rollout/win_rate", "rollout/kl", "ppo/clipfrac",
                                  "loss/v", "rollout/length", "perf/ms", "perf/tok_per_s"])
-        progress.update(step)
+        progress.update(step - state["step"])
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
             run_eval(f"step{step}")
         if step == args.steps or (args.save_every and step % args.save_every == 0):
-            if rank == 0:
-                with atomic_dir(ckpt) as tmp:
-                    policy.lm.save_pretrained(os.path.join(tmp, "policy"))
-                    tok.save_pretrained(os.path.join(tmp, "policy"))
-                    critic.save_pretrained(os.path.join(tmp, "critic"))
-                    atomic_torch_save({"optimizers": [o.state_dict() for o in optimizers], "step": step,
-                                       "anchors": [p.anchor for p in train_prompts]},
-                                      os.path.join(tmp, "trainer_state.pt"))
-            if ddp:
-                dist.barrier()
+            trainer_state = {"step": step, "anchors": [p.anchor for p in train_prompts], "world_size": world_size}
+            save_checkpoint(ckpt, policy, critic, optimizers, tok, trainer_state, args)
     run_eval("after")
     if rank == 0 and "after" in history:
         before = history.get("before", {})
@@ -427,6 +459,7 @@ def main(argv=None):
             print0(f"{k:<20} {before.get(k, float('nan')):>8.4f} {v:>8.4f}")
         with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
             json.dump(history, f, indent=2)
+    barrier()
     if owns_pg:
         compute_cleanup()
     return history

@@ -51,16 +51,18 @@ class JudgeTemplate:
     """The judge's text layout (our reading: the paper does not publish its template).
 
     Each response is shown the way the policy produced it: the prompt rendered by the tokenizer's
-    chat template as a user turn with a generation prompt, the response as the assistant's turn,
-    closed by the template's end-of-turn text. The judge thus reads responses in the format its
-    generative training saw them in, which is the point of a generative RM. For the plain
-    template of the built-in task:
+    chat template as a user turn with a generation prompt, then the response as the assistant's
+    turn, closed by the end-of-turn token the policy emits (eos, <|im_end|>, <|eot_id|>). The
+    judge thus reads each response in the format its generative training saw, which is the point
+    of a generative RM: at each end-of-turn token it holds the same summary of "is this answer
+    done and right" that the LM uses to stop, and that a BT head reads at eos. For the plain
+    template of the built-in task (<eos> = <|endoftext|>):
 
         Principle: {principle}
         User: {prompt}
-        Assistant: {response A}
+        Assistant: {response A}<eos>
         User: {prompt}
-        Assistant: {response B}
+        Assistant: {response B}<eos>
         {question}
         Answer:                                  -> next token " Yes" / " No"
 
@@ -226,17 +228,20 @@ class ScalarHeadModel(nn.Module):
         hidden = self.lm.trunk(input_ids, attention_mask=attention_mask)                # (B, T, C)
         return self.score_head(hidden).squeeze(-1).float()                             # (B, T)
 
-    def save_pretrained(self, path: str):
-        """HF checkpoint of the trunk (loads as a causal LM) plus the head in its own file."""
+    def save_pretrained(self, path: str, state: dict = None):
+        """HF checkpoint of the trunk (loads as a causal LM) plus the head in its own file.
+        `state` (this module's state-dict names -> tensors) replaces its own weights, e.g. when
+        gathered from FSDP shards."""
         from safetensors.torch import save_file
-        self.lm.save_pretrained(path)
-        head = {k: v.detach().contiguous().cpu() for k, v in self.score_head.state_dict().items()}
-        save_file(head, f"{path}/{self.HEAD_FILE}")
+        state = self.state_dict() if state is None else state
+        self.lm.save_pretrained(path, state={k.removeprefix("lm."): v for k, v in state.items() if k.startswith("lm.")})
+        head = {k.removeprefix("score_head."): v.detach().contiguous().cpu()
+                for k, v in state.items() if k.startswith("score_head.")}
+        save_file(head, os.path.join(path, self.HEAD_FILE))
 
     @classmethod
     def from_pretrained(cls, path: str, dtype=None, device=None, new_head: bool = False):
         """Load trunk (and head unless `new_head`, e.g. a critic initialised from a judge)."""
-        import os
         from safetensors.torch import load_file
         from nanopairwise.model import Transformer
         model = cls(Transformer.from_pretrained(path, dtype=dtype, device=device))

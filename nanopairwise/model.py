@@ -346,12 +346,15 @@ class Transformer(nn.Module):
                 p.copy_(state[name])
         return model
 
-    def save_pretrained(self, path: str, max_shard_size="5GB"):
+    def save_pretrained(self, path: str, max_shard_size="5GB", state: dict = None):
         """Write config.json + safetensors (sharded with an index above max_shard_size) atomically;
-        other files already in `path` (tokenizer.json, ...) are carried over."""
+        other files already in `path` (tokenizer.json, ...) are carried over. `state` (HF name ->
+        tensor) replaces this module's own weights, e.g. when gathered from FSDP shards."""
         hf_config = self.config.to_hf()
         hf_config["dtype"] = str(self.lm_head.weight.dtype).removeprefix("torch.")
-        checkpoint.save_checkpoint(path, hf_config, self._checkpoint_state(), max_shard_size)
+        names = self._checkpoint_state()
+        state = names if state is None else {k: state[k] for k in names}
+        checkpoint.save_checkpoint(path, hf_config, state, max_shard_size)
 
     def _checkpoint_state(self) -> dict:
         """HF name -> parameter, without lm_head.weight when tied (HF omits it too)."""

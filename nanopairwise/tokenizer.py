@@ -63,8 +63,8 @@ TEMPLATE_TOKENS = {
 }
 # token that closes an assistant turn (None: the eos token does)
 END_OF_TURN = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "plain": None}
-# text that closes a turn when a finished conversation is rendered (what render_chat puts after content)
-TURN_END_TEXT = {"chatml": "<|im_end|>\n", "llama3": "<|eot_id|>", "plain": "\n"}
+# what follows the end-of-turn token when a conversation goes on (chatml and plain: a newline)
+AFTER_TURN_END = {"chatml": "\n", "llama3": "", "plain": "\n"}
 
 # Jinja equivalents of the renderers below, written by save_pretrained when the checkpoint had no
 # template of its own, so transformers' apply_chat_template renders what render_chat renders.
@@ -266,8 +266,10 @@ class Tokenizer:
 
     @property
     def turn_end_text(self) -> str:
-        """Text that closes a message in the active template ("<|im_end|>\\n" for chatml)."""
-        return TURN_END_TEXT[self.chat_template]
+        """How a sampled assistant turn ends, as text: the end-of-turn token the policy emits
+        ("<|im_end|>" for chatml, eos for plain) and what the template puts after it."""
+        eot = self.end_of_turn_id
+        return (self.id_to_token(eot) if eot is not None else "") + AFTER_TURN_END[self.chat_template]
 
     @property
     def end_of_turn_id(self):

@@ -39,11 +39,12 @@ def judge(tok):
 def test_template_renders_literal_strings(tok):
     text = TEMPLATE.render(tok, "Sort the numbers in ascending order.", "sort ascending: 3 1 2", "1 2 3", "3 2 1")
     assert text == ("Principle: Sort the numbers in ascending order.\n"
-                    "User: sort ascending: 3 1 2\nAssistant: 1 2 3\n"
-                    "User: sort ascending: 3 1 2\nAssistant: 3 2 1\n"
+                    "User: sort ascending: 3 1 2\nAssistant: 1 2 3<|endoftext|>\n"
+                    "User: sort ascending: 3 1 2\nAssistant: 3 2 1<|endoftext|>\n"
                     "Is the first answer better than the second? Answer Yes or No.\nAnswer:")
     assert TEMPLATE.single_prefix(tok, "P.", "q") == "Principle: P.\nUser: q\nAssistant: "
-    assert TEMPLATE.anchor_prefix(tok, "P.", "q", "gold") == "Principle: P.\nUser: q\nAssistant: gold\nUser: q\nAssistant: "
+    assert (TEMPLATE.anchor_prefix(tok, "P.", "q", "gold")
+            == "Principle: P.\nUser: q\nAssistant: gold<|endoftext|>\nUser: q\nAssistant: ")
     chatml = train_bpe(CORPUS, 400, chat_template="chatml")
     convo = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "q"}]
     assert TEMPLATE.render(chatml, "P.", convo, "a", "b") == (
@@ -119,7 +120,7 @@ def test_symmetric_win_probability(tok, judge):
     torch.testing.assert_close(p + q, torch.ones(3), atol=1e-6, rtol=0)
     assert p[2].item() == 0.5                                      # identical responses tie exactly
     assert not torch.allclose(p_ab, 1 - p_ba)                      # the raw orders differ (position bias)
-    one, p_one, none = J.judge_win_probs(judge, tok, TEMPLATE, items, symmetric=False)
+    one, p_one, none = J.judge_win_probs(judge, tok, TEMPLATE, items, symmetric=False, batch_size=2)
     assert none is None and torch.equal(one, p_one) and torch.equal(p_one, p_ab)
     z = judge.verdict_logits(*pad_batch([J.encode_pair(tok, TEMPLATE, *items[0])], tok.pad_token_id))
     full = judge(*pad_batch([J.encode_pair(tok, TEMPLATE, *items[0])], tok.pad_token_id))
