@@ -172,6 +172,13 @@ def fill_anchors(prompts, policy, judge, tok, args, device):
             p.anchor = texts[int(win.argmax())]
 
 
+def clock(device) -> float:
+    """Seconds for phase timings: waits for the GPU's queued work first, so each phase is its own."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def decode_responses(tok, ro):
     return [tok.decode([t for t, m in zip(ids, mask) if m], skip_special_tokens=True).strip()
             for ids, mask in zip(ro.response_ids.tolist(), ro.response_mask.tolist())]
@@ -254,21 +261,23 @@ def make_experience(step_prompts, models, tok, args, device, gen):
     policy.eval()
     K = args.samples_per_prompt
     prompts = [p for p in step_prompts for _ in range(K)]
-    t0 = time.time()
+    t0 = clock(device)
     with gathered(policy):                                           # generation bypasses forward()
         ro = generate(policy.lm, [encode_prompt(tok, p.prompt) for p in prompts], args.max_new_tokens,
                       tok.eos_token_id, tok.pad_token_id, temperature=args.temperature, top_p=args.top_p,
                       generator=gen)
-    t_rollout = time.time() - t0
+    t1 = clock(device)
     texts = decode_responses(tok, ro)
     scores, win = score_responses(prompts, texts, rm, tok, args)
     scores = scores.to(device) - args.truncation_penalty * (~ro.ended).float()
+    t2 = clock(device)
     ids, attn = ro.sequences()
     mask = ro.response_mask.float()
     old = policy(ids, attn, ro.response_mask, args.temperature).logprobs
     ref_lp = ref(ids, attn, ro.response_mask, args.temperature).logprobs
     c_ids, c_mask, c_pre = build_critic_inputs(prompts, ro, tok, args, device)
     values = critic_values(critic, c_ids, c_mask, c_pre, mask.size(1)) * mask
+    t3 = clock(device)
     kl = losses.kl_estimate(old, ref_lp, "k1") * mask
     rewards = losses.shape_rewards(scores, mask, kl if args.kl_mode == "reward" else None, args.kl_coef)
     adv, _ = losses.gae_ref(rewards, values, mask, args.gamma, args.lam)
@@ -279,7 +288,8 @@ def make_experience(step_prompts, models, tok, args, device, gen):
                values=values, advantages=adv, returns=returns, c_ids=c_ids, c_mask=c_mask)
     stats = {"reward/score": scores.mean().item(), "rollout/kl": kl.sum(1).mean().item(),
              "rollout/length": mask.sum(1).mean().item(), "rollout/eos_rate": ro.ended.float().mean().item(),
-             "perf/rollout_s": t_rollout, "tokens": int(mask.sum().item())}
+             "perf/rollout_s": t1 - t0, "perf/score_s": t2 - t1, "perf/forward_s": t3 - t2,
+             "tokens": int(mask.sum().item())}
     if win is not None:
         stats["rollout/win_rate"] = win.mean().item()
     return exp, c_pre, stats
@@ -437,8 +447,10 @@ def main(argv=None):
         gen = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step * world_size + rank)
         cpu_gen = torch.Generator().manual_seed(args.seed * 7919 + step * world_size + rank)
         exp, c_pre, stats = make_experience(step_prompts, models, tok, args, device, gen)
+        t_update = clock(device)
         stats.update(ppo_update(exp, c_pre, models, optimizers, args, cpu_gen))
         step += 1
+        stats["perf/update_s"] = clock(device) - t_update
         dt = time.time() - t0
         tokens = stats.pop("tokens") * world_size
         stats.update({"perf/ms": 1000 * dt, "perf/tok_per_s": tokens / dt})
