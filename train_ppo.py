@@ -164,7 +164,7 @@ def fill_anchors(prompts, policy, judge, tok, args, device):
     gen = torch.Generator(device=device).manual_seed(args.seed + 17)
     with gathered(policy), gathered(judge):                          # every rank does the same work
         for p in missing:
-            ro = generate(policy.lm, [encode_prompt(tok, p.prompt)] * n, args.max_new_tokens, tok.eos_token_id,
+            ro = generate(policy.lm, [encode_prompt(tok, p.prompt)] * n, args.max_new_tokens, tok.stop_token_ids,
                           tok.pad_token_id, temperature=args.temperature, generator=gen)
             texts = decode_responses(tok, ro)
             items = [(p.principle, p.prompt, texts[i], texts[j]) for i in range(n) for j in range(n) if i != j]
@@ -230,7 +230,7 @@ def evaluate(policy, ref, judge, prompts, tok, args, device):
     gen = torch.Generator(device=device).manual_seed(args.seed + 12345 + get_rank())
     with gathered(policy):                                           # generation bypasses forward()
         ro = generate(policy.lm, [encode_prompt(tok, p.prompt) for p in mine], args.max_new_tokens,
-                      tok.eos_token_id, tok.pad_token_id, temperature=args.temperature, top_p=args.top_p, generator=gen)
+                      tok.stop_token_ids, tok.pad_token_id, temperature=args.temperature, top_p=args.top_p, generator=gen)
     texts = decode_responses(tok, ro)
     ids, attn = ro.sequences()
     lp = policy(ids, attn, ro.response_mask, args.temperature).logprobs
@@ -264,7 +264,7 @@ def make_experience(step_prompts, models, tok, args, device, gen):
     t0 = clock(device)
     with gathered(policy):                                           # generation bypasses forward()
         ro = generate(policy.lm, [encode_prompt(tok, p.prompt) for p in prompts], args.max_new_tokens,
-                      tok.eos_token_id, tok.pad_token_id, temperature=args.temperature, top_p=args.top_p,
+                      tok.stop_token_ids, tok.pad_token_id, temperature=args.temperature, top_p=args.top_p,
                       generator=gen)
     t1 = clock(device)
     texts = decode_responses(tok, ro)

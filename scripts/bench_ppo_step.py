@@ -138,6 +138,15 @@ def get_args(argv=None):
 # tokenizer, models, prompts
 
 
+class FullLengthTokenizer(Tokenizer):
+    """Rollouts stop only at eos, which is outside the model, never at <|im_end|> (train_ppo stops
+    at every id in stop_token_ids): every row generates M tokens, the workload being timed."""
+
+    @property
+    def stop_token_ids(self) -> list:
+        return [self.eos_token_id]
+
+
 def build_tokenizer(template: J.JudgeTemplate, V: int, principle: str):
     """(tokenizer, n_bpe): a chatml BPE of n_bpe ids trained on synthetic judge inputs, filler
     tokens "<|t{id}|>" up to V, and eos at id V, outside the model (see the docstring)."""
@@ -148,7 +157,7 @@ def build_tokenizer(template: J.JudgeTemplate, V: int, principle: str):
     assert n_bpe < V, f"the synthetic BPE has {n_bpe} ids, the model only {V}"
     hf.add_tokens([f"<|t{i}|>" for i in range(n_bpe, V)])                    # ids n_bpe .. V-1
     hf.add_special_tokens(["<|endoftext|>"])                                  # id V: never sampled
-    tok = Tokenizer(hf, eos_token="<|endoftext|>", pad_token="<pad>", chat_template="chatml")
+    tok = FullLengthTokenizer(hf, eos_token="<|endoftext|>", pad_token="<pad>", chat_template="chatml")
     assert tok.eos_token_id == V and tok.token_to_id(f"<|t{V - 1}|>") == V - 1
     assert tok.end_of_turn_id < n_bpe, "the judge and critic inputs must not hold eos: it is outside the model"
     return tok, n_bpe
