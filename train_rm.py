@@ -51,8 +51,8 @@ def get_args(argv=None):
     p.add_argument("--max-response-tokens", type=int, default=256, help="responses are cut to this many tokens")
     # optimisation
     p.add_argument("--batch-size", type=int, default=32, help="preference pairs per step, over all ranks")
-    p.add_argument("--epochs", type=float, default=2.0, help="passes over the training pairs")
-    p.add_argument("--lr", type=float, default=3e-4, help="peak AdamW learning rate")
+    p.add_argument("--epochs", type=float, default=4.0, help="passes over the training pairs")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
     p.add_argument("--warmup-steps", type=int, default=20, help="linear warmup, then cosine decay to 10%%")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip (0 = off)")

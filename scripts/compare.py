@@ -1,0 +1,131 @@
+"""Pairwise-RL against the Bradley-Terry baseline on the built-in task, over several seeds.
+
+    python scripts/compare.py                      # seeds 0 1 2: results.json + the README table
+    python scripts/compare.py --seeds 0 --no-readme
+    python scripts/compare.py --smoke              # tiny task and runs: checks the plumbing (the test)
+
+Per seed, in RUN_DIR/seed<S> (a finished stage is skipped, so an interrupted run continues):
+  task/         bootstrap: tokenizer, SFT policy, preference pairs, RL prompts (nanopairwise/bootstrap.py)
+  judge/, bt/   train_rm.py: the generative pairwise judge and the BT reward model, same pairs and steps
+  ppo_pairwise/ train_ppo.py --reward pairwise: judge win probability against the gold anchor, pairwise critic
+  ppo_bt/       train_ppo.py --reward bt: BT scalar reward, standard critic; every other setting shared
+Both PPO runs start from the same SFT policy and are evaluated on the same held-out prompts with the
+same sampling seed, so "before" is shared. Everything is measured against the task's oracle.
+The table (mean ± sample std over seeds) goes to RUN_DIR/results.md and, unless --no-readme,
+between the compare markers of README.md, with the machine and the date.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+import train_ppo  # noqa: E402
+import train_rm  # noqa: E402
+from nanopairwise.bootstrap import BootstrapConfig, bootstrap, task_paths  # noqa: E402
+from nanopairwise.common import atomic_write_text  # noqa: E402
+
+README_START, README_END = "<!-- compare:start -->", "<!-- compare:end -->"
+SMOKE_TASK = dict(sft_steps=20, sft_prompts=500, pair_prompts_train=48, pair_prompts_test=16,
+                  rl_prompts_train=32, rl_prompts_test=8, max_new_tokens=12)
+SMOKE_RM = ["--max-steps", "2", "--batch-size", "8"]
+SMOKE_PPO = ["--steps", "2", "--prompts-per-step", "4", "--samples-per-prompt", "2", "--max-new-tokens", "8",
+             "--eval-size", "4", "--ppo-epochs", "1"]
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--run-dir", default="runs/compare", help="one subdirectory per seed")
+    p.add_argument("--no-readme", action="store_true", help="do not rewrite the README table")
+    p.add_argument("--smoke", action="store_true", help="tiny task and runs (plumbing only; implies --no-readme)")
+    p.add_argument("--ppo-args", default="", help="extra train_ppo.py flags for both methods, e.g. '--steps 60'")
+    args = p.parse_args(argv)
+    args.no_readme = args.no_readme or args.smoke
+    return args
+
+
+def run_seed(seed, args) -> dict:
+    """All stages for one seed; returns {"judge": eval, "bt": eval, "ppo_pairwise": history, "ppo_bt": history}."""
+    run = os.path.join(args.run_dir, f"seed{seed}")
+    task = os.path.join(run, "task")
+    if not os.path.exists(task_paths(task)["info"]):
+        bootstrap(task, seed, BootstrapConfig(**SMOKE_TASK) if args.smoke else BootstrapConfig())
+    out = {}
+    for objective, name in (("pairwise", "judge"), ("bt", "bt")):
+        path = os.path.join(run, name)
+        if not os.path.exists(os.path.join(path, "eval.json")):
+            train_rm.main(["--objective", objective, "--task-dir", task, "--out-dir", path, "--seed", str(seed)]
+                          + (SMOKE_RM if args.smoke else []))
+        out[name] = json.load(open(os.path.join(path, "eval.json")))
+    for reward in ("pairwise", "bt"):
+        path = os.path.join(run, f"ppo_{reward}")
+        if not os.path.exists(os.path.join(path, "eval.json")):
+            train_ppo.main(["--run-dir", run, "--reward", reward, "--seed", str(seed), "--out-dir", path]
+                           + (SMOKE_PPO if args.smoke else []) + args.ppo_args.split())
+        out[f"ppo_{reward}"] = json.load(open(os.path.join(path, "eval.json")))
+    return out
+
+
+def mean_std(values) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def table(results: dict, seconds: float) -> str:
+    """Markdown table of the per-seed results (mean ± sample std over seeds)."""
+    seeds = sorted(results)
+    col = lambda f: mean_std([f(results[s]) for s in seeds])
+    rows = []
+    for label, rm, ppo in (("Pairwise-RL (generative judge + pairwise PPO)", "judge", "ppo_pairwise"),
+                           ("Bradley-Terry RM + standard PPO", "bt", "ppo_bt")):
+        rows.append("| " + " | ".join([
+            label, col(lambda r: r[rm]["oracle_accuracy"]), col(lambda r: r[rm]["ece"]),
+            col(lambda r: r[rm]["position_consistency"]),
+            f"{col(lambda r: r[ppo]['before']['oracle_score'])} → {col(lambda r: r[ppo]['after']['oracle_score'])}",
+            f"{col(lambda r: r[ppo]['before']['oracle_win_rate'])} → {col(lambda r: r[ppo]['after']['oracle_win_rate'])}",
+            col(lambda r: r[ppo]["after"]["kl"])]) + " |")
+    cpu = platform.processor() or platform.machine()
+    head = (f"Seeds {', '.join(map(str, seeds))} (mean ± std), {os.cpu_count()}-core CPU ({cpu}), torch "
+            f"{torch.__version__}, {datetime.date.today()}, {seconds / 60:.0f} min; produced by "
+            f"`python scripts/compare.py`.\n\n"
+            "| method | RM oracle accuracy | RM ECE | RM position consistency | oracle score before → after "
+            "| oracle win rate vs anchor before → after | KL to reference |\n|---|---|---|---|---|---|---|")
+    return head + "\n" + "\n".join(rows) + "\n"
+
+
+def write_readme(text: str, path=os.path.join(ROOT, "README.md")):
+    readme = open(path, encoding="utf-8").read()
+    if README_START not in readme or README_END not in readme:
+        raise SystemExit(f"{path}: no {README_START} ... {README_END} markers to put the table between")
+    before, rest = readme.split(README_START, 1)
+    after = rest.split(README_END, 1)[1]
+    atomic_write_text(path, f"{before}{README_START}\n{text}{README_END}{after}")
+
+
+def main(argv=None):
+    args = get_args(argv)
+    t0 = time.time()
+    results = {seed: run_seed(seed, args) for seed in args.seeds}
+    text = table(results, time.time() - t0)
+    os.makedirs(args.run_dir, exist_ok=True)
+    atomic_write_text(os.path.join(args.run_dir, "results.json"), json.dumps(results, indent=2))
+    atomic_write_text(os.path.join(args.run_dir, "results.md"), text)
+    print("\n" + text)
+    if not args.no_readme:
+        write_readme(text)
+    return results
+
+
+if __name__ == "__main__":
+    main()
