@@ -65,7 +65,12 @@ def ensure_bootstrap(task_dir: str, seed: int = 0, config: BootstrapConfig = Non
     if os.path.exists(task_paths(task_dir)["info"]):
         return
     print0(f"== bootstrapping the built-in task into {task_dir} (seed {seed}) ==")
-    bootstrap(task_dir, seed, config or BootstrapConfig())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)  # under torchrun the other ranks wait at a barrier meanwhile
+    try:
+        bootstrap(task_dir, seed, config or BootstrapConfig())
+    finally:
+        torch.set_num_threads(threads)
 
 
 def sft(model, tok, examples, cfg: BootstrapConfig, seed: int):
