@@ -362,6 +362,7 @@ def optimizer_file(args, rank):
 
 
 def main(argv=None):
+    t_start = time.time()
     args = get_args(argv)
     owns_pg = not (dist.is_available() and dist.is_initialized())
     ddp, rank, _, world_size, device = compute_init(args.device)
@@ -471,6 +472,7 @@ def main(argv=None):
             print0(f"{k:<20} {before.get(k, float('nan')):>8.4f} {v:>8.4f}")
         with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
             json.dump(history, f, indent=2)
+        print0(f"done in {time.time() - t_start:.0f} s (setup included) | {args.out_dir}")
     barrier()
     if owns_pg:
         compute_cleanup()
