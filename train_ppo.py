@@ -49,7 +49,7 @@ import kernels
 import train_rm
 from nanopairwise import bootstrap, data, judge as J, losses, tasks
 from nanopairwise.common import (MetricsLogger, Progress, all_reduce_sum, atomic_dir_all_ranks, atomic_torch_save,
-                                 barrier, compute_cleanup, compute_init, full_state_dict, gathered, get_rank, get_world_size,
+                                 barrier, clock, compute_cleanup, compute_init, full_state_dict, gathered, get_rank, get_world_size,
                                  parse_dtype,
                                  print0, set_seed, shard_model, unwrap, wrap_data_parallel)
 from nanopairwise.model import Block, Transformer
@@ -166,40 +166,10 @@ def fill_anchors(prompts, policy, judge, tok, args, device):
         for p in missing:
             ro = generate(policy.lm, [encode_prompt(tok, p.prompt)] * n, args.max_new_tokens, tok.stop_token_ids,
                           tok.pad_token_id, temperature=args.temperature, generator=gen)
-            texts = decode_responses(tok, ro)
+            texts = ro.texts(tok)
             items = [(p.principle, p.prompt, texts[i], texts[j]) for i in range(n) for j in range(n) if i != j]
             win = J.judge_win_probs(judge, tok, args.judge_template, items)[0].view(n, n - 1).mean(1)
             p.anchor = texts[int(win.argmax())]
-
-
-def clock(device) -> float:
-    """Seconds for phase timings: waits for the GPU's queued work first, so each phase is its own."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-def decode_responses(tok, ro):
-    return [tok.decode([t for t, m in zip(ids, mask) if m], skip_special_tokens=True).strip()
-            for ids, mask in zip(ro.response_ids.tolist(), ro.response_mask.tolist())]
-
-
-def build_critic_inputs(prompts, ro, tok, args, device):
-    """Critic sequences: left-padded prefix (principle, prompt[, anchor]) then the response tokens.
-    Returns (ids, mask, prefix_len); values of response token t are read at prefix_len - 1 + t."""
-    prefixes = []
-    for p in prompts:
-        text = (args.rm_template.anchor_prefix(tok, p.principle, p.prompt, p.anchor) if args.critic == "pairwise"
-                else args.rm_template.single_prefix(tok, p.principle, p.prompt))
-        prefixes.append(tok.encode(text))
-    pre_ids, pre_mask = data.pad_batch(prefixes, tok.pad_token_id, side="left")
-    ids = torch.cat([pre_ids.to(device), ro.response_ids], 1)
-    mask = torch.cat([pre_mask.to(device), ro.response_mask.long()], 1)
-    return ids, mask, pre_ids.size(1)
-
-
-def critic_values(critic, ids, mask, prefix_len, R):
-    return critic(ids, mask)[:, prefix_len - 1:prefix_len - 1 + R]                     # (B, R)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,7 +201,7 @@ def evaluate(policy, ref, judge, prompts, tok, args, device):
     with gathered(policy):                                           # generation bypasses forward()
         ro = generate(policy.lm, [encode_prompt(tok, p.prompt) for p in mine], args.max_new_tokens,
                       tok.stop_token_ids, tok.pad_token_id, temperature=args.temperature, top_p=args.top_p, generator=gen)
-    texts = decode_responses(tok, ro)
+    texts = ro.texts(tok)
     ids, attn = ro.sequences()
     lp = policy(ids, attn, ro.response_mask, args.temperature).logprobs
     ref_lp = ref(ids, attn, ro.response_mask, args.temperature).logprobs
@@ -267,7 +237,7 @@ def make_experience(step_prompts, models, tok, args, device, gen):
                       tok.stop_token_ids, tok.pad_token_id, temperature=args.temperature, top_p=args.top_p,
                       generator=gen)
     t1 = clock(device)
-    texts = decode_responses(tok, ro)
+    texts = ro.texts(tok)
     scores, win = score_responses(prompts, texts, rm, tok, args)
     scores = scores.to(device) - args.truncation_penalty * (~ro.ended).float()
     t2 = clock(device)
@@ -275,8 +245,9 @@ def make_experience(step_prompts, models, tok, args, device, gen):
     mask = ro.response_mask.float()
     old = policy(ids, attn, ro.response_mask, args.temperature).logprobs
     ref_lp = ref(ids, attn, ro.response_mask, args.temperature).logprobs
-    c_ids, c_mask, c_pre = build_critic_inputs(prompts, ro, tok, args, device)
-    values = critic_values(critic, c_ids, c_mask, c_pre, mask.size(1)) * mask
+    c_ids, c_mask, c_pre = J.critic_inputs(tok, args.rm_template, prompts, ro.response_ids, ro.response_mask,
+                                           pairwise=args.critic == "pairwise")
+    values = J.critic_values(critic, c_ids, c_mask, c_pre, mask.size(1)) * mask
     t3 = clock(device)
     kl = losses.kl_estimate(old, ref_lp, "k1") * mask
     rewards = losses.shape_rewards(scores, mask, kl if args.kl_mode == "reward" else None, args.kl_coef)
@@ -308,7 +279,7 @@ def ppo_update(exp, c_pre, models, optimizers, args, gen):
             e = {k: v[idx] for k, v in exp.items()}
             kl_ref = e["ref_logprobs"] if args.kl_mode == "loss" else None
             out = policy(e["ids"], e["attn"], e["response_mask"], args.temperature, entropy=True)
-            values = critic_values(critic, e["c_ids"], e["c_mask"], c_pre, R)
+            values = J.critic_values(critic, e["c_ids"], e["c_mask"], c_pre, R)
             m = e["response_mask"].float()
             loss = kernels.clipped_ppo_loss(out.logprobs, e["old_logprobs"], e["advantages"], m,
                                     clip_low=args.clip_low, clip_high=args.clip_high, ref_logprobs=kl_ref,

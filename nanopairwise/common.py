@@ -317,6 +317,13 @@ def _fmt(v):
     return str(v)
 
 
+def clock(device: torch.device) -> float:
+    """Seconds for phase timings: waits for the GPU's queued work first, so each phase is its own."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 class Progress:
     """Progress line with an ETA for long phases: `bootstrap sft 120/400 | 12.3 s | eta 28.7 s`."""
 

@@ -253,6 +253,28 @@ class ScalarHeadModel(nn.Module):
         return model
 
 
+def critic_inputs(tokenizer, template: JudgeTemplate, prompts, response_ids, response_mask, pairwise: bool):
+    """Critic sequences for sampled responses: a left-padded prefix, then the response tokens.
+
+    prompts: objects with .principle, .prompt, .anchor, one per row of response_ids (B, R).
+    The pairwise critic's prefix holds the anchor as the first answer (template.anchor_prefix);
+    the standard critic's does not (template.single_prefix). Returns (ids (B, P + R), mask,
+    P): the value of response token t is read at position P - 1 + t (critic_values).
+    """
+    prefixes = [tokenizer.encode(template.anchor_prefix(tokenizer, p.principle, p.prompt, p.anchor) if pairwise
+                                 else template.single_prefix(tokenizer, p.principle, p.prompt)) for p in prompts]
+    pre_ids, pre_mask = pad_batch(prefixes, tokenizer.pad_token_id, side="left")                   # (B, P)
+    device = response_ids.device
+    ids = torch.cat([pre_ids.to(device), response_ids], 1)
+    mask = torch.cat([pre_mask.to(device), response_mask.long()], 1)
+    return ids, mask, pre_ids.size(1)
+
+
+def critic_values(critic: "ScalarHeadModel", ids, mask, prefix_len: int, R: int) -> torch.Tensor:
+    """(B, R) values: at position P - 1 + t the critic has read the prefix and response tokens < t."""
+    return critic(ids, mask)[:, prefix_len - 1:prefix_len - 1 + R]
+
+
 def bt_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
     """Bradley-Terry: -log sigmoid(r_w - r_l), mean over pairs."""
     return -F.logsigmoid(r_chosen - r_rejected).mean()

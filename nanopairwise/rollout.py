@@ -41,6 +41,11 @@ class Rollout:
         return (torch.cat([self.prompt_ids, self.response_ids], 1),
                 torch.cat([self.prompt_mask, self.response_mask], 1))
 
+    def texts(self, tokenizer) -> list:
+        """The sampled responses as text (special tokens such as EOS dropped, whitespace stripped)."""
+        return [tokenizer.decode([t for t, m in zip(ids, mask) if m], skip_special_tokens=True).strip()
+                for ids, mask in zip(self.response_ids.tolist(), self.response_mask.tolist())]
+
 
 def left_pad(prompts: list, pad_token_id: int, device=None):
     """list of B id lists -> (ids (B, P), mask (B, P)), right-aligned (left padding)."""

@@ -113,7 +113,7 @@ def main(argv=None):
         if args.dtype == torch.float32 and prefix != R:
             print("FAILED: fp32 greedy decoding must agree with transformers")
             return 1
-    print(f"\n| batch | ours tok/s | transformers tok/s | speedup |\n|---:|---:|---:|---:|")
+    print("\n| batch | ours tok/s | transformers tok/s | speedup |\n|---:|---:|---:|---:|")
     for B in args.batch_sizes:
         ids = prompts(B)
         with torch.no_grad():

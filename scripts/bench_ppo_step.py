@@ -53,7 +53,7 @@ Tokens are the real tokens (padding excluded) of the last timed step's rollout. 
 times each forward of the judge and forward rows alone (the same library calls on that rollout),
 median of --repeats after one warm-up call (judge: encoding included, as in the step). Not
 triton.testing.do_bench: a step lasts seconds and changes the weights, so each is timed once
-with train_ppo.clock (which synchronises CUDA) and the median taken.
+with common.clock (which synchronises CUDA) and the median taken.
 
 Correctness before timing: the warm-up step must show every row generated M tokens without eos,
 old log-probs equal to the reference's (the reference is the policy's copy and nothing is updated
@@ -80,7 +80,7 @@ import kernels  # noqa: E402
 import train_ppo  # noqa: E402
 from bench_generate import QWEN25_05B, TINY  # noqa: E402  (this script's own directory is on sys.path)
 from nanopairwise import data, judge as J  # noqa: E402
-from nanopairwise.common import parse_dtype  # noqa: E402
+from nanopairwise.common import clock, parse_dtype  # noqa: E402
 from nanopairwise.model import ModelConfig, Transformer  # noqa: E402
 from nanopairwise.policy import PolicyLogprobs  # noqa: E402
 from nanopairwise.rollout import Rollout  # noqa: E402
@@ -202,11 +202,11 @@ def ppo_step(prompts, models, optimizers, tok, args, step):
     device, a = args.device, args.ppo
     gen = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step)
     cpu_gen = torch.Generator().manual_seed(args.seed * 7919 + step)
-    t0 = train_ppo.clock(device)
+    t0 = clock(device)
     exp, c_pre, stats = train_ppo.make_experience(prompts, models, tok, a, device, gen)
-    t_update = train_ppo.clock(device)
+    t_update = clock(device)
     stats.update(train_ppo.ppo_update(exp, c_pre, models, optimizers, a, cpu_gen))
-    t_end = train_ppo.clock(device)
+    t_end = clock(device)
     s = {"rollout": stats["perf/rollout_s"], "judge": stats["perf/score_s"], "forward": stats["perf/forward_s"],
          "update": t_end - t_update, "step": t_end - t0}
     s["other"] = (t_update - t0) - s["rollout"] - s["judge"] - s["forward"]
@@ -224,7 +224,7 @@ def rollout_of(exp, R):
 def judge_items(prompts, exp, tok, args):
     """(principle, prompt, response, anchor) per rollout row, as train_ppo.score_responses builds them."""
     rows = [p for p in prompts for _ in range(args.samples_per_prompt)]
-    texts = train_ppo.decode_responses(tok, rollout_of(exp, args.new_tokens))
+    texts = rollout_of(exp, args.new_tokens).texts(tok)
     return [(p.principle, p.prompt, y, p.anchor) for p, y in zip(rows, texts)]
 
 
@@ -273,7 +273,7 @@ def time_forwards(prompts, exp, c_pre, models, tok, args):
         "judge, order (anchor, y)": lambda: J.judge_pair_probs(judge, tok, a.rm_template, swapped),
         "old log-probs": lambda: policy(exp["ids"], exp["attn"], exp["response_mask"], a.temperature),
         "ref log-probs": lambda: ref(exp["ids"], exp["attn"], exp["response_mask"], a.temperature),
-        "critic values": lambda: train_ppo.critic_values(critic, exp["c_ids"], exp["c_mask"], c_pre, R),
+        "critic values": lambda: J.critic_values(critic, exp["c_ids"], exp["c_mask"], c_pre, R),
     }
     policy.eval()                                                             # as in make_experience
     out = {}
@@ -281,9 +281,9 @@ def time_forwards(prompts, exp, c_pre, models, tok, args):
         fn()                                                                  # warm-up
         times = []
         for _ in range(args.repeats):
-            t0 = train_ppo.clock(device)
+            t0 = clock(device)
             fn()
-            times.append(train_ppo.clock(device) - t0)
+            times.append(clock(device) - t0)
         out[name] = statistics.median(times)
     policy.train()
     return out
