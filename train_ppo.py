@@ -301,8 +301,8 @@ def ppo_update(exp, c_pre, models, optimizers, args, gen):
                    "policy/entropy": losses.masked_mean(out.entropy.detach(), m),
                    "critic/explained_var": losses.explained_variance(values.detach(), e["returns"], m)}
             for k, v in row.items():
-                sums.setdefault(k, []).append(float(v.detach()) if torch.is_tensor(v) else float(v))
-    return {k: sum(v) / len(v) for k, v in sums.items()}
+                sums.setdefault(k, []).append(v.detach().float())     # no host sync per minibatch
+    return {k: torch.stack(v).mean().item() for k, v in sums.items()}
 
 
 # ----------------------------------------------------------------------------------------------

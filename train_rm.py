@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nanopairwise import bootstrap, data, judge as J
-from nanopairwise.common import (MetricsLogger, atomic_dir, atomic_torch_save, atomic_write_text,
+from nanopairwise.common import (MetricsLogger, Progress, atomic_dir, atomic_torch_save, atomic_write_text,
                                  compute_cleanup, compute_init, get_rng_state, parse_dtype, print0,
                                  set_rng_state, set_seed)
 from nanopairwise.model import Transformer
@@ -205,6 +205,8 @@ def main(argv=None):
 
     per_rank = args.batch_size // world_size
     t_last = time.time()
+    progress = Progress(total_steps - step, f"{args.objective} RM")
+    first_step = step
     while step < total_steps:
         epoch, pos = divmod(step, steps_per_epoch)
         order = data_order(epoch)
@@ -226,6 +228,7 @@ def main(argv=None):
         t_last = time.time()
         logger.log(step, {"loss/rm": loss.item(), "train/accuracy": acc.item(), "train/grad_norm": grad_norm.item(),
                           "lr": lr, "perf/ms": 1000 * dt}, total=total_steps)
+        progress.update(step - first_step)
         if step == total_steps or (args.save_every and step % args.save_every == 0):
             rngs = [None] * world_size
             if ddp:
