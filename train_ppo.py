@@ -33,6 +33,8 @@ Our reading of the paper (its public text fixes few details); each is a flag:
   6. Whitening of advantages over the global batch; no per-prompt reward normalisation.
   7. A response cut off at --max-new-tokens without EOS gets --truncation-penalty subtracted.
   8. Separate AdamW optimisers for policy and critic; a joint backward of pg + vf_coef * v loss.
+  9. Judge input: principle, then each response as the policy's own chat turn with its end-of-turn
+     token, then the question (nanopairwise/judge.py JudgeTemplate; train_rm.py --question).
 The baseline (--reward bt) is standard RLHF PPO: BT scalar reward, standard critic initialised
 from the reward model, the same KL, GAE, whitening and losses.
 """
@@ -389,7 +391,7 @@ def main(argv=None):
     eval_prompts = load_prompts(args.eval_prompts, args)[:args.eval_size] if args.eval_prompts else []
     eval_prompts = eval_prompts[:len(eval_prompts) - len(eval_prompts) % world_size]   # equal shares
     step = state["step"]
-    for p, a in zip(train_prompts, state["anchors"] or []):
+    for p, a in zip(train_prompts + eval_prompts, state["anchors"] or []):   # best-of-N ones too
         p.anchor = a
     fill_anchors(train_prompts + eval_prompts, policy, judge, tok, args, device)
     models = (policy_dp, ref, critic_dp, rm)
@@ -433,7 +435,8 @@ def main(argv=None):
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
             run_eval(f"step{step}")
         if step == args.steps or (args.save_every and step % args.save_every == 0):
-            trainer_state = {"step": step, "anchors": [p.anchor for p in train_prompts], "world_size": world_size}
+            trainer_state = {"step": step, "anchors": [p.anchor for p in train_prompts + eval_prompts],
+                             "world_size": world_size}
             save_checkpoint(ckpt, policy, critic, optimizers, tok, trainer_state, args)
     run_eval("after")
     if rank == 0 and "after" in history:

@@ -282,7 +282,4 @@ def linear_token_logprobs(hidden, weight, targets, temperature=1.0, ref_logprobs
     zero = torch.zeros_like(lp_raw)
     logprobs = torch.where(valid, lp_raw.clamp(max=0.0), zero)
     ent = torch.where(valid, ent, zero) if entropy else None
-    kl = None
-    if ref_logprobs is not None:
-        kl = torch.where(valid, losses.kl_estimate(logprobs, ref_logprobs.float(), kl_estimator), zero)
-    return losses.TokenLogprobs(logprobs, ent, kl)
+    return losses.TokenLogprobs(logprobs, ent, losses.token_kl(logprobs, ref_logprobs, valid, kl_estimator))

@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanopairwise.losses import IGNORE_INDEX, TokenLogprobs, kl_estimate
+from nanopairwise.losses import IGNORE_INDEX, TokenLogprobs, token_kl
 
 NEG_INF = float("-inf")
 
@@ -228,8 +228,4 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
         logits = logits.contiguous()   # a copy; row-strided views (e.g. x[:, :V]) need none
     logprobs, ent = TokenLogprobsFunction.apply(logits, targets, float(temperature), bool(entropy),
                                                 int(ignore_index))
-    kl = None
-    if ref_logprobs is not None:
-        kl = kl_estimate(logprobs, ref_logprobs.float(), kl_estimator)
-        kl = torch.where(valid, kl, torch.zeros_like(kl))
-    return TokenLogprobs(logprobs, ent, kl)
+    return TokenLogprobs(logprobs, ent, token_kl(logprobs, ref_logprobs, valid, kl_estimator))

@@ -157,8 +157,8 @@ def gathered(module: torch.nn.Module):
 
 
 def full_state_dict(module: torch.nn.Module) -> dict:
-    """name -> full CPU tensor on rank 0 ({} elsewhere) for a module that may hold FSDP2 shards.
-    Collective under FSDP: every rank must call it."""
+    """name -> full tensor for a module that may hold FSDP2 shards: under FSDP gathered to rank 0
+    on the CPU ({} elsewhere; collective, every rank must call it), else its own state dict."""
     if not _fsdp_modules(module):
         return {k: v.detach() for k, v in module.state_dict().items()}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

@@ -2,11 +2,14 @@
 
 Pairwise judge (DESIGN.md §1, arXiv 2504.04950). A causal LM reads the principle, the prompt and
 responses A and B, each shown as the policy's own chat turn (JudgeTemplate), then the question
-"Is the first answer better than the second? Answer Yes or No.", and predicts the next token, one of two verdict tokens (default " Yes" / " No"; each must be one
-token of the tokenizer, checked at start). Training is plain next-token cross-entropy on the
-verdict token (full vocabulary, through the fused log-prob kernel); every preference pair is used
-in both orders (chosen-first -> Yes, rejected-first -> No), which removes position bias by
-construction. Scoring reads only the two verdict logits:
+"Is the first answer better than the second? Answer Yes or No.", and predicts the next token,
+one of two verdict tokens (default " Yes" / " No"; each must be one token of the tokenizer,
+checked at start). Training is plain next-token cross-entropy on the verdict token (full
+vocabulary, through the fused log-prob kernel); every preference pair is used in both orders
+(chosen-first -> Yes, rejected-first -> No), so each position is labelled Yes and No equally
+often. That does not make a trained judge position-consistent (measure it: pair_metrics); the
+order-symmetrised score below removes position bias by construction. Scoring reads only the two
+verdict logits:
 
     p(a, b)  = softmax([z_yes, z_no])[0] = sigmoid(z_yes - z_no)       one order
     P(a > b) = (p(a, b) + 1 - p(b, a)) / 2                              order-symmetrised
@@ -33,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+from nanopairwise.common import atomic_write_text
 from nanopairwise.data import pad_batch
 
 # ----------------------------------------------------------------------------------------------
@@ -54,8 +58,8 @@ class JudgeTemplate:
     chat template as a user turn with a generation prompt, then the response as the assistant's
     turn, closed by the end-of-turn token the policy emits (eos, <|im_end|>, <|eot_id|>). The
     judge thus reads each response in the format its generative training saw, which is the point
-    of a generative RM: at each end-of-turn token it holds the same summary of "is this answer
-    done and right" that the LM uses to stop, and that a BT head reads at eos. For the plain
+    of a generative RM: each end-of-turn token sees the same context as the LM deciding to stop,
+    and as the BT head, which reads its score at eos. For the plain
     template of the built-in task (<eos> = <|endoftext|>):
 
         Principle: {principle}
@@ -103,7 +107,6 @@ class JudgeTemplate:
 
 def save_rm_config(path: str, objective: str, template: JudgeTemplate):
     """Write RM_CONFIG into checkpoint directory `path` (the template travels with the weights)."""
-    from nanopairwise.common import atomic_write_text
     atomic_write_text(os.path.join(path, RM_CONFIG), json.dumps({"objective": objective, **asdict(template)}, indent=2))
 
 

@@ -10,7 +10,7 @@ Conventions: `mask` tensors are 1 (or True) where a token counts (a sampled resp
 Shapes: N flattened tokens, V vocabulary, B batch, T time.
 
 Contents
-- token_logprobs_ref: log softmax(z / T)[target], entropy of softmax(z / T), KL estimate
+- token_logprobs_ref: log softmax(z / T)[target], entropy of softmax(z / T), KL estimate (token_kl)
 - kl_estimate: Schulman's k1 / k2 / k3 estimators of KL(pi || pi_ref) from sampled log-probs
 - ppo_loss_ref: clipped surrogate (separate low/high clip) + optional KL term + clipped value loss
 - gae_ref: generalized advantage estimation (Schulman et al. 2015, arXiv 1506.02438)
@@ -98,6 +98,17 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = 
     raise ValueError(f"unknown KL estimator {kind!r}; choose k1, k2 or k3")
 
 
+def token_kl(logprobs: torch.Tensor, ref_logprobs: Optional[torch.Tensor], valid: torch.Tensor,
+             kind: str = "k3") -> Optional[torch.Tensor]:
+    """Per-token kl_estimate(logprobs, ref_logprobs), 0 where `valid` is False; None without a
+    reference. The KL output of token_logprobs_ref and of the fused kernels (which compute it after
+    their kernel, so autograd folds its gradient into the log-prob's)."""
+    if ref_logprobs is None:
+        return None
+    kl = kl_estimate(logprobs, ref_logprobs.float(), kind)
+    return torch.where(valid, kl, torch.zeros_like(kl))
+
+
 def token_logprobs_ref(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
                        ref_logprobs: Optional[torch.Tensor] = None, entropy: bool = False,
                        kl_estimator: str = "k3", ignore_index: int = IGNORE_INDEX) -> TokenLogprobs:
@@ -119,16 +130,13 @@ def token_logprobs_ref(logits: torch.Tensor, targets: torch.Tensor, temperature:
     log_z = torch.logsumexp(z, dim=-1)                                  # (N,)
     logprobs = z.gather(-1, safe_targets[:, None]).squeeze(-1) - log_z  # (N,)
     logprobs = torch.where(valid, logprobs.clamp(max=0.0), torch.zeros_like(logprobs))
-    ent = kl = None
+    ent = None
     if entropy:
         p = torch.softmax(z, dim=-1)
         z_finite = torch.where(torch.isfinite(z), z, torch.zeros_like(z))  # 0 * -inf would be NaN
         ent = log_z - (p * z_finite).sum(-1)
         ent = torch.where(valid, ent, torch.zeros_like(ent))
-    if ref_logprobs is not None:
-        kl = kl_estimate(logprobs, ref_logprobs.float(), kl_estimator)
-        kl = torch.where(valid, kl, torch.zeros_like(kl))
-    return TokenLogprobs(logprobs, ent, kl)
+    return TokenLogprobs(logprobs, ent, token_kl(logprobs, ref_logprobs, valid, kl_estimator))
 
 
 # ----------------------------------------------------------------------------------------------
