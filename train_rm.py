@@ -43,6 +43,11 @@ def get_args(argv=None):
     p.add_argument("--eval-data", default=None, help="held-out pairs JSONL (default: the task's test pairs)")
     p.add_argument("--out-dir", default=None, help="run directory (default: runs/judge or runs/bt)")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip (and count) malformed JSONL lines")
+    # data formats (nanopairwise/formats.py)
+    p.add_argument("--data-format", choices=["auto", "pairs", "trl", "hh", "ultrafeedback"], default="auto",
+                   help="format of --train-data / --eval-data (JSON lines or Parquet): pairs = nanopairwise's own, "
+                        "trl = TRL conversational, hh = Anthropic HH text, ultrafeedback = UltraFeedback-binarized; "
+                        "auto detects it from the fields of the first row and prints what it found")
     p.add_argument("--default-principle", default="Prefer the response that follows the instruction best.",
                    help="principle for pairs that carry none")
     # judge format
@@ -74,7 +79,7 @@ def get_args(argv=None):
 
 
 def load_pairs(path, args):
-    pairs = data.load_preference_pairs(path, skip_bad=args.skip_bad_lines)
+    pairs = data.load_preference_pairs(path, skip_bad=args.skip_bad_lines, data_format=args.data_format)
     for p in pairs:
         p.principle = p.principle or args.default_principle
     return pairs

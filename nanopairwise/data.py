@@ -68,24 +68,25 @@ class RLPrompt(Record):
 # validation of one row
 
 
-def _check_prompt(row: dict):
-    if "prompt" not in row:
-        raise FieldError("missing required field 'prompt'")
-    prompt = row["prompt"]
+def _check_prompt(row: dict, name: str = "prompt"):
+    """row[name] is a string or a non-empty list of messages (formats.py checks message lists with it)."""
+    if name not in row:
+        raise FieldError(f"missing required field {name!r}")
+    prompt = row[name]
     if isinstance(prompt, str):
         return
     if not isinstance(prompt, list) or not prompt:
-        raise FieldError(f"field 'prompt': expected a string or a non-empty list of messages, "
+        raise FieldError(f"field {name!r}: expected a string or a non-empty list of messages, "
                          f"got {_describe(prompt)}")
     for i, msg in enumerate(prompt):
         if not isinstance(msg, dict):
-            raise FieldError(f"field 'prompt'[{i}]: expected an object with 'role' and 'content', "
+            raise FieldError(f"field {name!r}[{i}]: expected an object with 'role' and 'content', "
                              f"got {_describe(msg)}")
         for key in ("role", "content"):
             if key not in msg:
-                raise FieldError(f"field 'prompt'[{i}]: missing key {key!r}")
+                raise FieldError(f"field {name!r}[{i}]: missing key {key!r}")
             if not isinstance(msg[key], str):
-                raise FieldError(f"field 'prompt'[{i}][{key!r}]: expected a string, got {_describe(msg[key])}")
+                raise FieldError(f"field {name!r}[{i}][{key!r}]: expected a string, got {_describe(msg[key])}")
 
 
 def _check_str(row: dict, key: str, required: bool):
@@ -125,30 +126,48 @@ def read_jsonl(path: str, validate=None, skip_bad: bool = False, report: dict = 
     unless `skip_bad`, in which case such lines are skipped and counted in `report["bad"]`
     (the first error message goes to `report["first_error"]`).
     """
-    rows, bad, first_error = [], 0, None
+    return read_rows(path, jsonl_entries(path), validate, skip_bad, report)
+
+
+def jsonl_entries(path: str) -> list:
+    """(line number, parse) per non-empty line of a JSONL file, for read_rows."""
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                try:
-                    row = json.loads(raw.decode("utf-8"))
-                except UnicodeDecodeError as e:
-                    raise FieldError(f"not valid UTF-8 (byte {e.start})") from None
-                except json.JSONDecodeError as e:
-                    raise FieldError(f"malformed JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(row, dict):
-                    raise FieldError(f"expected a JSON object, got {_describe(row)}")
-                if validate is not None:
-                    validate(row)
-            except FieldError as e:
-                error = DataError(f"{path}:{lineno}: {e}")
-                if not skip_bad:
-                    raise error from None
-                bad += 1
-                first_error = first_error or str(error)
-                continue
-            rows.append(row)
+        return [(lineno, lambda raw=raw: _parse_json_line(raw)) for lineno, raw in enumerate(f, start=1)
+                if raw.strip()]
+
+
+def _parse_json_line(raw: bytes) -> dict:
+    try:
+        row = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise FieldError(f"not valid UTF-8 (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise FieldError(f"malformed JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(row, dict):
+        raise FieldError(f"expected a JSON object, got {_describe(row)}")
+    return row
+
+
+def read_rows(path: str, entries, validate=None, skip_bad: bool = False, report: dict = None) -> list:
+    """The error handling of every reader (JSONL here, Parquet in formats.py), written once.
+
+    `entries` are (where, get_row) pairs: `where` is the line number (or "row N") that errors
+    name after `path:`, `get_row()` returns the row dict or raises FieldError. `validate(row)` may
+    raise FieldError, and may return a replacement row (a format converter does).
+    """
+    rows, bad, first_error = [], 0, None
+    for where, get_row in entries:
+        try:
+            row = get_row()
+            out = validate(row) if validate is not None else None
+        except FieldError as e:
+            error = DataError(f"{path}:{where}: {e}")
+            if not skip_bad:
+                raise error from None
+            bad += 1
+            first_error = first_error or str(error)
+            continue
+        rows.append(row if out is None else out)
     if report is not None:
         report.update(path=path, rows=len(rows), bad=bad, first_error=first_error)
     if bad:
@@ -156,15 +175,28 @@ def read_jsonl(path: str, validate=None, skip_bad: bool = False, report: dict = 
     return rows
 
 
-def load_preference_pairs(path: str, skip_bad: bool = False, report: dict = None) -> list:
-    """Read preference pairs; ties (chosen == rejected) are dropped and counted in `report["ties"]`."""
+def load_preference_pairs(path: str, skip_bad: bool = False, report: dict = None, data_format: str = "pairs") -> list:
+    """Read preference pairs; ties are dropped and counted in `report["ties"]`.
+
+    `data_format` other than "pairs", or a Parquet file, goes through nanopairwise/formats.py
+    (TRL conversational, Anthropic HH, UltraFeedback-binarized; "auto" detects). A tie is a pair
+    whose chosen and rejected texts are equal, or whose `score_chosen == score_rejected`.
+    """
+    from nanopairwise import formats  # formats.py builds on this module's readers
+
     report = {} if report is None else report
-    pairs = [PreferencePair.from_row(r) for r in read_jsonl(path, check_pair_row, skip_bad, report)]
-    kept = [p for p in pairs if p.chosen != p.rejected]
+    rows = formats.read_pair_rows(path, data_format, skip_bad, report)
+    pairs = [PreferencePair.from_row(r) for r in rows]
+    kept = [p for p in pairs if not _is_tie(p)]
     report.update(ties=len(pairs) - len(kept), kept=len(kept))
     if report["ties"]:
-        print0(f"{path}: dropped {report['ties']} tie(s) (chosen == rejected) of {len(pairs)} pairs")
+        print0(f"{path}: dropped {report['ties']} tie(s) (chosen == rejected or equal scores) of {len(pairs)} pairs")
     return kept
+
+
+def _is_tie(p: PreferencePair) -> bool:
+    scores = p.meta.get("score_chosen"), p.meta.get("score_rejected")
+    return p.chosen == p.rejected or (None not in scores and scores[0] == scores[1])
 
 
 def load_rl_prompts(path: str, skip_bad: bool = False, report: dict = None) -> list:
