@@ -49,7 +49,7 @@ import torch.distributed as dist
 
 import kernels
 import train_rm
-from nanopairwise import bootstrap, data, judge as J, losses, tasks
+from nanopairwise import bootstrap, data, judge as J, losses, tasks, tracking
 from nanopairwise.common import (MetricsLogger, Progress, all_reduce_sum, atomic_dir_all_ranks, atomic_torch_save,
                                  barrier, clock, compute_cleanup, compute_init, full_state_dict, gathered, get_rank, get_world_size,
                                  parse_dtype,
@@ -112,7 +112,13 @@ def get_args(argv=None):
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
+    # experiment tracking (nanopairwise/tracking.py)
+    p.add_argument("--report-to", choices=tracking.BACKENDS, default="none",
+                   help="also send the metrics.jsonl rows to TensorBoard (OUT_DIR/tensorboard) or W&B "
+                        "(offline unless WANDB_MODE is set); optional installs: pip install 'nanopairwise[tracking]'")
     args = p.parse_args(argv)
+    if tracking.check_available(args.report_to):
+        p.error(tracking.check_available(args.report_to))
     args.critic = args.critic or ("pairwise" if args.reward == "pairwise" else "standard")
     args.out_dir = args.out_dir or os.path.join(args.run_dir, f"ppo_{args.reward}")
     args.task_dir = os.path.join(args.run_dir, "task")
@@ -398,7 +404,7 @@ def main(argv=None):
     print0(f"PPO | reward {args.reward} ({args.reward_transform}, symmetric={args.symmetric}) | critic {args.critic} | "
            f"{len(train_prompts):,} prompts | {args.prompts_per_step}x{args.samples_per_prompt} samples/step | "
            f"{args.steps} steps | {world_size} rank(s) on {device}{' (FSDP2)' if args.fsdp else ''} | out {args.out_dir}")
-    logger = MetricsLogger(args.out_dir)
+    logger = MetricsLogger(args.out_dir, report_to=args.report_to, config=vars(args))
     history = {}
 
     def run_eval(tag):
@@ -439,6 +445,7 @@ def main(argv=None):
                              "world_size": world_size}
             save_checkpoint(ckpt, policy, critic, optimizers, tok, trainer_state, args)
     run_eval("after")
+    logger.close()
     if rank == 0 and "after" in history:
         before = history.get("before", {})
         print0("\nheld-out metric        before    after")

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nanopairwise import bootstrap, data, judge as J
+from nanopairwise import bootstrap, data, judge as J, tracking
 from nanopairwise.common import (MetricsLogger, Progress, atomic_dir, atomic_torch_save, atomic_write_text,
                                  compute_cleanup, compute_init, get_rng_state, parse_dtype, print0,
                                  set_rng_state, set_seed)
@@ -69,7 +69,13 @@ def get_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint")
     p.add_argument("--max-steps", type=int, default=0, help="stop after N steps (0 = run all epochs)")
     p.add_argument("--eval-batch-size", type=int, default=64)
+    # experiment tracking (nanopairwise/tracking.py)
+    p.add_argument("--report-to", choices=tracking.BACKENDS, default="none",
+                   help="also send the metrics.jsonl rows to TensorBoard (OUT_DIR/tensorboard) or W&B "
+                        "(offline unless WANDB_MODE is set); optional installs: pip install 'nanopairwise[tracking]'")
     args = p.parse_args(argv)
+    if tracking.check_available(args.report_to):
+        p.error(tracking.check_available(args.report_to))
     args.out_dir = args.out_dir or os.path.join("runs", "judge" if args.objective == "pairwise" else "bt")
     verdicts = args.verdicts.split(",")
     if len(verdicts) != 2:
@@ -201,7 +207,7 @@ def main(argv=None):
     print0(f"{args.objective} RM | {len(train_pairs):,} train pairs, {len(eval_pairs):,} eval pairs | "
            f"{sum(p.numel() for p in raw_model.parameters()):,} params | {world_size} rank(s) on {device} | "
            f"{total_steps} steps of {args.batch_size} pairs | out {args.out_dir}")
-    logger = MetricsLogger(args.out_dir)
+    logger = MetricsLogger(args.out_dir, report_to=args.report_to, config=vars(args) | {"template": None})
 
     # ---- training loop --------------------------------------------------------------------
     def data_order(epoch):
@@ -253,6 +259,7 @@ def main(argv=None):
         atomic_write_text(os.path.join(args.out_dir, "eval.json"), json.dumps(metrics, indent=2))
         print0("eval | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         logger.log(step, {f"eval/{k}": v for k, v in metrics.items()}, total=total_steps, console_keys=[])
+    logger.close()
     if ddp:
         dist.barrier()
     if owns_pg:

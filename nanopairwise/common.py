@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from nanopairwise import tracking
+
 # ----------------------------------------------------------------------------------------------
 # distributed
 
@@ -277,14 +279,17 @@ class MetricsLogger:
 
     Keys are slash-namespaced (`loss/pg`, `judge/accuracy`). A logger with `out_dir=None` or on a
     rank other than 0 is a dummy, so the training loop never branches on "is logging on".
+    `report_to` ("tensorboard", "wandb"; nanopairwise/tracking.py) also sends every row to a
+    dashboard; `config` (the run's arguments) goes to W&B.
     """
 
-    def __init__(self, out_dir=None, enabled=True):
+    def __init__(self, out_dir=None, enabled=True, report_to="none", config=None):
         self.enabled = enabled and get_rank() == 0
-        self.path = None
+        self.path = self.tracker = None
         if self.enabled and out_dir is not None:
             os.makedirs(out_dir, exist_ok=True)
             self.path = os.path.join(out_dir, "metrics.jsonl")
+            self.tracker = tracking.make_tracker(report_to, out_dir, config)
 
     def log(self, step: int, metrics: dict, total: int = None, console_keys=None):
         if not self.enabled:
@@ -293,10 +298,18 @@ class MetricsLogger:
         if self.path is not None:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
+        if self.tracker is not None:
+            self.tracker.log(step, row)
         keys = console_keys if console_keys is not None else list(metrics)
         head = f"step {step}/{total}" if total is not None else f"step {step}"
         parts = [head] + [f"{k} {_fmt(row[k])}" for k in keys if k in row]
         print(" | ".join(parts), flush=True)
+
+    def close(self):
+        """Flush and close the dashboard, if any (metrics.jsonl is written line by line)."""
+        if self.tracker is not None:
+            self.tracker.close()
+            self.tracker = None
 
 
 def _to_py(v):

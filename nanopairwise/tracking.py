@@ -1,0 +1,81 @@
+"""Experiment tracking: the metrics.jsonl rows, also sent to TensorBoard or Weights & Biases.
+
+`--report-to none|tensorboard|wandb` in train_rm.py and train_ppo.py. The tracker receives
+exactly the rows common.MetricsLogger appends to metrics.jsonl (one `log(step, row)` per row,
+rank 0 only, since only rank 0's logger is live), so a dashboard never shows a number the run
+directory does not hold. Numbers become scalars under their slash-namespaced key (`loss/pg`,
+`eval/oracle_score`: TensorBoard and W&B both group by the part before the slash); anything
+that is not a number (a string, null) is left to metrics.jsonl.
+
+Backends are optional installs (`pip install 'nanopairwise[tracking]'`):
+  tensorboard  torch.utils.tensorboard's SummaryWriter, event files in OUT_DIR/tensorboard
+               (`tensorboard --logdir OUT_DIR`).
+  wandb        a run in OUT_DIR/wandb, offline unless the user set WANDB_MODE: nothing goes over
+               the network until `wandb sync OUT_DIR/wandb/offline-run-*`.
+"""
+
+import importlib.util
+import math
+import os
+
+BACKENDS = ("none", "tensorboard", "wandb")
+PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # backend -> the package it needs
+
+
+def check_available(report_to: str) -> str:
+    """None if the backend can be used, else the message to stop with (checked on every rank
+    right after parsing, so a missing package never leaves the other ranks waiting for rank 0)."""
+    if report_to not in BACKENDS:
+        return f"--report-to {report_to!r}: choose one of {', '.join(BACKENDS)}"
+    package = PACKAGES.get(report_to)
+    if package is not None and importlib.util.find_spec(package) is None:
+        return (f"--report-to {report_to} needs the {package} package, an optional extra: "
+                f"pip install 'nanopairwise[tracking]' (or pip install {package})")
+    return None
+
+
+def make_tracker(report_to: str, out_dir: str, config: dict = None):
+    """The tracker for `report_to`, or None for "none"."""
+    problem = check_available(report_to)
+    if problem:
+        raise SystemExit(problem)
+    if report_to == "tensorboard":
+        return TensorBoardTracker(out_dir)
+    if report_to == "wandb":
+        return WandbTracker(out_dir, config)
+    return None
+
+
+def scalars(row: dict) -> dict:
+    """The finite numbers of a metrics row, except its "step"."""
+    return {k: float(v) for k, v in row.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+class TensorBoardTracker:
+    def __init__(self, out_dir: str):
+        from torch.utils.tensorboard import SummaryWriter
+        self.log_dir = os.path.join(out_dir, "tensorboard")
+        self.writer = SummaryWriter(log_dir=self.log_dir)
+
+    def log(self, step: int, row: dict):
+        for key, value in scalars(row).items():
+            self.writer.add_scalar(key, value, global_step=step)
+
+    def close(self):
+        self.writer.close()  # flushes the event file
+
+
+class WandbTracker:
+    def __init__(self, out_dir: str, config: dict = None):
+        os.environ.setdefault("WANDB_MODE", "offline")  # no network unless the user asked for it
+        import wandb
+        os.makedirs(out_dir, exist_ok=True)
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "nanopairwise"), dir=out_dir,
+                              name=os.path.basename(os.path.normpath(out_dir)), config=config or {})
+
+    def log(self, step: int, row: dict):
+        self.run.log(scalars(row), step=step)
+
+    def close(self):
+        self.run.finish()
