@@ -9,7 +9,8 @@ The pairwise judge (nanopairwise/judge.py) is a causal LM trained with next-toke
 on a verdict token; every pair appears in both orders in every batch. The BT baseline puts a
 scalar head on the same trunk and trains -log sigmoid(r_w - r_l). Both start from the same
 generative model (the SFT policy on the built-in task), evaluate on held-out pairs at the end
-(accuracy vs labels and vs the oracle, position consistency, ECE, Brier) and write an
+(accuracy vs labels and vs the oracle, position consistency, ECE, Brier; eval.json also keeps the
+reliability diagram's bins, drawn by scripts/plot.py) and write an
 HF-format checkpoint to OUT_DIR/checkpoint that `--resume` continues from exactly.
 """
 
@@ -257,8 +258,9 @@ def main(argv=None):
     if rank == 0 and eval_pairs:
         metrics = evaluate(raw_model, eval_pairs, args, tok, yes_no)
         atomic_write_text(os.path.join(args.out_dir, "eval.json"), json.dumps(metrics, indent=2))
-        print0("eval | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        logger.log(step, {f"eval/{k}": v for k, v in metrics.items()}, total=total_steps, console_keys=[])
+        scalars = {k: v for k, v in metrics.items() if k != "reliability"}  # eval.json has the diagram's bins too
+        print0("eval | " + " | ".join(f"{k} {v:.4f}" for k, v in scalars.items()))
+        logger.log(step, {f"eval/{k}": v for k, v in scalars.items()}, total=total_steps, console_keys=[])
     logger.close()
     if ddp:
         dist.barrier()

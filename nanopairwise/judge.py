@@ -342,17 +342,27 @@ def scalar_scores(model: ScalarHeadModel, tokenizer, template, items, batch_size
 # metrics
 
 
-def expected_calibration_error(prob: torch.Tensor, target_prob: torch.Tensor, n_bins: int = 10) -> float:
-    """ECE of predicted probabilities against target probabilities, equal-width bins on [0, 1]:
-    sum_b (n_b / n) * |mean(prob in b) - mean(target_prob in b)|."""
+def reliability_bins(prob: torch.Tensor, target_prob: torch.Tensor, n_bins: int = 10) -> dict:
+    """The data of a reliability diagram: equal-width bins b of the predicted probability on
+    [0, 1], each with its count n_b, mean prediction and mean target (empty bins: None).
+    A calibrated model has mean_prob == mean_target in every bin (the diagonal)."""
     prob, target_prob = prob.double(), target_prob.double()
     bins = (prob * n_bins).long().clamp(0, n_bins - 1)
-    ece = 0.0
+    out = {"bin_edges": [b / n_bins for b in range(n_bins + 1)], "count": [], "mean_prob": [], "mean_target": []}
     for b in range(n_bins):
         sel = bins == b
-        if sel.any():
-            ece += sel.double().mean().item() * abs(prob[sel].mean().item() - target_prob[sel].mean().item())
-    return ece
+        out["count"].append(int(sel.sum().item()))
+        out["mean_prob"].append(prob[sel].mean().item() if sel.any() else None)
+        out["mean_target"].append(target_prob[sel].mean().item() if sel.any() else None)
+    return out
+
+
+def expected_calibration_error(prob: torch.Tensor, target_prob: torch.Tensor, n_bins: int = 10) -> float:
+    """ECE of predicted probabilities against target probabilities, equal-width bins on [0, 1]:
+    sum_b (n_b / n) * |mean(prob in b) - mean(target_prob in b)| (the bins of reliability_bins)."""
+    rel = reliability_bins(prob, target_prob, n_bins)
+    n = sum(rel["count"])
+    return sum(c / n * abs(p - t) for c, p, t in zip(rel["count"], rel["mean_prob"], rel["mean_target"]) if c)
 
 
 def pair_metrics(p_chosen: torch.Tensor, p_true: torch.Tensor, q_chosen: torch.Tensor,
@@ -364,6 +374,7 @@ def pair_metrics(p_chosen: torch.Tensor, p_true: torch.Tensor, q_chosen: torch.T
     q_chosen, q_rejected (n,) oracle quality scores; pairs with equal quality are left out of
                the oracle accuracy
     p_true / q_* may be None (user data without an oracle): those metrics are then left out.
+    Every metric is a float except "reliability" (with p_true), the reliability diagram's bins.
     p_ab, p_ba (n,) the judge's one-order probabilities p(chosen, rejected) and p(rejected, chosen);
                position consistency = fraction of pairs whose preferred response is the same in
                both orders. A scalar RM is consistent by construction (reported as 1.0).
@@ -374,6 +385,7 @@ def pair_metrics(p_chosen: torch.Tensor, p_true: torch.Tensor, q_chosen: torch.T
         metrics["oracle_accuracy"] = ((p_chosen > 0.5) == (q_chosen > q_rejected))[decided].float().mean().item()
     if p_true is not None:
         metrics["ece"] = expected_calibration_error(p_chosen, p_true)
+        metrics["reliability"] = reliability_bins(p_chosen, p_true)  # a dict: the diagram's data
         metrics["brier"] = ((p_chosen.double() - p_true.double()) ** 2).mean().item()
     if p_ab is not None and p_ba is not None:
         metrics["position_consistency"] = ((p_ab > 0.5) != (p_ba > 0.5)).float().mean().item()

@@ -3,6 +3,7 @@
     python scripts/compare.py                      # seeds 0 1 2: results.json + the README table
     python scripts/compare.py --seeds 0 --no-readme
     python scripts/compare.py --smoke              # tiny task and runs: checks the plumbing (the test)
+    python scripts/compare.py --plot-only          # redraw the figure from finished run dirs, no training
 
 Per seed, in RUN_DIR/seed<S> (a finished stage is skipped, so an interrupted run continues):
   task/         bootstrap: tokenizer, SFT policy, preference pairs, RL prompts (nanopairwise/bootstrap.py)
@@ -12,7 +13,10 @@ Per seed, in RUN_DIR/seed<S> (a finished stage is skipped, so an interrupted run
 Both PPO runs start from the same SFT policy and are evaluated on the same held-out prompts with the
 same sampling seed, so "before" is shared. Everything is measured against the task's oracle.
 The table (mean ± sample std over seeds) goes to RUN_DIR/results.md and, unless --no-readme,
-between the compare markers of README.md, with the machine and the date.
+between the compare markers of README.md, with the machine and the date. The figure (scripts/plot.py:
+reward, KL, oracle score and win rate over PPO steps, RM loss, RM reliability diagram; needs
+matplotlib) goes next to it, RUN_DIR/compare.png, and unless --no-readme to docs/compare.png, which
+the README shows. --plot-only redraws it from the run directories alone (every stage finished).
 """
 
 import argparse
@@ -21,18 +25,20 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 
+import torch
+
+import plot  # scripts/plot.py (this script's own directory is on sys.path)
+import train_ppo
+import train_rm
+from nanopairwise.bootstrap import BootstrapConfig, bootstrap, task_paths
+from nanopairwise.common import atomic_write_text
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import torch  # noqa: E402
-
-import train_ppo  # noqa: E402
-import train_rm  # noqa: E402
-from nanopairwise.bootstrap import BootstrapConfig, bootstrap, task_paths  # noqa: E402
-from nanopairwise.common import atomic_write_text  # noqa: E402
+FIGURE = os.path.join(ROOT, "docs", "compare.png")
+METHODS = {"Pairwise-RL (generative judge + pairwise PPO)": ("judge", "ppo_pairwise"),  # label: (RM dir, PPO dir)
+           "Bradley-Terry RM + standard PPO": ("bt", "ppo_bt")}
 
 README_START, README_END = "<!-- compare:start -->", "<!-- compare:end -->"
 SMOKE_TASK = dict(sft_steps=20, sft_prompts=500, pair_prompts_train=48, pair_prompts_test=16,
@@ -49,6 +55,8 @@ def get_args(argv=None):
     p.add_argument("--no-readme", action="store_true", help="do not rewrite the README table")
     p.add_argument("--smoke", action="store_true", help="tiny task and runs (plumbing only; implies --no-readme)")
     p.add_argument("--ppo-args", default="", help="extra train_ppo.py flags for both methods, e.g. '--steps 60'")
+    p.add_argument("--plot-only", action="store_true",
+                   help="only redraw the figure from the finished run directories under --run-dir (no training)")
     args = p.parse_args(argv)
     args.no_readme = args.no_readme or args.smoke
     return args
@@ -87,8 +95,7 @@ def table(results: dict, seconds: float) -> str:
     seeds = sorted(results)
     col = lambda f: mean_std([f(results[s]) for s in seeds])
     rows = []
-    for label, rm, ppo in (("Pairwise-RL (generative judge + pairwise PPO)", "judge", "ppo_pairwise"),
-                           ("Bradley-Terry RM + standard PPO", "bt", "ppo_bt")):
+    for label, (rm, ppo) in METHODS.items():
         rows.append("| " + " | ".join([
             label, col(lambda r: r[rm]["oracle_accuracy"]), col(lambda r: r[rm]["ece"]),
             col(lambda r: r[rm]["position_consistency"]),
@@ -113,8 +120,26 @@ def write_readme(text: str, path=os.path.join(ROOT, "README.md")):
     atomic_write_text(path, f"{before}{README_START}\n{text}{README_END}{after}")
 
 
+def draw(args) -> list:
+    """The figure from the seeds' run directories: RUN_DIR/compare.png, and docs/compare.png unless --no-readme."""
+    groups = {label.split(" (")[0]: [os.path.join(args.run_dir, f"seed{s}", d) for s in args.seeds for d in dirs]
+              for label, dirs in METHODS.items()}
+    missing = [d for dirs in groups.values() for d in dirs if not os.path.exists(os.path.join(d, "metrics.jsonl"))]
+    if missing:
+        raise SystemExit(f"--plot-only: no finished runs in {', '.join(missing)}; run scripts/compare.py first")
+    title = f"built-in task, seeds {', '.join(map(str, args.seeds))}: Pairwise-RL vs Bradley-Terry (scripts/compare.py)"
+    outs = [plot.plot_groups(groups, os.path.join(args.run_dir, "compare.png"), title)]
+    if not args.no_readme:
+        outs.append(plot.plot_groups(groups, FIGURE, title))
+    for out in outs:
+        print(f"wrote {out}")
+    return outs
+
+
 def main(argv=None):
     args = get_args(argv)
+    if args.plot_only:
+        return draw(args)
     t0 = time.time()
     results = {seed: run_seed(seed, args) for seed in args.seeds}
     text = table(results, time.time() - t0)
@@ -124,6 +149,7 @@ def main(argv=None):
     print("\n" + text)
     if not args.no_readme:
         write_readme(text)
+    draw(args)
     return results
 
 

@@ -152,5 +152,9 @@ def test_pair_metrics_by_hand():
     assert m["brier"] == pytest.approx((0.05 ** 2 + 0.25 ** 2 + 0.05 ** 2 + 0.15 ** 2) / 4)
     two = J.expected_calibration_error(torch.tensor([0.71, 0.79]), torch.tensor([1.0, 0.0]))
     assert two == pytest.approx(abs(0.75 - 0.5))     # same bin: averages cancel before the |.|
+    rel = m["reliability"]                            # the reliability diagram's bins
+    assert rel["count"] == [0, 0, 0, 1, 0, 0, 1, 0, 1, 1] and rel["bin_edges"][3:5] == [0.3, 0.4]
+    assert rel["mean_prob"][8] == pytest.approx(0.85) and rel["mean_target"][8] == pytest.approx(0.6)
+    assert rel["mean_prob"][0] is None and rel["mean_target"][5] is None  # empty bins
     bare = J.pair_metrics(p, None, None, None)
     assert set(bare) == {"accuracy", "position_consistency"}

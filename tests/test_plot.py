@@ -1,0 +1,90 @@
+"""Tests for scripts/plot.py and compare.py --plot-only on small synthetic run directories (the
+metrics.jsonl / eval.json that train_ppo.py and train_rm.py write), so no training runs."""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from nanopairwise import judge as J
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+import compare  # noqa: E402
+import plot  # noqa: E402
+
+
+def write_ppo_run(path, seed, steps=6, eval_every=3):
+    g = torch.Generator().manual_seed(seed)
+    os.makedirs(path)
+    with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+        for step in range(0, steps + 1):
+            if step % eval_every == 0:
+                f.write(json.dumps({"step": step, "eval/oracle_score": 0.7 + 0.01 * step,
+                                    "eval/oracle_win_rate": 0.2 + 0.005 * step, "eval/kl": 0.02 * step}) + "\n")
+            if step:
+                f.write(json.dumps({"step": step, "reward/score": 0.4 + 0.02 * step + 0.01 * torch.rand(1, generator=g).item(),
+                                    "rollout/kl": 0.01 * step, "perf/ms": 800.0}) + "\n")
+    json.dump({"before": {"oracle_score": 0.7}, "after": {"oracle_score": 0.76, "oracle_win_rate": 0.23, "kl": 0.12}},
+              open(os.path.join(path, "eval.json"), "w"))
+
+
+def write_rm_run(path, seed, n=200):
+    """An RM run whose eval.json holds the reliability bins of train_rm.py (judge.pair_metrics)."""
+    g = torch.Generator().manual_seed(seed)
+    os.makedirs(path)
+    with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+        for step in range(1, 5):
+            f.write(json.dumps({"step": step, "loss/rm": 0.7 - 0.05 * step, "lr": 1e-3}) + "\n")
+    p_true = torch.rand(n, generator=g)
+    p_chosen = (0.5 + 1.4 * (p_true - 0.5)).clamp(0, 1)  # over-confident
+    metrics = J.pair_metrics(p_chosen, p_true, p_true, 1 - p_true)
+    json.dump(metrics, open(os.path.join(path, "eval.json"), "w"))
+    return metrics
+
+
+def test_plot_reads_runs_and_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    write_ppo_run(str(tmp_path / "ppo_a"), 0)
+    write_ppo_run(str(tmp_path / "ppo_b"), 1)
+    metrics = write_rm_run(str(tmp_path / "judge"), 0)
+    run = plot.read_run(str(tmp_path / "ppo_a"))
+    assert [s for s, _ in run["series"]["eval/oracle_score"]] == [0, 3, 6] and len(run["series"]["reward/score"]) == 6
+    xs, ys, ns, ece = plot.pooled_reliability([metrics["reliability"]])
+    assert sum(ns) == 200 and ece == pytest.approx(metrics["ece"])  # one run: pooling changes nothing
+    out = str(tmp_path / "fig" / "plot.png")
+    plot.main([str(tmp_path / "ppo_a"), str(tmp_path / "ppo_b"), str(tmp_path / "judge"), "--out", out])
+    with open(out, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pooled_reliability_weights_by_count():
+    a = {"count": [2, 0], "mean_prob": [0.2, None], "mean_target": [0.4, None]}
+    b = {"count": [1, 3], "mean_prob": [0.5, 0.8], "mean_target": [0.1, 0.6]}
+    xs, ys, ns, ece = plot.pooled_reliability([a, b])
+    assert ns == [3, 3] and xs == pytest.approx([0.3, 0.8]) and ys == pytest.approx([0.3, 0.6])
+    assert ece == pytest.approx((3 * 0.0 + 3 * 0.2) / 6)
+
+
+def test_plot_refuses_a_directory_without_metrics(tmp_path):
+    with pytest.raises(SystemExit, match="no metrics.jsonl"):
+        plot.read_run(str(tmp_path))
+
+
+def test_compare_plot_only_redraws_without_training(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    for seed in (0, 1):
+        for name in ("ppo_pairwise", "ppo_bt"):
+            write_ppo_run(str(tmp_path / f"seed{seed}" / name), seed)
+        for name in ("judge", "bt"):
+            write_rm_run(str(tmp_path / f"seed{seed}" / name), seed)
+    monkeypatch.setattr(compare, "run_seed", lambda *a: pytest.fail("--plot-only must not train"))
+    figure = str(tmp_path / "docs" / "compare.png")
+    monkeypatch.setattr(compare, "FIGURE", figure)
+    outs = compare.main(["--run-dir", str(tmp_path), "--seeds", "0", "1", "--plot-only"])
+    assert outs == [str(tmp_path / "compare.png"), figure] and all(os.path.getsize(p) > 10_000 for p in outs)
+    with pytest.raises(SystemExit, match="no finished runs"):
+        compare.main(["--run-dir", str(tmp_path), "--seeds", "0", "2", "--plot-only", "--no-readme"])
