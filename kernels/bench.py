@@ -26,7 +26,6 @@ import torch
 SMOKE = "--smoke" in sys.argv
 if SMOKE or not torch.cuda.is_available():      # must precede the first import of triton
     os.environ.setdefault("TRITON_INTERPRET", "1")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402
 import itertools  # noqa: E402

@@ -14,7 +14,6 @@ wall time of the whole call (prefill included), median of --repeats runs after o
 
 import argparse
 import datetime
-import os
 import platform
 import statistics
 import sys
@@ -23,11 +22,9 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from nanopairwise.common import parse_dtype  # noqa: E402
-from nanopairwise.model import Transformer  # noqa: E402
-from nanopairwise.rollout import generate  # noqa: E402
+from nanopairwise.common import parse_dtype
+from nanopairwise.model import Transformer
+from nanopairwise.rollout import generate
 
 # Qwen2.5-0.5B (Qwen/Qwen2.5-0.5B-Instruct config.json), random weights
 QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,

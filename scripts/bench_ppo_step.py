@@ -66,23 +66,19 @@ import copy
 import datetime
 import importlib.metadata
 import math
-import os
 import platform
 import statistics
 import sys
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import kernels  # noqa: E402
-import train_ppo  # noqa: E402
-from bench_generate import QWEN25_05B, TINY  # noqa: E402  (this script's own directory is on sys.path)
-from nanopairwise import data, judge as J  # noqa: E402
-from nanopairwise.common import clock, parse_dtype  # noqa: E402
-from nanopairwise.model import ModelConfig, Transformer  # noqa: E402
-from nanopairwise.policy import PolicyLogprobs  # noqa: E402
+import kernels
+import train_ppo
+from bench_generate import QWEN25_05B, TINY  # this script's own directory is on sys.path
+from nanopairwise import data, judge as J
+from nanopairwise.common import clock, parse_dtype
+from nanopairwise.model import ModelConfig, Transformer
+from nanopairwise.policy import PolicyLogprobs
 from nanopairwise.rollout import Rollout  # noqa: E402
 from nanopairwise.tokenizer import Tokenizer, render_chat, train_bpe  # noqa: E402
 

@@ -15,8 +15,9 @@ same sampling seed, so "before" is shared. Everything is measured against the ta
 The table (mean ± sample std over seeds) goes to RUN_DIR/results.md and, unless --no-readme,
 between the compare markers of README.md, with the machine and the date. The figure (scripts/plot.py:
 reward, KL, oracle score and win rate over PPO steps, RM loss, RM reliability diagram; needs
-matplotlib) goes next to it, RUN_DIR/compare.png, and unless --no-readme to docs/compare.png, which
-the README shows. --plot-only redraws it from the run directories alone (every stage finished).
+matplotlib) goes next to it, RUN_DIR/compare.png, and unless --no-readme to docs/compare.png, shown
+under the README table. --plot-only redraws it from the run directories alone (every stage
+finished), and puts RUN_DIR/results.md (the same runs' table) and the figure into the README.
 """
 
 import argparse
@@ -37,6 +38,8 @@ from nanopairwise.common import atomic_write_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIGURE = os.path.join(ROOT, "docs", "compare.png")
+FIGURE_MD = ("\n![Pairwise-RL vs Bradley-Terry over PPO steps, and the reward models' reliability diagrams]"
+             "(docs/compare.png)\n\n")
 METHODS = {"Pairwise-RL (generative judge + pairwise PPO)": ("judge", "ppo_pairwise"),  # label: (RM dir, PPO dir)
            "Bradley-Terry RM + standard PPO": ("bt", "ppo_bt")}
 
@@ -138,18 +141,22 @@ def draw(args) -> list:
 
 def main(argv=None):
     args = get_args(argv)
+    results_md = os.path.join(args.run_dir, "results.md")
     if args.plot_only:
-        return draw(args)
+        outs = draw(args)
+        if not args.no_readme and os.path.exists(results_md):  # the table of the same runs, with the figure
+            write_readme(open(results_md, encoding="utf-8").read() + FIGURE_MD)
+        return outs
     t0 = time.time()
     results = {seed: run_seed(seed, args) for seed in args.seeds}
     text = table(results, time.time() - t0)
     os.makedirs(args.run_dir, exist_ok=True)
     atomic_write_text(os.path.join(args.run_dir, "results.json"), json.dumps(results, indent=2))
-    atomic_write_text(os.path.join(args.run_dir, "results.md"), text)
+    atomic_write_text(results_md, text)
     print("\n" + text)
+    draw(args)  # without matplotlib this stops here; install it and rerun with --plot-only
     if not args.no_readme:
-        write_readme(text)
-    draw(args)
+        write_readme(text + FIGURE_MD)
     return results
 
 

@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_smoke_run_checks_then_prints_tables():
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)  # the repo importable without pip install -e
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "kernels", "bench.py"), "--smoke",
                            "--entropy", "--kl"], capture_output=True, text=True, timeout=300, env=env)
     out = proc.stdout
@@ -115,7 +115,7 @@ def test_atol_rel_is_relative_to_the_largest_entry(capsys):
 def test_generation_benchmark_smoke():
     """scripts/bench_generate.py --smoke: ours and transformers on a tiny model, fp32 greedy parity first."""
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_generate.py"), "--smoke"],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
     assert "check: batch-1 greedy tokens agree with transformers for 16/16 steps" in out

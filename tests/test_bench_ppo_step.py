@@ -28,7 +28,7 @@ NUM = r"([0-9][0-9,]*(?:\.[0-9]+)?)"
 
 
 def test_smoke_run_prints_header_checks_and_every_phase():
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)  # no pip install -e needed
     env.pop("NANOPAIRWISE_KERNELS", None)
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_ppo_step.py"), "--smoke"],
                           capture_output=True, text=True, timeout=300, env=env)

@@ -84,7 +84,13 @@ def test_compare_plot_only_redraws_without_training(tmp_path, monkeypatch):
     monkeypatch.setattr(compare, "run_seed", lambda *a: pytest.fail("--plot-only must not train"))
     figure = str(tmp_path / "docs" / "compare.png")
     monkeypatch.setattr(compare, "FIGURE", figure)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{compare.README_START}\nold table\n{compare.README_END}\nrest\n")
+    monkeypatch.setattr(compare.write_readme, "__defaults__", (str(readme),))
+    (tmp_path / "results.md").write_text("the runs' table\n")
     outs = compare.main(["--run-dir", str(tmp_path), "--seeds", "0", "1", "--plot-only"])
     assert outs == [str(tmp_path / "compare.png"), figure] and all(os.path.getsize(p) > 10_000 for p in outs)
+    assert readme.read_text() == (f"intro\n{compare.README_START}\nthe runs' table\n{compare.FIGURE_MD}"
+                                  f"{compare.README_END}\nrest\n")
     with pytest.raises(SystemExit, match="no finished runs"):
         compare.main(["--run-dir", str(tmp_path), "--seeds", "0", "2", "--plot-only", "--no-readme"])

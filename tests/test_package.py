@@ -1,0 +1,57 @@
+"""pyproject.toml: `pip install -e .` in a fresh virtual environment makes nanopairwise, kernels
+and the training scripts importable from another directory; requirements*.txt agree with it;
+no script edits sys.path."""
+
+import glob
+import os
+import re
+import subprocess
+import sys
+import tomllib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYPROJECT = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))
+
+
+def requirement_lines(name) -> list:
+    lines = [line.split("#")[0].strip() for line in open(os.path.join(ROOT, name), encoding="utf-8")]
+    return [line for line in lines if line]
+
+
+def test_requirements_agree_with_pyproject():
+    assert requirement_lines("requirements.txt") == PYPROJECT["project"]["dependencies"] + ["-e ."]
+    assert "torch==2.13.0" in PYPROJECT["project"]["dependencies"]  # exact: a looser pin pulls a CUDA build
+    assert sorted(requirement_lines("requirements-dev.txt")) == sorted(PYPROJECT["project"]["optional-dependencies"]["dev"])
+    assert {"dev", "gguf", "plot", "tracking", "parquet"} <= set(PYPROJECT["project"]["optional-dependencies"])
+
+
+def test_scripts_do_not_edit_sys_path():
+    scripts = glob.glob(os.path.join(ROOT, "scripts", "*.py")) + glob.glob(os.path.join(ROOT, "kernels", "*.py")) + [
+        os.path.join(ROOT, "train_rm.py"), os.path.join(ROOT, "train_ppo.py")]
+    offenders = [p for p in scripts if re.search(r"sys\.path\.(insert|append)", open(p, encoding="utf-8").read())]
+    assert offenders == []
+
+
+def test_editable_install_in_a_fresh_venv_imports_from_anywhere(tmp_path):
+    """A venv that sees the system's packages (--system-site-packages: torch is not downloaded
+    again; --without-pip: the system's pip and setuptools, not the older copies venv bundles, which
+    cannot build a wheel without `wheel`), `pip install --no-deps --no-build-isolation -e .`
+    (offline, about 2 s), then the imports from a directory that is not the repository."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
+                   check=True, timeout=120)
+    python = str(venv / ("Scripts" if os.name == "nt" else "bin") / "python")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    probe = ("import nanopairwise, kernels, train_rm, train_ppo, nanopairwise.formats; "
+             "print(nanopairwise.__file__); print(kernels.__file__)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    before = subprocess.run([python, "-c", "import nanopairwise"], cwd=elsewhere, env=env, capture_output=True, text=True)
+    assert before.returncode != 0 and "No module named 'nanopairwise'" in before.stderr  # not importable yet
+    install = subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
+                              "--no-build-isolation", "-e", ROOT], capture_output=True, text=True, timeout=300, env=env)
+    assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-2000:]
+    after = subprocess.run([python, "-c", probe], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
+    assert after.returncode == 0, after.stderr[-2000:]
+    paths = after.stdout.split()
+    assert paths == [os.path.join(ROOT, "nanopairwise", "__init__.py"), os.path.join(ROOT, "kernels", "__init__.py")]
