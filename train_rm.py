@@ -40,7 +40,8 @@ def get_args(argv=None):
                    help="pairwise = generative judge; bt = Bradley-Terry scalar RM baseline")
     p.add_argument("--task-dir", default="runs/task", help="built-in task directory (bootstrapped if missing)")
     p.add_argument("--model", default=None, help="HF checkpoint dir to start from (default: the task's SFT policy)")
-    p.add_argument("--train-data", default=None, help="preference pairs JSONL (default: the task's train pairs)")
+    p.add_argument("--train-data", default=None,
+                   help="preference pairs, JSON lines or Parquet, see --data-format (default: the task's train pairs)")
     p.add_argument("--eval-data", default=None, help="held-out pairs JSONL (default: the task's test pairs)")
     p.add_argument("--out-dir", default=None, help="run directory (default: runs/judge or runs/bt)")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip (and count) malformed JSONL lines")

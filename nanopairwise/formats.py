@@ -132,7 +132,8 @@ def convert_ultrafeedback(row: dict) -> dict:
 
 def convert_hh(row: dict) -> dict:
     chosen, rejected = (parse_hh(row, key) for key in ("chosen", "rejected"))
-    return {**{k: v for k, v in row.items() if k not in ("chosen", "rejected")}, **split_conversations(chosen, rejected)}
+    meta = {k: v for k, v in row.items() if k not in ("chosen", "rejected")}
+    return {**meta, **split_conversations(chosen, rejected)}
 
 
 CONVERTERS = {"pairs": convert_pairs, "trl": convert_trl, "hh": convert_hh, "ultrafeedback": convert_ultrafeedback}

@@ -31,7 +31,8 @@ PANELS = [  # (metrics.jsonl key, title)
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("run_dirs", nargs="+", help="run directories of train_ppo.py / train_rm.py (metrics.jsonl, eval.json)")
+    p.add_argument("run_dirs", nargs="+",
+                   help="run directories of train_ppo.py / train_rm.py (metrics.jsonl, eval.json)")
     p.add_argument("--labels", nargs="+", default=None,
                    help="one legend label per run directory (default: its name); equal labels form a group")
     p.add_argument("--out", default="plot.png", help="the figure (PNG)")

@@ -107,10 +107,23 @@ def test_parquet_without_pyarrow_says_what_to_install(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_pyarrow)
-    with pytest.raises(SystemExit, match=r"ultrafeedback.parquet: a Parquet file; .*pip install 'nanopairwise\[parquet\]'"):
+    message = r"ultrafeedback.parquet: a Parquet file; .*pip install 'nanopairwise\[parquet\]'"
+    with pytest.raises(SystemExit, match=message):
         load_preference_pairs(fixture("ultrafeedback.parquet"))
 
 
 def test_unknown_format_is_refused():
     with pytest.raises(ValueError, match="unknown data format 'csv'"):
         formats.read_pair_rows(fixture("hh.jsonl"), "csv")
+
+
+def test_train_rm_reads_each_format(tiny_task, tmp_path, capsys):
+    """train_rm.py end to end on converted rows: conversational prompts through the judge template."""
+    import train_rm
+    policy = os.path.join(tiny_task, "policy")
+    metrics = train_rm.main(["--model", policy, "--train-data", fixture("trl_implicit.jsonl"),
+                             "--eval-data", fixture("hh.jsonl"), "--skip-bad-lines", "--batch-size", "2",
+                             "--max-steps", "1", "--out-dir", str(tmp_path / "judge")])
+    out = capsys.readouterr().out
+    assert "data format 'trl' detected" in out and "data format 'hh' detected" in out
+    assert "2 train pairs, 2 eval pairs" in out and 0.0 <= metrics["accuracy"] <= 1.0

@@ -21,7 +21,8 @@ def requirement_lines(name) -> list:
 def test_requirements_agree_with_pyproject():
     assert requirement_lines("requirements.txt") == PYPROJECT["project"]["dependencies"] + ["-e ."]
     assert "torch==2.13.0" in PYPROJECT["project"]["dependencies"]  # exact: a looser pin pulls a CUDA build
-    assert sorted(requirement_lines("requirements-dev.txt")) == sorted(PYPROJECT["project"]["optional-dependencies"]["dev"])
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    assert sorted(requirement_lines("requirements-dev.txt")) == sorted(extras["dev"])
     assert {"dev", "gguf", "plot", "tracking", "parquet"} <= set(PYPROJECT["project"]["optional-dependencies"])
 
 
@@ -46,7 +47,8 @@ def test_editable_install_in_a_fresh_venv_imports_from_anywhere(tmp_path):
     probe = ("import nanopairwise, kernels, train_rm, train_ppo, nanopairwise.formats; "
              "print(nanopairwise.__file__); print(kernels.__file__)")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    before = subprocess.run([python, "-c", "import nanopairwise"], cwd=elsewhere, env=env, capture_output=True, text=True)
+    before = subprocess.run([python, "-c", "import nanopairwise"], cwd=elsewhere, env=env, capture_output=True,
+                            text=True)
     assert before.returncode != 0 and "No module named 'nanopairwise'" in before.stderr  # not importable yet
     install = subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
                               "--no-build-isolation", "-e", ROOT], capture_output=True, text=True, timeout=300, env=env)

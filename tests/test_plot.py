@@ -26,7 +26,8 @@ def write_ppo_run(path, seed, steps=6, eval_every=3):
                 f.write(json.dumps({"step": step, "eval/oracle_score": 0.7 + 0.01 * step,
                                     "eval/oracle_win_rate": 0.2 + 0.005 * step, "eval/kl": 0.02 * step}) + "\n")
             if step:
-                f.write(json.dumps({"step": step, "reward/score": 0.4 + 0.02 * step + 0.01 * torch.rand(1, generator=g).item(),
+                noise = 0.01 * torch.rand(1, generator=g).item()
+                f.write(json.dumps({"step": step, "reward/score": 0.4 + 0.02 * step + noise,
                                     "rollout/kl": 0.01 * step, "perf/ms": 800.0}) + "\n")
     json.dump({"before": {"oracle_score": 0.7}, "after": {"oracle_score": 0.76, "oracle_win_rate": 0.23, "kl": 0.12}},
               open(os.path.join(path, "eval.json"), "w"))

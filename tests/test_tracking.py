@@ -61,7 +61,8 @@ def test_logger_sends_numbers_only(tmp_path):
 @pytest.mark.parametrize("script", [train_rm, train_ppo])
 def test_missing_backend_package_is_named(script, monkeypatch, capsys):
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
     with pytest.raises(SystemExit):
         script.get_args(["--report-to", "wandb"])
     err = capsys.readouterr().err
