@@ -113,12 +113,9 @@ def get_args(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     # experiment tracking (nanopairwise/tracking.py)
-    p.add_argument("--report-to", choices=tracking.BACKENDS, default="none",
-                   help="also send the metrics.jsonl rows to TensorBoard (OUT_DIR/tensorboard) or W&B "
-                        "(offline unless WANDB_MODE is set); optional installs: pip install 'nanopairwise[tracking]'")
+    tracking.add_arguments(p)
     args = p.parse_args(argv)
-    if tracking.check_available(args.report_to):
-        p.error(tracking.check_available(args.report_to))
+    tracking.check_arguments(p, args)
     args.critic = args.critic or ("pairwise" if args.reward == "pairwise" else "standard")
     args.out_dir = args.out_dir or os.path.join(args.run_dir, f"ppo_{args.reward}")
     args.task_dir = os.path.join(args.run_dir, "task")

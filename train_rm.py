@@ -72,12 +72,9 @@ def get_args(argv=None):
     p.add_argument("--max-steps", type=int, default=0, help="stop after N steps (0 = run all epochs)")
     p.add_argument("--eval-batch-size", type=int, default=64)
     # experiment tracking (nanopairwise/tracking.py)
-    p.add_argument("--report-to", choices=tracking.BACKENDS, default="none",
-                   help="also send the metrics.jsonl rows to TensorBoard (OUT_DIR/tensorboard) or W&B "
-                        "(offline unless WANDB_MODE is set); optional installs: pip install 'nanopairwise[tracking]'")
+    tracking.add_arguments(p)
     args = p.parse_args(argv)
-    if tracking.check_available(args.report_to):
-        p.error(tracking.check_available(args.report_to))
+    tracking.check_arguments(p, args)
     args.out_dir = args.out_dir or os.path.join("runs", "judge" if args.objective == "pairwise" else "bt")
     verdicts = args.verdicts.split(",")
     if len(verdicts) != 2:

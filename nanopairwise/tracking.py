@@ -22,6 +22,20 @@ BACKENDS = ("none", "tensorboard", "wandb")
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # backend -> the package it needs
 
 
+def add_arguments(parser):
+    """The --report-to flag of train_rm.py and train_ppo.py."""
+    parser.add_argument("--report-to", choices=BACKENDS, default="none",
+                        help="also send the metrics.jsonl rows to TensorBoard (OUT_DIR/tensorboard) or W&B (offline "
+                             "unless WANDB_MODE is set); optional installs: pip install 'nanopairwise[tracking]'")
+
+
+def check_arguments(parser, args):
+    """Stop with the parser's error if the --report-to backend is not installed (on every rank)."""
+    problem = check_available(args.report_to)
+    if problem:
+        parser.error(problem)
+
+
 def check_available(report_to: str) -> str:
     """None if the backend can be used, else the message to stop with (checked on every rank
     right after parsing, so a missing package never leaves the other ranks waiting for rank 0)."""
