@@ -14,6 +14,10 @@ e.g. `pairs.jsonl:17: field 'chosen': expected a string, got int`. Nothing is sk
 with `skip_bad=True` bad lines are skipped, counted and reported (print0, and the optional
 `report` dict). Pairs whose chosen and rejected texts are equal carry no preference and are
 dropped, with a count ("ties in preference data: dropped", PAPER.md).
+
+Preference pairs in other shapes (TRL conversational, Anthropic HH, UltraFeedback-binarized,
+Parquet files) are read by nanopairwise/formats.py, to which `load_preference_pairs(path,
+data_format=...)` hands every file; it maps them to these records and reuses `read_rows` here.
 """
 
 import json

@@ -75,6 +75,7 @@ class TensorBoardTracker:
     def log(self, step: int, row: dict):
         for key, value in scalars(row).items():
             self.writer.add_scalar(key, value, global_step=step)
+        self.writer.flush()  # a crashed run's dashboard still shows every step it logged
 
     def close(self):
         self.writer.close()  # flushes the event file
