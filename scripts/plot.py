@@ -21,7 +21,7 @@ import json
 import os
 
 PANELS = [  # (metrics.jsonl key, title)
-    ("reward/score", "PPO reward (rollouts)"),
+    ("reward/score", "PPO reward (rollouts; each reward model's own scale)"),
     ("rollout/kl", "KL to reference (rollouts)"),
     ("eval/oracle_score", "held-out oracle score"),
     ("eval/oracle_win_rate", "held-out oracle win rate vs anchor"),
@@ -103,7 +103,8 @@ def plot_groups(groups: dict, out_path: str, title: str = None) -> str:
         for ax, (key, _) in zip(axes, PANELS):
             curves = [r["series"][key] for r in runs if key in r["series"]]
             for c in curves:
-                ax.plot(*zip(*c), color=color, linewidth=0.8, alpha=0.35 if len(curves) > 1 else 1.0,
+                ax.plot(*zip(*c), color=color, linewidth=0.8 if len(curves) > 1 else 1.6,
+                        alpha=0.35 if len(curves) > 1 else 1.0,
                         marker="o" if len(c) < 8 else None, markersize=3,
                         label=None if len(curves) > 1 else label)
             if len(curves) > 1:
