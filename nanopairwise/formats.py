@@ -72,7 +72,10 @@ def _parquet_entries(path: str) -> list:
     except ImportError:
         raise SystemExit(f"{path}: a Parquet file; reading it needs pyarrow, an optional extra: "
                          f"pip install 'nanopairwise[parquet]' (or pip install pyarrow)") from None
-    rows = pq.read_table(path).to_pylist()
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow's errors name neither the file nor a row
+        raise D.DataError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
     return [(f"row {i}", lambda row=row: row) for i, row in enumerate(rows, start=1)]
 
 

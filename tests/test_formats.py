@@ -98,6 +98,14 @@ def test_parquet_rows_named_by_row_number():
         ([user("sort: 3 1 2")], "1 2 3", "3 2 1"), ([user("copy: 7 8")], "7 8", "8 7")]
 
 
+def test_truncated_parquet_is_named(tmp_path):
+    pytest.importorskip("pyarrow")
+    path = tmp_path / "cut.parquet"
+    path.write_bytes(open(fixture("ultrafeedback.parquet"), "rb").read()[:200])  # starts with PAR1, no footer
+    with pytest.raises(DataError, match=rf"^{path}: not a readable Parquet file"):
+        load_preference_pairs(str(path))
+
+
 def test_parquet_without_pyarrow_says_what_to_install(monkeypatch):
     real_import = builtins.__import__
 
