@@ -58,6 +58,16 @@ def test_logger_sends_numbers_only(tmp_path):
     assert read_event_scalars(str(tmp_path / "tensorboard")) == {"a/x": [(1, 1.5), (2, -2.0)], "a/n": [(1, 3.0)]}
 
 
+def test_only_rank_0_reports(tmp_path, monkeypatch):
+    import nanopairwise.common as common
+    monkeypatch.setattr(common, "get_rank", lambda: 1)
+    monkeypatch.setattr(tracking, "make_tracker", lambda *a: pytest.fail("rank 1 must not open a dashboard"))
+    logger = MetricsLogger(str(tmp_path), report_to="tensorboard")
+    logger.log(1, {"a/x": 1.0})
+    logger.close()
+    assert os.listdir(tmp_path) == []  # neither metrics.jsonl nor event files
+
+
 @pytest.mark.parametrize("script", [train_rm, train_ppo])
 def test_missing_backend_package_is_named(script, monkeypatch, capsys):
     real_find_spec = importlib.util.find_spec
