@@ -42,7 +42,7 @@ import triton.language as tl
 
 from nanopairwise.losses import IGNORE_INDEX, TokenLogprobs, token_kl
 
-NEG_INF = float("-inf")
+NEG_INF: tl.constexpr = float("-inf")  # a jit function reads module globals only as constexpr
 
 
 @triton.jit
