@@ -12,7 +12,7 @@ calls them, with train_ppo's defaults (get_args) for every setting this script h
 
 Models, random weights of the Qwen2.5-0.5B shape (QWEN25_05B of scripts/bench_generate.py), as
 train_ppo.main builds them: the policy, PolicyLogprobs(--fused-head); the reference, a copy of the
-policy's initial weights (PolicyLogprobs without the fused head, as in train_ppo); the judge, a
+policy's initial weights behind the policy's head path (policy.reference, as in train_ppo); the judge, a
 second random model read through PairwiseJudge's " Yes" / " No" logits; the critic, a
 ScalarHeadModel on a copy of the judge's weights with a fresh zero head (what
 ScalarHeadModel.from_pretrained(judge, new_head=True) gives). Two AdamW optimisers.
@@ -56,8 +56,8 @@ triton.testing.do_bench: a step lasts seconds and changes the weights, so each i
 with common.clock (which synchronises CUDA) and the median taken.
 
 Correctness before timing: the warm-up step must show every row generated M tokens without eos,
-old log-probs equal to the reference's (the reference is the policy's copy and nothing is updated
-before they are computed; equal up to TOL[dtype] with --fused-head, which takes another path),
+old log-probs equal to the reference's (the reference is the policy's copy behind the same head
+path and nothing is updated before they are computed; TOL[dtype] allows for GPU nondeterminism),
 win probabilities in [0, 1] and a finite PPO loss (ppo_update raises otherwise); exit code 1 if not.
 """
 
@@ -174,7 +174,7 @@ def build_models(args, tok):
 
     policy_lm, judge_lm = random_lm(), random_lm()
     policy = PolicyLogprobs(policy_lm, args.fused_head)
-    ref = PolicyLogprobs(copy.deepcopy(policy_lm)).eval().requires_grad_(False)
+    ref = policy.reference(copy.deepcopy(policy_lm))
     critic = J.ScalarHeadModel(copy.deepcopy(judge_lm))                      # fresh zero head
     judge = J.PairwiseJudge(judge_lm, *J.verdict_token_ids(tok, args.ppo.judge_template))
     judge.eval().requires_grad_(False)
