@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import triton  # noqa: E402
 
+from gpu_check import write_section  # noqa: E402  (this script's own directory is on sys.path)
 from kernels import aot  # noqa: E402
 
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "BENCHMARKS.md")
@@ -79,19 +80,27 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
-def write_section(path, name, body):
-    """Replace the text between `<!-- name:begin -->` and `<!-- name:end -->` in path (markers kept)."""
-    with open(path) as f:
-        text = f.read()
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    if begin not in text or end not in text:
-        raise SystemExit(f"{path}: markers {begin} ... {end} not found")
-    head, rest = text.split(begin, 1)
-    text = head + begin + "\n" + body.strip() + "\n" + end + rest.split(end, 1)[1]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+# Little's law for the streaming log-prob kernels: bytes in flight = bandwidth x latency. H100 SXM:
+# 3.35 TB/s, ~700 ns loaded DRAM latency (an estimate; microbenchmarks report 500-800 ns), 132 SMs.
+H100_BYTES_PER_S, DRAM_LATENCY_S, H100_SMS = 3.35e12, 700e-9, 132
+
+
+def in_flight_table(rows) -> str:
+    """sm_90 logprob kernels: one BLOCK_V load per resident program per step, against Little's law."""
+    need = H100_BYTES_PER_S * DRAM_LATENCY_S / H100_SMS
+    lines = [f"Little's law on an H100 SXM: {H100_BYTES_PER_S / 1e12:.2f} TB/s x {DRAM_LATENCY_S * 1e9:.0f} ns "
+             f"/ {H100_SMS} SMs = {need / 1024:.1f} KB in flight per SM.", "",
+             "| kernel | dtype | BLOCK_V | warps | programs/SM | KB in flight/SM (one step each) | x needed |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["kernel"].startswith("logprob.") and r["cc"] == 90 and r["aligned"] and "ENTROPY=1" in r["flags"] \
+                and "error" not in r:
+            block_v = int(r["flags"].split()[0].split("=")[1])
+            programs = r["warps_per_sm"] // r["num_warps"]
+            kb = programs * block_v * aot.DTYPES[r["dtype"]].itemsize / 1024
+            lines.append(f"| {r['kernel']} | {r['dtype']} | {block_v} | {r['num_warps']} | {programs} "
+                         f"| {kb:.0f} | {kb * 1024 / need:.1f} |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -101,7 +110,7 @@ def main(argv=None) -> int:
     bad = [(r, p) for r in rows for p in aot.problems(r)]
     for r, p in bad:
         print(f"FAIL {r['kernel']} {r['dtype']} {r['flags']} sm_{r['cc']} aligned={r['aligned']}: {p}")
-    text = table(rows)
+    text = table(rows) + ("\n\n" + in_flight_table(rows) if 90 in args.targets else "")
     stamp = (f"{len(rows)} compiles for {', '.join(f'sm_{t}' for t in args.targets)} in {time.time() - t0:.0f} s; "
              f"triton {triton.__version__}, {time.strftime('%Y-%m-%d')}; "
              f"command: `python scripts/kernel_resources.py{' --write-docs' if args.write_docs else ''}`")

@@ -19,7 +19,6 @@ import pytest
 from kernels import aot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +58,7 @@ def test_logprob_kernels_stream_with_128_bit_vector_accesses(rows):
     for r in rows:
         if r["kernel"].startswith("logprob.") and r["aligned"]:
             block_v = int(r["flags"].split()[0].split("=")[1])
-            vectors = block_v * BYTES[r["dtype"]] // (16 * 32 * r["num_warps"])
+            vectors = block_v * aot.DTYPES[r["dtype"]].itemsize // (16 * 32 * r["num_warps"])
             assert vectors >= 1 and r["ld_v4"] == vectors, r
             assert r["st_v4"] == (vectors if "bwd" in r["kernel"] else 0), r
             checked += 1
