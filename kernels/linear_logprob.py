@@ -5,7 +5,8 @@ then token_logprobs_ref. Here the (N, V) logits never exist in memory in the for
 Cut Cross-Entropy, Wijmans et al. 2024, arXiv 2411.09009), and the backward holds d-logits for
 one vocabulary chunk at a time. For a Qwen2.5-0.5B head (C = 896, V = 151936) and N = 16384
 tokens the bf16 logits alone are 4.98 GB; this op needs O(N) plus one chunk (<= 512 MiB).
-A side effect: the forward's logits are fp32 accumulators never rounded to bf16, as F.linear's are.
+A side effect: the forward's logits are fp32 accumulators never rounded to bf16, as F.linear's are,
+so old, new and reference log-probs must all come from this op (PolicyLogprobs.reference).
 
 Math. With z = hidden @ weight^T / T, logZ = logsumexp_v z_v, p = softmax(z):
     lp_raw = z_y - logZ            H = logZ - E_p[z] = -sum_v p_v log p_v
@@ -193,8 +194,9 @@ def _tiles(device, dtype) -> dict:
                   weight: (64 + 128) · 64 · 2 B = 24 KB for 16-bit operands, 72 KB for 3 stages,
                   well inside 163 KB (sm_80) and 227 KB (sm_90).
       occupancy   ~180 registers x 256 threads leave room for one forward program per SM (8 warps
-                  of 64): latency is hidden by the 3-stage cp.async / TMA pipeline, not by warps, as
-                  in GEMMs (the Triton matmul tutorial's H100 configs also run 8 warps at 128 x 256).
+                  of 64): latency is hidden by the 3-stage pipeline of loads, not by warps, as in
+                  GEMMs (the Triton matmul tutorial's first H100 config, 128 x 256 x 64, 3 stages,
+                  8 warps, holds a 128-float accumulator per thread but nothing else tile-sized).
       bytes/FLOP  a C-step loads (BN + BV)·BC·e bytes for 2·BN·BV·BC FLOPs: 2·BN·BV / ((BN + BV)·e)
                   = 43 FLOP/B at 64 x 128 in bf16 (64 at 128 x 128), from L2/shared memory; the
                   programs of one wave share the weight tiles through L2.
@@ -253,7 +255,8 @@ class LinearLogprobs(torch.autograd.Function):
         t = _tiles(hidden.device, hidden.dtype)
         # chunk: the d-logits (N, V_c) fill DLOGITS_CHUNK_BYTES, in whole BLOCK_V tiles: 16384 columns
         # at N = 16384 bf16, so each chunk's GEMMs are 2·N·V_c·C = 0.48 TFLOP (far past launch cost)
-        # and the peak stays 512 MiB against the unfused path's 2·N·V·e = 10 GB
+        # and the peak stays 512 MiB against the unfused path's 2·N·V·e = 10 GB. (Liger's fused
+        # linear cross-entropy chunks tokens instead, sizing a chunk's logits like the hidden states.)
         bv = t["BLOCK_V"]
         chunk = ctx.vocab_chunk or max(bv, DLOGITS_CHUNK_BYTES // (N * hidden.element_size()) // bv * bv)
         chunk = min(chunk, V)

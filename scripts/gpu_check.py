@@ -90,7 +90,7 @@ def run_step(name, cmd, limit_s, smoke):
     else:
         env.pop("TRITON_INTERPRET", None)
         env["NANOPAIRWISE_TEST_GPU"] = "1"
-    print(f"\n=== {name}: {' '.join(os.path.relpath(c, ROOT) if c == PY else c for c in cmd)}", flush=True)
+    print(f"\n=== {name}: {' '.join(['python'] + cmd[1:])}", flush=True)
     t0 = time.time()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=limit_s)
