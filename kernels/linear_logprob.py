@@ -201,12 +201,13 @@ def _tiles(device, dtype) -> dict:
                   = 43 FLOP/B at 64 x 128 in bf16 (64 at 128 x 128), from L2/shared memory; the
                   programs of one wave share the weight tiles through L2.
     fp32 operands run tl.dot as FMAs ("ieee", no tensor cores): their operand slices live in
-    registers, so they get a smaller tile, 32 x 128 x 32 with 4 warps (~200 registers, no spills).
+    registers, so they get a smaller tile, 32 x 128 x 32 with 8 warps (no spills, aligned or not;
+    with 4 warps the forward spilled for odd C, 64 x 128 spilled on sm_80).
     """
     if device.type != "cuda":
         return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_C=16, num_warps=4, num_stages=1)
     if dtype == torch.float32:
-        return dict(BLOCK_N=32, BLOCK_V=128, BLOCK_C=32, num_warps=4, num_stages=3)
+        return dict(BLOCK_N=32, BLOCK_V=128, BLOCK_C=32, num_warps=8, num_stages=3)
     return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_C=64, num_warps=8, num_stages=3)
 
 

@@ -2,7 +2,7 @@
 
     python scripts/gpu_check.py                          # one CUDA GPU; writes docs/BENCHMARKS.md
     python scripts/gpu_check.py --only parity,ppo_loss   # some steps
-    python scripts/gpu_check.py --smoke                  # every step at smoke size on the CPU (~2.5 min
+    python scripts/gpu_check.py --smoke                  # every step at smoke size on the CPU (~100 s
                                                          # on 2 cores; the test runs one step)
     python scripts/gpu_check.py --list                   # the steps and their commands
 
