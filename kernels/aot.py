@@ -14,8 +14,8 @@ reachable constexpr flags). Tiles and warps come from the functions the launcher
 cannot drift from what runs. Arguments are small CPU tensors standing in for the real ones:
 Triton's own runtime binder (the code `kernel[grid](...)` runs) turns them into the signature and
 specialisation attributes, so pointers 16-byte aligned and integers divisible by 16 get the
-`tt.divisibility` hints a GPU run would give them (`aligned=True`), or not (`aligned=False`:
-misaligned views and odd sizes, the slow path a GPU run can also take).
+`tt.divisibility` hints a GPU run would give them (`aligned=True`), or sizes do not (`aligned=False`:
+odd token counts and vocabularies, the slower path a GPU run also compiles; see _sizes).
 
 Occupancy (the CUDA occupancy calculator's rules, cc 8.0 to 10.0): registers are allocated per
 warp in units of 256 (per thread, rounded up to a multiple of 8), 64 K per SM; each block also
@@ -60,18 +60,21 @@ class Launch:
     args: tuple              # positional arguments: CPU tensors, ints, floats, None
     constexprs: tuple        # (name, value) pairs passed by keyword
     options: tuple           # (name, value): num_warps, num_stages as the launcher passes them
-    aligned: bool            # 16-byte aligned pointers, sizes divisible by 16
+    aligned: bool            # sizes divisible by 16 (pointers are 16-byte aligned either way)
 
 
-def _t(dtype, aligned=True):
-    """A stand-in tensor: its dtype and the alignment of its data pointer are all the binder reads."""
-    x = torch.zeros(16, dtype=dtype)
-    return x if aligned else x[1:]
+def _t(dtype):
+    """A stand-in tensor: its dtype and the alignment of its data pointer are all the binder reads.
+    Always aligned: the launchers pass torch allocations (256-byte aligned) or .contiguous()
+    copies; only a caller's offset view could arrive misaligned."""
+    return torch.zeros(16, dtype=dtype)
 
 
 def _sizes(aligned):
-    """Sizes the launchers pass: divisible by 16 (a Qwen2.5 vocabulary, 151936) or not."""
-    return (151936, 896) if aligned else (151935, 897)
+    """(N, V, C) as the launchers pass them. Aligned: all divisible by 16 (a Qwen2.5 head,
+    V = 151936, C = 896). Not: odd N and V, as token counts and some vocabularies (GPT-2's 50257)
+    are; C stays 896, since the widths of Llama-family models are multiples of 64."""
+    return (4096, 151936, 896) if aligned else (4095, 151935, 896)
 
 
 def logprob_configs():
@@ -81,11 +84,11 @@ def logprob_configs():
 
 def launches(aligned=True):
     """Every kernel x CUDA launch configuration x dtype x reachable constexpr flags."""
-    V, C = _sizes(aligned)
+    n, V, C = _sizes(aligned)
     f32, i64 = _t(torch.float32), _t(torch.int64)
     out = []
     for name, dtype in DTYPES.items():
-        x = _t(dtype, aligned)
+        x = _t(dtype)
         # 1. kernels/logprob.py: forward and backward, entropy on or off (its outputs None if off)
         for block_v, num_warps in logprob_configs():
             for ent in (False, True):
@@ -96,7 +99,7 @@ def launches(aligned=True):
                 out.append(Launch("logprob._logprob_fwd_kernel", name, flags,
                                   (x, V, i64, f32, opt_ent, f32, f32, opt_ent, V, 0.7, -100), cx, opt, aligned))
                 out.append(Launch("logprob._logprob_bwd_kernel", name, flags,
-                                  (x, V, i64, _t(dtype, aligned), f32, opt_ent, f32, f32, opt_ent, V, 0.7, -100),
+                                  (x, V, i64, _t(dtype), f32, opt_ent, f32, f32, opt_ent, V, 0.7, -100),
                                   cx, opt, aligned))
         # 2. kernels/linear_logprob.py: forward and backward at the CUDA tiles
         tiles = linear_logprob._tiles(torch.device("cuda"), dtype)
@@ -104,25 +107,25 @@ def launches(aligned=True):
             ("DOT_PRECISION", linear_logprob._dot_precision(dtype)),)
         opt = tuple((k, v) for k, v in tiles.items() if k.startswith("num_"))
         flags = " ".join(f"{k}={v}" for k, v in cx)
-        n, splits, chunk = 4096, 4, 8192
+        splits, chunk = 4, 8192
         out.append(Launch("linear_logprob._linear_logprob_fwd_kernel", name, flags,
-                          (x, _t(dtype, aligned), i64, f32, f32, f32, n, V, C, C, C, V // splits, splits, 0.7),
+                          (x, _t(dtype), i64, f32, f32, f32, n, V, C, C, C, V // splits, splits, 0.7),
                           cx, opt, aligned))
         out.append(Launch("linear_logprob._linear_logprob_bwd_kernel", name, flags,
-                          (x, _t(dtype, aligned), i64, f32, f32, f32, f32, _t(dtype, aligned), n, chunk, C,
+                          (x, _t(dtype), i64, f32, f32, f32, f32, _t(dtype), n, chunk, C,
                            chunk, C, C, 0.7), cx, opt, aligned))
         # 3. kernels/ppo_loss.py: every KL kind x value loss on or off in fp32 (what the log-prob
         #    kernels return); bf16 / fp16 with all terms off and all on. Inputs share one dtype: the
         #    kernels cast each load to fp32, so dtypes change only the load instructions.
         combos = [(k, v) for k in sorted(set(ppo_loss.KL_KINDS.values())) for v in (False, True)]
         for kl_kind, has_value in (combos if name == "fp32" else [combos[0], combos[-1]]):
-                flags = f"KL_KIND={kl_kind} HAS_VALUE={int(has_value)} BLOCK={ppo_loss.BLOCK}"
-                cx = (("KL_KIND", kl_kind), ("HAS_VALUE", has_value), ("BLOCK", ppo_loss.BLOCK))
-                ins = (x,) * 8
-                out.append(Launch("ppo_loss._ppo_loss_fwd_kernel", name, flags,
-                                  (*ins, f32, 4096, 0.8, 1.2, 0.2), cx, (), aligned))
-                out.append(Launch("ppo_loss._ppo_loss_bwd_kernel", name, flags,
-                                  (*ins, f32, x, x, 4096, 0.8, 1.2, 0.2), cx, (), aligned))
+            flags = f"KL_KIND={kl_kind} HAS_VALUE={int(has_value)} BLOCK={ppo_loss.BLOCK}"
+            cx = (("KL_KIND", kl_kind), ("HAS_VALUE", has_value), ("BLOCK", ppo_loss.BLOCK))
+            ins = (x,) * 8
+            out.append(Launch("ppo_loss._ppo_loss_fwd_kernel", name, flags,
+                              (*ins, f32, n, 0.8, 1.2, 0.2), cx, (), aligned))
+            out.append(Launch("ppo_loss._ppo_loss_bwd_kernel", name, flags,
+                              (*ins, f32, x, x, n, 0.8, 1.2, 0.2), cx, (), aligned))
     return out
 
 

@@ -35,8 +35,8 @@ def get_args(argv=None):
     p.add_argument("--targets", default="80,90,100", help="compute capabilities x 10, comma-separated")
     p.add_argument("--jobs", type=int, default=2, help="compile processes in parallel")
     p.add_argument("--unaligned-targets", default="80,90,100",
-                   help="targets that also get the unaligned specialisation (odd sizes, misaligned "
-                        "pointers: what a GPU run compiles for such inputs), comma-separated or empty")
+                   help="targets that also get the unaligned specialisation (odd token counts and "
+                        "vocabularies: what a GPU run compiles for them), comma-separated or empty")
     p.add_argument("--json", default=None, help="write every row (resources, vector-load counts) here")
     p.add_argument("--write-docs", action="store_true", help="replace the table in docs/BENCHMARKS.md")
     args = p.parse_args(argv)
