@@ -153,9 +153,9 @@ def _launch_config(V: int):
     A thread's share of a block is BLOCK_V / (32 num_warps) elements: 16 at 4096 and 8 warps,
     i.e. two 16-byte vector loads of bf16/fp16 or four of fp32 per step (ld.global.v4, checked in
     the PTX by tests/test_compile_gate.py). Bytes in flight: one step of a program loads
-    BLOCK_V * e bytes (8 KB for bf16) and 8 warps per program let 8 programs share an SM, up to
-    64 KB per SM, against the ~17 KB per SM Little's law asks for at 3.3 TB/s (see
-    docs/BENCHMARKS.md). Small vocabularies (< 2048) use 1024 or 2048 entries, never fewer, so
+    BLOCK_V * e bytes (8 KB for bf16); the forward's 48 registers per thread leave room for 5
+    programs of 8 warps per SM (the backward's 32: 8), so 40 KB per SM, against the ~17 KB per
+    SM Little's law asks for at 3.35 TB/s (table in docs/BENCHMARKS.md). Small vocabularies (< 2048) use 1024 or 2048 entries, never fewer, so
     every load stays a full vector per thread; the interpreter is fast at any of these sizes.
     """
     block_v = min(4096, max(1024, triton.next_power_of_2(V)))
