@@ -367,7 +367,7 @@ def main(argv=None):
     # ---- models: policy (trained), reference (frozen), reward model (frozen), critic (trained)
     load = lambda path: Transformer.from_pretrained(path, dtype=dtype, device=device)
     policy = PolicyLogprobs(load(policy_dir), args.fused_head)
-    ref = PolicyLogprobs(load(args.policy)).eval().requires_grad_(False)
+    ref = policy.reference(load(args.policy))                  # same head path (--fused-head) as policy
     judge = None
     if os.path.exists(os.path.join(args.judge, "config.json")):
         judge = J.PairwiseJudge(load(args.judge), *J.verdict_token_ids(tok, args.judge_template))

@@ -5,7 +5,8 @@ then token_logprobs_ref. Here the (N, V) logits never exist in memory in the for
 Cut Cross-Entropy, Wijmans et al. 2024, arXiv 2411.09009), and the backward holds d-logits for
 one vocabulary chunk at a time. For a Qwen2.5-0.5B head (C = 896, V = 151936) and N = 16384
 tokens the bf16 logits alone are 4.98 GB; this op needs O(N) plus one chunk (<= 512 MiB).
-A side effect: the forward's logits are fp32 accumulators never rounded to bf16, as F.linear's are.
+A side effect: the forward's logits are fp32 accumulators never rounded to bf16, as F.linear's are,
+so old, new and reference log-probs must all come from this op (PolicyLogprobs.reference).
 
 Math. With z = hidden @ weight^T / T, logZ = logsumexp_v z_v, p = softmax(z):
     lp_raw = z_y - logZ            H = logZ - E_p[z] = -sum_v p_v log p_v
@@ -179,12 +180,40 @@ def _linear_logprob_bwd_kernel(
              dz.to(dlogits_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _tiles(device) -> dict:
-    """GPU: a GEMM-like starting point for H100-class parts (not yet tuned: no GPU measured it).
-    Interpreter: the smallest tiles tl.dot accepts (16), so CPU tests cover many (partial) tiles."""
-    if device.type == "cuda":
-        return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_C=64, num_warps=8, num_stages=3)
-    return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_C=16, num_warps=4, num_stages=1)
+def _tiles(device, dtype) -> dict:
+    """Tiles, warps and pipeline stages; the interpreter's are the smallest tl.dot accepts (16), so
+    CPU tests cover many (partial) tiles. On CUDA, chosen by ptxas's resource report (no GPU has
+    timed them yet; kernels/aot.py compiles them for sm_80/90/100 and the compile gate test fails
+    on any spill). The numbers, for 8 warps = 256 threads and a (BLOCK_N, BLOCK_V) fp32 logits tile:
+      registers   the tile is BN·BV / 256 floats per thread: 64 at 128 x 128, and the forward's
+                  online softmax keeps ~3 tile-sized temporaries (z masked, e, e·(z - m)) live
+                  with it, so 128 x 128 needed 255 registers and spilled 144-1320 B per thread
+                  (fwd and bwd, every dtype). At 64 x 128 the tile is 32 floats; the forward uses
+                  ~180 registers, the backward ~100-130, no spills.
+      shared      a pipeline stage holds one (BN, BC) slice of hidden and one (BC, BV) slice of
+                  weight: (64 + 128) · 64 · 2 B = 24 KB for 16-bit operands, 72 KB for 3 stages,
+                  well inside 163 KB (sm_80) and 227 KB (sm_90).
+      occupancy   ~180 registers x 256 threads leave room for one forward program per SM (8 warps
+                  of 64): latency is hidden by the 3-stage pipeline of loads, not by warps, as in
+                  GEMMs (the Triton matmul tutorial's first H100 config, 128 x 256 x 64, 3 stages,
+                  8 warps, holds a 128-float accumulator per thread but nothing else tile-sized).
+      bytes/FLOP  a C-step loads (BN + BV)·BC·e bytes for 2·BN·BV·BC FLOPs: 2·BN·BV / ((BN + BV)·e)
+                  = 43 FLOP/B at 64 x 128 in bf16 (64 at 128 x 128), from L2/shared memory; the
+                  programs of one wave share the weight tiles through L2.
+    fp32 operands run tl.dot as FMAs ("ieee", no tensor cores): their operand slices live in
+    registers, so they get a smaller tile, 32 x 128 x 32 with 8 warps (no spills, aligned or not;
+    with 4 warps the forward spilled for odd C, 64 x 128 spilled on sm_80).
+    """
+    if device.type != "cuda":
+        return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_C=16, num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        return dict(BLOCK_N=32, BLOCK_V=128, BLOCK_C=32, num_warps=8, num_stages=3)
+    return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_C=64, num_warps=8, num_stages=3)
+
+
+def _dot_precision(dtype) -> str:
+    """fp32: "ieee" (no TF32, as torch's default matmul); 16-bit operands: moot, "tf32" is the default."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 class LinearLogprobs(torch.autograd.Function):
@@ -193,10 +222,13 @@ class LinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, vocab_splits, vocab_chunk):
         (N, C), V = hidden.shape, weight.shape[0]
-        t = _tiles(hidden.device)
+        t = _tiles(hidden.device, hidden.dtype)
         bn, bv = t["BLOCK_N"], t["BLOCK_V"]
         row_tiles, vocab_tiles = triton.cdiv(N, bn), triton.cdiv(V, bv)
-        if vocab_splits is None:  # about 2 programs per SM; 2 splits in the interpreter (tests the merge)
+        # splits: one forward program fits per SM (_tiles: registers), so aim at 2 waves of them,
+        # 2 x SMs programs: fewer leave SMs idle at small N, more re-read hidden and grow the O(N·S)
+        # merge. N = 16384 on an H100 (132 SMs) has 256 row tiles already: 1 split. Interpreter: 2.
+        if vocab_splits is None:
             vocab_splits = 2 if not hidden.is_cuda else triton.cdiv(
                 2 * torch.cuda.get_device_properties(hidden.device).multi_processor_count, row_tiles)
         v_per_split = triton.cdiv(vocab_tiles, min(max(vocab_splits, 1), vocab_tiles)) * bv
@@ -204,7 +236,7 @@ class LinearLogprobs(torch.autograd.Function):
         lse = torch.empty(N, S, dtype=torch.float32, device=hidden.device)
         ent = torch.empty_like(lse)
         target_logit = torch.zeros(N, dtype=torch.float32, device=hidden.device)
-        precision = "ieee" if hidden.dtype == torch.float32 else "tf32"
+        precision = _dot_precision(hidden.dtype)
         _linear_logprob_fwd_kernel[(row_tiles, S)](
             hidden, weight, targets, lse, ent, target_logit, N, V, C, hidden.stride(0),
             weight.stride(0), v_per_split, S, 1.0 / temperature, DOT_PRECISION=precision, **t)
@@ -221,8 +253,13 @@ class LinearLogprobs(torch.autograd.Function):
         hidden, weight, targets, log_z, entropy = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[:2]
         (N, C), V = hidden.shape, weight.shape[0]
-        t = _tiles(hidden.device)
-        chunk = ctx.vocab_chunk or max(t["BLOCK_V"], DLOGITS_CHUNK_BYTES // (N * hidden.element_size()))
+        t = _tiles(hidden.device, hidden.dtype)
+        # chunk: the d-logits (N, V_c) fill DLOGITS_CHUNK_BYTES, in whole BLOCK_V tiles: 16384 columns
+        # at N = 16384 bf16, so each chunk's GEMMs are 2·N·V_c·C = 0.48 TFLOP (far past launch cost)
+        # and the peak stays 512 MiB against the unfused path's 2·N·V·e = 10 GB. (Liger's fused
+        # linear cross-entropy chunks tokens instead, sizing a chunk's logits like the hidden states.)
+        bv = t["BLOCK_V"]
+        chunk = ctx.vocab_chunk or max(bv, DLOGITS_CHUNK_BYTES // (N * hidden.element_size()) // bv * bv)
         chunk = min(chunk, V)
         g_lp, g_ent = g_lp.float().contiguous(), g_ent.float().contiguous()
         grad_hidden = torch.zeros(N, C, dtype=torch.float32, device=hidden.device) if need_hidden else None

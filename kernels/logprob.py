@@ -42,7 +42,7 @@ import triton.language as tl
 
 from nanopairwise.losses import IGNORE_INDEX, TokenLogprobs, token_kl
 
-NEG_INF = float("-inf")
+NEG_INF = tl.constexpr(float("-inf"))  # a jit function may read a module global only if it is a constexpr
 
 
 @triton.jit
@@ -147,14 +147,19 @@ def _logprob_bwd_kernel(
 
 
 def _launch_config(V: int):
-    """BLOCK_V and num_warps, fixed (autotune with several configs fails under the interpreter).
+    """BLOCK_V and num_warps: three fixed configurations (autotune with several configs fails
+    under the interpreter), so the compile gate (kernels/aot.py) covers all of them.
 
-    4096 entries per step is 8 KB of bf16 per load for 8 warps (16 elements, two 16-byte
-    vector loads per thread), enough bytes in flight per SM to stream at copy speed on an H100;
-    the same large block keeps the interpreter fast (fewer Python-level steps).
+    A thread's share of a block is BLOCK_V / (32 num_warps) elements: 16 at 4096 and 8 warps,
+    i.e. two 16-byte vector loads of bf16/fp16 or four of fp32 per step (ld.global.v4, checked in
+    the PTX by tests/test_compile_gate.py). Bytes in flight: one step of a program loads
+    BLOCK_V * e bytes (8 KB for bf16); the forward's 48 registers per thread leave room for 5
+    programs of 8 warps per SM (the backward's 32: 8), so 40 KB per SM, against the ~17 KB per
+    SM Little's law asks for at 3.35 TB/s (table in docs/BENCHMARKS.md). Small vocabularies (< 2048) use 1024 or 2048 entries, never fewer, so
+    every load stays a full vector per thread; the interpreter is fast at any of these sizes.
     """
-    block_v = min(4096, triton.next_power_of_2(V))
-    return block_v, (8 if block_v >= 2048 else 4)
+    block_v = min(4096, max(1024, triton.next_power_of_2(V)))
+    return block_v, (4 if block_v == 1024 else 8)
 
 
 class TokenLogprobsFunction(torch.autograd.Function):

@@ -39,6 +39,13 @@ class PolicyLogprobs(nn.Module):
             out = kernels.token_logprobs(logits, targets, temperature, ref, entropy, kl_estimator)
         return TokenLogprobs(*(x.view(B, R) if x is not None else None for x in out))
 
+    def reference(self, lm: nn.Module) -> "PolicyLogprobs":
+        """The frozen reference policy for the KL term: `lm` (the initial weights) behind this
+        policy's own head path, so old, new and reference log-probs share one arithmetic. Mixing
+        them would bias the KL: under bf16 the fused head's logits are fp32 accumulators while
+        F.linear rounds them to bf16, so KL(policy || reference) would not be 0 at step 0."""
+        return PolicyLogprobs(lm, self.fused_head).eval().requires_grad_(False)
+
 
 def encode_prompt(tokenizer, prompt) -> list:
     """Token ids the policy is conditioned on: the prompt (a string or chat messages) rendered with

@@ -223,6 +223,29 @@ def test_policy_fused_head_matches_unfused(monkeypatch):
                                    msg=lambda m: f"{name}: {m}")
 
 
+def test_reference_policy_matches_fused_head_policy_at_step_0():
+    """PolicyLogprobs.reference (how train_ppo.py builds the KL reference) gives the policy's
+    log-probs bit for bit before any update, in bf16 with the fused head. Under the interpreter the
+    kernel runs bf16 inputs as fp32, on a GPU in bf16 with fp32 accumulation; either way an F.linear
+    reference (logits rounded to bf16) differs, which the last assert checks the test would see."""
+    cfg = ModelConfig(vocab_size=301, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    lm = Transformer(cfg).to(torch.bfloat16)
+    frozen = Transformer(cfg).to(torch.bfloat16)
+    frozen.load_state_dict(lm.state_dict())                      # step 0: reference = initial policy
+    g = torch.Generator().manual_seed(3)
+    input_ids = torch.randint(0, 301, (2, 12), generator=g)
+    attention_mask, response_mask = torch.ones(2, 12, dtype=torch.long), torch.ones(2, 7, dtype=torch.long)
+    policy = PolicyLogprobs(lm, fused_head=True)
+    with torch.no_grad():
+        lp = policy(input_ids, attention_mask, response_mask).logprobs
+        ref_lp = policy.reference(frozen)(input_ids, attention_mask, response_mask).logprobs
+        unfused_lp = PolicyLogprobs(frozen)(input_ids, attention_mask, response_mask).logprobs
+    assert torch.equal(lp, ref_lp)
+    assert not torch.equal(lp, unfused_lp)
+
+
 @pytest.mark.skipif(INTERPRETER or not torch.cuda.is_available(),
                     reason="bf16 tl.dot needs a compiled GPU kernel (wrong in the interpreter)")
 @pytest.mark.parametrize("N,C,V,temperature", [(1000, 896, 5003, 0.7), (37, 40, 333, 1.0)])

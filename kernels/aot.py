@@ -1,0 +1,212 @@
+"""Ahead-of-time compile of every Triton kernel at its CUDA launch configurations, on the CPU.
+
+Why. CI runs the kernels under TRITON_INTERPRET=1, which accepts code the GPU compiler refuses (a
+module global that is not tl.constexpr) and says nothing about registers or spills. Triton's own
+compiler does not need a GPU: `triton.compile(ASTSource(fn, signature, constexprs, attrs),
+target=GPUTarget("cuda", cc, 32), options)` runs the whole pipeline (TTIR, TTGIR, LLVM, PTX, and
+ptxas from the triton wheel to a cubin) for any target. `cuobjdump --dump-resource-usage` from the
+same wheel (triton/backends/nvidia/bin) reads the cubin's registers, stack (spills) and static
+shared memory; the dynamic shared memory Triton allocates is in the kernel's metadata.
+
+What is compiled. `launches()` lists one Launch per (kernel, CUDA launch configuration, dtype,
+reachable constexpr flags). Tiles and warps come from the functions the launchers call
+(logprob._launch_config, linear_logprob._tiles and _dot_precision, ppo_loss.BLOCK), so this list
+cannot drift from what runs. Arguments are small CPU tensors standing in for the real ones:
+Triton's own runtime binder (the code `kernel[grid](...)` runs) turns them into the signature and
+specialisation attributes, so pointers 16-byte aligned and integers divisible by 16 get the
+`tt.divisibility` hints a GPU run would give them (`aligned=True`), or sizes do not (`aligned=False`:
+odd token counts and vocabularies, the slower path a GPU run also compiles; see _sizes).
+
+Occupancy (the CUDA occupancy calculator's rules, cc 8.0 to 10.0): registers are allocated per
+warp in units of 256 (per thread, rounded up to a multiple of 8), 64 K per SM; each block also
+reserves 1 KB of shared memory; at most 64 warps and 32 blocks per SM. Warps per SM =
+warps per block x min(64 // warps, 65536 // (warps x regs_per_warp), smem_per_SM // block_smem, 32).
+
+Runs in a process with TRITON_INTERPRET unset (under the interpreter @triton.jit returns an
+interpreted function that cannot be compiled): scripts/kernel_resources.py is the entry point.
+"""
+
+import dataclasses
+import os
+import re
+import subprocess
+import tempfile
+
+import torch
+import triton
+
+from kernels import linear_logprob, logprob, ppo_loss
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    cc: int                  # compute capability x 10
+    name: str                # a representative part
+    smem_per_block: int      # the opt-in maximum of shared memory per block, bytes
+    smem_per_sm: int         # shared memory per SM, bytes
+
+
+TARGETS = {80: Target(80, "A100", 163 * 1024, 164 * 1024),
+           90: Target(90, "H100", 227 * 1024, 228 * 1024),
+           100: Target(100, "B200", 227 * 1024, 228 * 1024)}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    kernel: str              # "module.function" in kernels/
+    dtype: str               # the data dtype (fp32 / bf16 / fp16)
+    flags: str               # the constexpr flags and tiles, for the table
+    args: tuple              # positional arguments: CPU tensors, ints, floats, None
+    constexprs: tuple        # (name, value) pairs passed by keyword
+    options: tuple           # (name, value): num_warps, num_stages as the launcher passes them
+    aligned: bool            # sizes divisible by 16 (pointers are 16-byte aligned either way)
+
+
+def _t(dtype):
+    """A stand-in tensor: its dtype and the alignment of its data pointer are all the binder reads.
+    Always aligned: the launchers pass torch allocations (256-byte aligned) or .contiguous()
+    copies; only a caller's offset view could arrive misaligned."""
+    return torch.zeros(16, dtype=dtype)
+
+
+def _sizes(aligned):
+    """(N, V, C) as the launchers pass them. Aligned: all divisible by 16 (a Qwen2.5 head,
+    V = 151936, C = 896). Not: odd N and V, as token counts and some vocabularies (GPT-2's 50257)
+    are; C stays 896, since the widths of Llama-family models are multiples of 64."""
+    return (4096, 151936, 896) if aligned else (4095, 151935, 896)
+
+
+def logprob_configs():
+    """The distinct (BLOCK_V, num_warps) _launch_config gives over vocabulary sizes 1 .. 2^20."""
+    return sorted({logprob._launch_config(v) for k in range(21) for v in (2**k - 1, 2**k, 2**k + 1) if v > 0})
+
+
+def launches(aligned=True):
+    """Every kernel x CUDA launch configuration x dtype x reachable constexpr flags."""
+    n, V, C = _sizes(aligned)
+    f32, i64 = _t(torch.float32), _t(torch.int64)
+    out = []
+    for name, dtype in DTYPES.items():
+        x = _t(dtype)
+        # 1. kernels/logprob.py: forward and backward, entropy on or off (its outputs None if off)
+        for block_v, num_warps in logprob_configs():
+            for ent in (False, True):
+                flags = f"BLOCK_V={block_v} ENTROPY={int(ent)}"
+                cx = (("BLOCK_V", block_v), ("ENTROPY", ent))
+                opt = (("num_warps", num_warps),)
+                opt_ent = f32 if ent else None
+                out.append(Launch("logprob._logprob_fwd_kernel", name, flags,
+                                  (x, V, i64, f32, opt_ent, f32, f32, opt_ent, V, 0.7, -100), cx, opt, aligned))
+                out.append(Launch("logprob._logprob_bwd_kernel", name, flags,
+                                  (x, V, i64, _t(dtype), f32, opt_ent, f32, f32, opt_ent, V, 0.7, -100),
+                                  cx, opt, aligned))
+        # 2. kernels/linear_logprob.py: forward and backward at the CUDA tiles
+        tiles = linear_logprob._tiles(torch.device("cuda"), dtype)
+        cx = tuple((k, v) for k, v in tiles.items() if k.startswith("BLOCK_")) + (
+            ("DOT_PRECISION", linear_logprob._dot_precision(dtype)),)
+        opt = tuple((k, v) for k, v in tiles.items() if k.startswith("num_"))
+        flags = " ".join(f"{k}={v}" for k, v in cx)
+        splits, chunk = 4, 8192
+        out.append(Launch("linear_logprob._linear_logprob_fwd_kernel", name, flags,
+                          (x, _t(dtype), i64, f32, f32, f32, n, V, C, C, C, V // splits, splits, 0.7),
+                          cx, opt, aligned))
+        out.append(Launch("linear_logprob._linear_logprob_bwd_kernel", name, flags,
+                          (x, _t(dtype), i64, f32, f32, f32, f32, _t(dtype), n, chunk, C,
+                           chunk, C, C, 0.7), cx, opt, aligned))
+        # 3. kernels/ppo_loss.py: every KL kind x value loss on or off in fp32 (what the log-prob
+        #    kernels return); bf16 / fp16 with all terms off and all on. Inputs share one dtype: the
+        #    kernels cast each load to fp32, so dtypes change only the load instructions.
+        combos = [(k, v) for k in sorted(set(ppo_loss.KL_KINDS.values())) for v in (False, True)]
+        for kl_kind, has_value in (combos if name == "fp32" else [combos[0], combos[-1]]):
+            flags = f"KL_KIND={kl_kind} HAS_VALUE={int(has_value)} BLOCK={ppo_loss.BLOCK}"
+            cx = (("KL_KIND", kl_kind), ("HAS_VALUE", has_value), ("BLOCK", ppo_loss.BLOCK))
+            ins = (x,) * 8
+            out.append(Launch("ppo_loss._ppo_loss_fwd_kernel", name, flags,
+                              (*ins, f32, n, 0.8, 1.2, 0.2), cx, (), aligned))
+            out.append(Launch("ppo_loss._ppo_loss_bwd_kernel", name, flags,
+                              (*ins, f32, x, x, n, 0.8, 1.2, 0.2), cx, (), aligned))
+    return out
+
+
+def _jit_function(path):
+    module, fn = path.split(".")
+    return getattr({"logprob": logprob, "linear_logprob": linear_logprob, "ppo_loss": ppo_loss}[module], fn)
+
+
+def compile_launch(launch: Launch, cc: int):
+    """triton.compile for one launch and target, with the signature, constexprs and attributes the
+    runtime would give these arguments. Returns the CompiledKernel (asm: ptx, cubin; metadata)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+    fn = _jit_function(launch.kernel)
+    if not isinstance(fn, triton.runtime.jit.JITFunction):
+        raise RuntimeError("kernels/aot.py needs TRITON_INTERPRET unset (got an interpreted kernel)")
+    target = GPUTarget("cuda", cc, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    kwargs = dict(launch.constexprs + launch.options)
+    bound_args, specialization, options = binder(*launch.args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
+    src = ASTSource(fn, signature, constexprs, attrs)
+    return triton.compile(src, target=target, options=options.__dict__)
+
+
+def cuda_bin(tool):
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
+
+
+def resource_usage(kernel) -> dict:
+    """Registers and stack per thread, static shared per block, from cuobjdump on the cubin."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        text = subprocess.run([cuda_bin("cuobjdump"), "--dump-resource-usage", path], check=True,
+                              capture_output=True, text=True).stdout
+    line = next(ln for ln in text.splitlines() if "REG:" in ln)
+    fields = dict(f.split(":", 1) for f in line.split() if ":" in f)
+    return {"regs": int(fields["REG"]), "stack": int(fields["STACK"]), "local": int(fields["LOCAL"]),
+            "static_shared": int(fields["SHARED"])}
+
+
+def occupancy(regs, warps, block_smem, target: Target) -> int:
+    """Resident warps per SM (see the module docstring for the rules)."""
+    regs_per_warp = -(-regs * 32 // 256) * 256
+    blocks = min(64 // warps, 65536 // (warps * regs_per_warp), 32,
+                 target.smem_per_sm // (block_smem + 1024))
+    return blocks * warps
+
+
+def check(launch: Launch, cc: int) -> dict:
+    """Compile one launch for one target and measure it; 'error' holds a compile failure.
+    ld_v4 / st_v4 count the 128-bit global loads and stores in the PTX (ld.global.v4.b32 moves
+    8 bf16/fp16 or 4 fp32 values)."""
+    row = {"kernel": launch.kernel, "dtype": launch.dtype, "flags": launch.flags, "cc": cc,
+           "aligned": launch.aligned}
+    try:
+        kernel = compile_launch(launch, cc)
+    except Exception as e:  # noqa: BLE001 -- any compiler failure is a gate failure, reported as such
+        return dict(row, error=f"{type(e).__name__}: {e}"[:2000])
+    use = resource_usage(kernel)
+    shared = use["static_shared"] + kernel.metadata.shared
+    warps = kernel.metadata.num_warps
+    row.update(use, shared=shared, num_warps=warps, num_stages=kernel.metadata.num_stages,
+               warps_per_sm=occupancy(use["regs"], warps, shared, TARGETS[cc]))
+    ptx = kernel.asm["ptx"]
+    row.update(ld_v4=len(re.findall(r"ld\.global(\.\w+)*\.v4", ptx)),
+               st_v4=len(re.findall(r"st\.global(\.\w+)*\.v4", ptx)))
+    return row
+
+
+def problems(row) -> list:
+    """Why a measured row fails the gate: compile error, spills (stack or local), shared memory."""
+    if "error" in row:
+        return [row["error"]]
+    out = []
+    if row["stack"] or row["local"]:
+        out.append(f"{row['stack']} B stack + {row['local']} B local per thread (register spills)")
+    if row["shared"] > TARGETS[row["cc"]].smem_per_block:
+        out.append(f"{row['shared']} B shared > {TARGETS[row['cc']].smem_per_block} B")
+    return out
