@@ -84,7 +84,7 @@ def write_section(path, name, body):
 
 def run_step(name, cmd, limit_s, smoke):
     """Run one step, echoing its output; returns (status, wall s, output). status "ok" or why not."""
-    env = dict(os.environ)
+    env = dict(os.environ, PYTHONPATH=ROOT)  # the repo importable without pip install -e
     if smoke:
         env["TRITON_INTERPRET"] = "1"
     else:

@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("aot")
-    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp / "cache"))
+    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp / "cache"), PYTHONPATH=ROOT)  # no pip install -e needed
     env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "kernel_resources.py"), "--targets",
                            "80,90", "--unaligned-targets", "", "--jobs", "2", "--json", str(tmp / "rows.json")],
