@@ -23,10 +23,11 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from nanopairwise.common import atomic_write_text, print0
+from nanopairwise.guards import UserError
 
 
-class DataError(ValueError):
-    """A malformed data line: the message starts with `file:line:`."""
+class DataError(UserError, ValueError):
+    """A malformed data line: the message starts with `file:line:` (a user error: one line, exit 2)."""
 
 
 class FieldError(ValueError):
@@ -34,7 +35,10 @@ class FieldError(ValueError):
 
 
 class Record:
-    """A JSONL line as a dataclass: named fields, plus `meta` for every other key of the line."""
+    """A JSONL line as a dataclass: named fields, plus `meta` for every other key of the line.
+    The readers below also set `source` = "file:line" (not a field: never written back)."""
+
+    source = None
 
     @classmethod
     def from_row(cls, row: dict):
@@ -125,7 +129,7 @@ def read_jsonl(path: str, validate=None, skip_bad: bool = False, report: dict = 
     unless `skip_bad`, in which case such lines are skipped and counted in `report["bad"]`
     (the first error message goes to `report["first_error"]`).
     """
-    rows, bad, first_error = [], 0, None
+    rows, linenos, bad, first_error = [], [], 0, None
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             if not raw.strip():
@@ -149,8 +153,9 @@ def read_jsonl(path: str, validate=None, skip_bad: bool = False, report: dict = 
                 first_error = first_error or str(error)
                 continue
             rows.append(row)
+            linenos.append(lineno)
     if report is not None:
-        report.update(path=path, rows=len(rows), bad=bad, first_error=first_error)
+        report.update(path=path, rows=len(rows), bad=bad, first_error=first_error, lines=linenos)
     if bad:
         print0(f"warning: skipped {bad} bad line(s) in {path} (skip_bad=True); first: {first_error}")
     return rows
@@ -159,7 +164,8 @@ def read_jsonl(path: str, validate=None, skip_bad: bool = False, report: dict = 
 def load_preference_pairs(path: str, skip_bad: bool = False, report: dict = None) -> list:
     """Read preference pairs; ties (chosen == rejected) are dropped and counted in `report["ties"]`."""
     report = {} if report is None else report
-    pairs = [PreferencePair.from_row(r) for r in read_jsonl(path, check_pair_row, skip_bad, report)]
+    pairs = _with_source([PreferencePair.from_row(r) for r in read_jsonl(path, check_pair_row, skip_bad, report)],
+                         path, report)
     kept = [p for p in pairs if p.chosen != p.rejected]
     report.update(ties=len(pairs) - len(kept), kept=len(kept))
     if report["ties"]:
@@ -169,9 +175,16 @@ def load_preference_pairs(path: str, skip_bad: bool = False, report: dict = None
 
 def load_rl_prompts(path: str, skip_bad: bool = False, report: dict = None) -> list:
     report = {} if report is None else report
-    prompts = [RLPrompt.from_row(r) for r in read_jsonl(path, check_rl_row, skip_bad, report)]
+    prompts = _with_source([RLPrompt.from_row(r) for r in read_jsonl(path, check_rl_row, skip_bad, report)],
+                           path, report)
     report.update(kept=len(prompts))
     return prompts
+
+
+def _with_source(records, path, report):
+    for r, lineno in zip(records, report["lines"]):
+        r.source = f"{path}:{lineno}"
+    return records
 
 
 def write_jsonl(path: str, rows):

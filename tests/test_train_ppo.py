@@ -13,6 +13,7 @@ import pytest
 
 import train_ppo
 import train_rm
+from nanopairwise.guards import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--steps", "3", "--prompts-per-step", "4", "--samples-per-prompt", "2", "--max-new-tokens", "8",
@@ -97,6 +98,6 @@ def test_bt_baseline_runs(run_dir, tmp_path):
 
 def test_missing_reward_model_for_user_data_is_refused(run_dir, tmp_path):
     prompts = os.path.join(str(run_dir), "task", "rl_train.jsonl")
-    with pytest.raises(SystemExit, match="no reward model at"):
+    with pytest.raises(UserError, match="no reward model at"):
         train_ppo.main(["--prompts", prompts, "--policy", os.path.join(str(run_dir), "task", "policy"),
                         "--judge", str(tmp_path / "nothing"), "--out-dir", str(tmp_path / "o"), *FAST])
