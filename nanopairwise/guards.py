@@ -16,10 +16,12 @@ Validation happens before any model is loaded (`check_flag`, `check_input_file`,
 """
 
 import fcntl
+import json
 import math
 import os
 import socket
 import sys
+import time
 
 import torch
 
@@ -33,14 +35,20 @@ class NonFiniteError(UserError):
 
 
 def cli_main(main):
-    """Run `main()`; a UserError becomes one line on stderr and exit status 2 (rank 0 prints it)."""
+    """Run `main()`; a UserError becomes one line on stderr and exit status 2.
+
+    Under torchrun every rank finds the same error (flags and files are checked by all, a NaN is
+    all-reduced first), and torchrun stops the job at the first rank that exits. So rank 0 prints
+    and exits at once; another rank waits a few seconds first and is normally stopped in that
+    wait; only an error rank 0 did not hit is then printed, by the rank that hit it, once."""
     try:
         main()
     except UserError as e:
-        msg = f"error: {e}"
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(msg, file=sys.stderr, flush=True)
-        _torchelastic_error_file(msg)
+        rank = int(os.environ.get("RANK", "0"))
+        if rank != 0:
+            time.sleep(5)
+        print(f"error: {e}" if rank == 0 else f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
+        _torchelastic_error_file(f"error: {e}")
         sys.exit(2)
 
 
@@ -48,10 +56,8 @@ def _torchelastic_error_file(msg: str):
     """Under torchrun, leave the message where its failure summary looks for the root cause
     (TORCHELASTIC_ERROR_FILE), so the summary names it instead of "To enable traceback see ..."."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if not path or int(os.environ.get("RANK", "0")) != 0:
+    if not path:
         return
-    import json
-    import time
     try:
         with open(path, "w", encoding="utf-8") as f:
             json.dump({"message": {"message": msg, "extraInfo": {"py_callstack": msg,
