@@ -35,6 +35,10 @@ Our reading of the paper (its public text fixes few details); each is a flag:
   8. Separate AdamW optimisers for policy and critic; a joint backward of pg + vf_coef * v loss.
   9. Judge input: principle, then each response as the policy's own chat turn with its end-of-turn
      token, then the question (nanopairwise/judge.py JudgeTemplate; train_rm.py --question).
+Divergence guard (--max-kl, --max-ratio; 0 = off): the run stops with a message when the rollouts'
+mean sequence KL to the reference, or the updated policy's (k2, checked before every checkpoint),
+exceeds --max-kl (default 10 nats; the built-in main job ends near 0.3), or a token's ratio
+pi/pi_old exceeds --max-ratio. Bad inputs, NaNs and faults: docs/FAULTS.md.
 The baseline (--reward bt) is standard RLHF PPO: BT scalar reward, standard critic initialised
 from the reward model, the same KL, GAE, whitening and losses.
 """
@@ -538,6 +542,12 @@ def train(args, ddp, rank, world_size, device, owns_pg, t_start):
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
             run_eval(f"step{step}")
         if step == args.steps or (args.save_every and step % args.save_every == 0):
+            if args.max_kl:                          # the updated policy, before it is saved: on this step's rollouts
+                with torch.no_grad():
+                    lp = policy(exp["ids"], exp["attn"], exp["response_mask"], args.temperature).logprobs
+                kl = (losses.kl_estimate(lp, exp["ref_logprobs"], "k2") * exp["response_mask"]).sum(1).mean().item()
+                check_divergence(step, "the updated policy's KL to the reference (k2 on this step's rollouts)", kl,
+                                 "--max-kl", args, last_saved, device)
             trainer_state = {"step": step, "anchors": [p.anchor for p in train_prompts + eval_prompts],
                              "world_size": world_size, "history": history}
             save_checkpoint(ckpt, policy, critic, optimizers, tok, trainer_state, args)

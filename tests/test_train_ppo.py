@@ -87,6 +87,18 @@ def test_resume_after_a_crash_gives_the_same_next_steps(run_dir, tmp_path, monke
         for key in ("reward/score", "rollout/kl", "loss/pg", "loss/v", "ppo/clipfrac", "rollout/length"):
             assert b[s][key] == a[s][key], (s, key)
     assert resumed["after"] == straight["after"]
+    assert resumed["before"] == straight["before"]              # the crashed run's "before" is kept
+
+
+def test_divergence_guard_stops_before_saving(run_dir, tmp_path):
+    """--lr 3 runs away from the reference in its first update (KL of millions of nats): the
+    check before the step-1 checkpoint stops the run, and nothing is saved."""
+    out = tmp_path / "lr3"
+    with pytest.raises(UserError, match=r"^step 1: the updated policy's KL to the reference \(k2 on this step's "
+                                        r"rollouts\) is [\d.e+]+, above --max-kl 10: the policy diverged; stopped "
+                                        r"before saving, no checkpoint was written"):
+        train_ppo.main(["--run-dir", str(run_dir), "--out-dir", str(out), "--lr", "3", "--save-every", "1", *FAST])
+    assert sorted(step_rows(str(out))) == [1] and not (out / "checkpoint").exists()
 
 
 def test_bt_baseline_runs(run_dir, tmp_path):
