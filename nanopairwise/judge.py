@@ -39,12 +39,13 @@ import kernels
 from nanopairwise import checkpoint
 from nanopairwise.common import atomic_write_text
 from nanopairwise.data import pad_batch
+from nanopairwise.guards import UserError
 
 # ----------------------------------------------------------------------------------------------
 # templates
 
 
-class VerdictTokenError(ValueError):
+class VerdictTokenError(UserError, ValueError):
     """The tokenizer cannot express a verdict as a single token."""
 
 
