@@ -11,6 +11,10 @@ scalar head on the same trunk and trains -log sigmoid(r_w - r_l). Both start fro
 generative model (the SFT policy on the built-in task), evaluate on held-out pairs at the end
 (accuracy vs labels and vs the oracle, position consistency, ECE, Brier) and write an
 HF-format checkpoint to OUT_DIR/checkpoint that `--resume` continues from exactly.
+
+Flags, files, OUT_DIR and input lengths are checked before the model loads (one line, exit 2);
+a NaN loss or gradient norm stops the run before the optimizer step, so the last checkpoint
+survives; one run per OUT_DIR (OUT_DIR/.lock). docs/FAULTS.md lists what each fault gets.
 """
 
 import argparse
