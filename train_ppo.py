@@ -346,8 +346,9 @@ def ppo_update(exp, c_pre, models, optimizers, args, gen, step=0, last_saved=Non
             norms = [torch.nn.utils.clip_grad_norm_(mod.parameters(), args.grad_clip or float("inf"))
                      for mod in (policy, critic)]
             norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]   # FSDP2: a DTensor
+            # means over ranks (the norms are global already), so every rank stops alike
             checked = all_reduce_sum(torch.stack([loss.pg_loss.detach(), loss.v_loss.detach(), *norms]).float())
-            checked /= torch.tensor([get_world_size()] * 2 + [1.0] * 2, device=checked.device)  # norms: already global
+            checked /= get_world_size()
             check_finite(step + 1, dict(zip(("policy loss (pg)", "critic loss (v)", "policy grad norm",
                                              "critic grad norm"), checked.unbind())),
                          f"--lr {args.lr:g} (policy), --critic-lr {args.critic_lr:g} and --vf-coef (critic), "
@@ -442,7 +443,7 @@ def train(args, ddp, rank, world_size, device, owns_pg, t_start):
     policy_dir = os.path.join(ckpt, "policy") if args.resume else args.policy
     rm_dir = args.judge if args.reward == "pairwise" else args.bt_rm
     has_judge = args.reward == "pairwise" or os.path.exists(os.path.join(args.judge, "config.json"))
-    for path, flag in ((args.policy, "--policy"), (policy_dir, "--resume"), 
+    for path, flag in ((args.policy, "--policy"), (policy_dir, "--resume"),
                        (rm_dir, "--judge" if args.reward == "pairwise" else "--bt-rm")):
         check_model_dir(path, flag)
     check_input_file(args.prompts, "--prompts")
@@ -501,7 +502,8 @@ def train(args, ddp, rank, world_size, device, owns_pg, t_start):
            f"{len(train_prompts):,} prompts | {args.prompts_per_step}x{args.samples_per_prompt} samples/step | "
            f"{args.steps} steps | {world_size} rank(s) on {device}{' (FSDP2)' if args.fsdp else ''} | out {args.out_dir}")
     logger = MetricsLogger(args.out_dir)
-    logger.truncate(step)                                            # a resumed run: the crashed run's later rows go
+    if args.resume:
+        logger.truncate(step)                                        # the crashed run's later rows go
     history = dict(state.get("history", {}))                         # a resumed run keeps "before"
     last_saved = step or None
 

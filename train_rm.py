@@ -282,9 +282,9 @@ def train(args, ddp, rank, world_size, device, owns_pg, ckpt_dir):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip or float("inf"))
-        # finite or nothing: one host sync; the loss averaged over ranks, so every rank stops alike
+        # finite or nothing: one host sync; the means over ranks, so every rank stops alike
         mean_loss, grad_norm = (all_reduce_sum(torch.stack([loss.detach().float(), grad_norm.float()]))
-                                / torch.tensor([world_size, 1.0], device=loss.device)).unbind()
+                                / world_size).unbind()                   # the grad norm: the same on every rank
         check_finite(step + 1, {f"{args.objective} RM loss": mean_loss, f"{args.objective} RM grad norm": grad_norm},
                      f"--lr {args.lr:g} (this step's: {lr:.3g}), --warmup-steps, --grad-clip, --dtype, and the data",
                      last_saved)
