@@ -18,6 +18,7 @@ Validation happens before any model is loaded (`check_flag`, `check_input_file`,
 import fcntl
 import json
 import math
+import operator
 import os
 import socket
 import sys
@@ -86,18 +87,18 @@ def on_rank0(fn, *args):
 # flags
 
 
+COMPARE = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
+
+
 def check_flag(args, name: str, lo=None, hi=None, above=None, below=None, zero_ok=False):
     """args.<name> must be a finite number with lo <= v <= hi, v > above, v < below (each optional);
     `zero_ok` lets 0 through as "off" whatever the bounds say. Errors name the flag: `--lr nan: ...`."""
     v = getattr(args, name.lstrip("-").replace("-", "_"))
     if zero_ok and v == 0:
         return
-    bounds = [f">= {lo}" for _ in [lo] if lo is not None] + [f"> {above}" for _ in [above] if above is not None]
-    bounds += [f"<= {hi}" for _ in [hi] if hi is not None] + [f"< {below}" for _ in [below] if below is not None]
-    ok = math.isfinite(v) and (lo is None or v >= lo) and (hi is None or v <= hi) \
-        and (above is None or v > above) and (below is None or v < below)
-    if not ok:
-        need = " and ".join(bounds) or "finite"
+    bounds = [(op, b) for op, b in ((">=", lo), (">", above), ("<=", hi), ("<", below)) if b is not None]
+    if not (math.isfinite(v) and all(COMPARE[op](v, b) for op, b in bounds)):
+        need = " and ".join(f"{op} {b}" for op, b in bounds)
         raise UserError(f"{name} {v}: must be a finite number {need}{' (or 0 = off)' if zero_ok else ''}")
 
 
