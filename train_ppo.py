@@ -457,7 +457,8 @@ def train(args, ddp, rank, world_size, device, owns_pg, t_start):
             raise UserError(f"the tokenizer of {path} maps text to ids differently from the policy's ({policy_dir}); "
                             "the judge and critic read the policy's tokens, so they must share its tokenizer")
     train_prompts = load_prompts(args.prompts, args)
-    check_rows(train_prompts, args.prompts_per_step, "--prompts", args.prompts, "prompts", "--prompts-per-step")
+    check_rows(train_prompts, args.prompts_per_step, "--prompts", args.prompts, "prompts (after dropping bad lines)",
+               "--prompts-per-step")
     eval_prompts = load_prompts(args.eval_prompts, args)[:args.eval_size] if args.eval_prompts else []
     if args.eval_prompts and len(eval_prompts) < world_size:
         raise UserError(f"--eval-prompts {args.eval_prompts}: {len(eval_prompts)} usable prompts, fewer than one "

@@ -224,7 +224,8 @@ def train(args, ddp, rank, world_size, device, owns_pg, ckpt_dir):
     dtype = parse_dtype(args.dtype)
     set_seed(args.seed)
     train_pairs = load_pairs(args.train_data, args)
-    check_rows(train_pairs, args.batch_size, "--train-data", args.train_data, "pairs", "--batch-size")
+    check_rows(train_pairs, args.batch_size, "--train-data", args.train_data,
+               "pairs (after dropping ties and bad lines)", "--batch-size")
     eval_pairs = load_pairs(args.eval_data, args) if args.eval_data else []
     if args.eval_data and not eval_pairs:
         raise UserError(f"--eval-data {args.eval_data}: no usable pairs (after dropping ties and bad lines); "

@@ -148,8 +148,7 @@ def check_out_dir(path: str, flag: str = "--out-dir"):
 def check_rows(rows: list, need: int, flag: str, path: str, what: str, need_flag: str):
     """At least `need` usable rows (after ties and skipped bad lines were dropped)."""
     if len(rows) < need:
-        raise UserError(f"{flag} {path}: {len(rows)} usable {what} (after dropping ties and bad lines), "
-                        f"fewer than one batch ({need_flag} {need})")
+        raise UserError(f"{flag} {path}: {len(rows)} usable {what}, fewer than one batch ({need_flag} {need})")
 
 
 def check_length(n_tokens: int, limit: int, where: str, what: str, hint: str):
