@@ -35,12 +35,15 @@ Our reading of the paper (its public text fixes few details); each is a flag:
   8. Separate AdamW optimisers for policy and critic; a joint backward of pg + vf_coef * v loss.
   9. Judge input: principle, then each response as the policy's own chat turn with its end-of-turn
      token, then the question (nanopairwise/judge.py JudgeTemplate; train_rm.py --question).
+Divergence guard (--max-kl, --max-ratio; 0 = off): the run stops with a message when the rollouts'
+mean sequence KL to the reference, or the updated policy's (k2, checked before every checkpoint),
+exceeds --max-kl (default 10 nats; the built-in main job ends near 0.3), or a token's ratio
+pi/pi_old exceeds --max-ratio. Bad inputs, NaNs and faults: docs/FAULTS.md.
 The baseline (--reward bt) is standard RLHF PPO: BT scalar reward, standard critic initialised
 from the reward model, the same KL, GAE, whitening and losses.
 """
 
 import argparse
-import json
 import os
 import time
 
@@ -49,11 +52,13 @@ import torch.distributed as dist
 
 import kernels
 import train_rm
-from nanopairwise import bootstrap, data, judge as J, losses, tasks, tracking
-from nanopairwise.common import (MetricsLogger, Progress, all_reduce_sum, atomic_dir_all_ranks, atomic_torch_save,
-                                 barrier, clock, compute_cleanup, compute_init, full_state_dict, gathered, get_rank, get_world_size,
-                                 parse_dtype,
-                                 print0, set_seed, shard_model, unwrap, wrap_data_parallel)
+from nanopairwise import bootstrap, checkpoint, data, judge as J, losses, tasks, tracking
+from nanopairwise.common import (DTYPES, MetricsLogger, Progress, all_reduce_sum, atomic_dir_all_ranks,
+                                 atomic_torch_save, atomic_write_text, barrier, clock, compute_cleanup, compute_init,
+                                 dumps_json, full_state_dict, gathered, get_rank, get_world_size, parse_dtype,
+                                 print0, remove_leftovers, set_seed, shard_model, unwrap, wrap_data_parallel)
+from nanopairwise.guards import (RunLock, UserError, check_divides, check_finite, check_flag, check_input_file,
+                                 check_length, check_model_dir, check_out_dir, check_rows, cli_main, on_rank0)
 from nanopairwise.model import Block, Transformer
 from nanopairwise.policy import PolicyLogprobs, encode_prompt
 from nanopairwise.rollout import generate
@@ -112,6 +117,12 @@ def get_args(argv=None):
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
+    # divergence guard: stop (before saving) when the policy runs away from the reference
+    p.add_argument("--max-kl", type=float, default=10.0,
+                   help="stop when the rollouts' mean sequence KL to the reference exceeds this (0 = off); "
+                        "the built-in main job stays near 0.3, the BT baseline near 1")
+    p.add_argument("--max-ratio", type=float, default=100.0,
+                   help="stop when the PPO ratio pi/pi_old of a token exceeds this in an update (0 = off)")
     # experiment tracking (nanopairwise/tracking.py)
     tracking.add_arguments(p)
     args = p.parse_args(argv)
@@ -122,6 +133,46 @@ def get_args(argv=None):
     args.judge = args.judge or os.path.join(args.run_dir, "judge", "checkpoint")
     args.bt_rm = args.bt_rm or os.path.join(args.run_dir, "bt", "checkpoint")
     return args
+
+
+def validate_args(args):
+    """Every flag checked before anything is read or loaded; a UserError names the flag."""
+    for name in ("--steps", "--prompts-per-step", "--samples-per-prompt", "--max-new-tokens", "--ppo-epochs",
+                 "--minibatches", "--eval-size"):
+        check_flag(args, name, lo=1)
+    check_flag(args, "--anchor-samples", lo=2)                     # best of one is no ranking
+    for name in ("--eval-every", "--save-every", "--truncation-penalty", "--kl-coef", "--vf-coef", "--value-clip"):
+        check_flag(args, name, lo=0)
+    for name in ("--lr", "--critic-lr", "--temperature", "--clip-high"):
+        check_flag(args, name, above=0)
+    check_flag(args, "--clip-low", above=0, below=1)
+    check_flag(args, "--top-p", above=0, hi=1)
+    for name in ("--gamma", "--lam", "--value-lam"):
+        check_flag(args, name, lo=0, hi=1)
+    for name in ("--grad-clip", "--max-kl", "--max-ratio"):
+        check_flag(args, name, above=0, zero_ok=True)
+    if args.dtype not in DTYPES:
+        raise UserError(f"--dtype {args.dtype}: choose one of {', '.join(DTYPES)}")
+
+
+def check_lengths(prompts, tok, args, policy_dir, rm_dir):
+    """Every sequence a model will read fits its max_position_embeddings, counting --max-new-tokens
+    for the response (twice when a best-of-N anchor is still to be sampled). Prompts are never cut:
+    one too long is refused by file:line before any model is loaded (else: out of memory)."""
+    limit = lambda path: checkpoint.read_config(path)["max_position_embeddings"]
+    policy_max, rm_max = limit(policy_dir), limit(rm_dir)
+    judge_max = limit(args.judge) if os.path.exists(os.path.join(args.judge, "config.json")) else None
+    hint = "shorten the prompt / anchor / principle or lower --max-new-tokens"
+    for p in prompts:
+        R = args.max_new_tokens
+        anchor, anchor_len = p.anchor or "", 0 if p.anchor else R
+        check_length(len(encode_prompt(tok, p.prompt)) + R, policy_max, p.source, "prompt + response", hint)
+        pair = J.encode_pair(tok, args.judge_template, p.principle, p.prompt, anchor, "")
+        if judge_max:
+            check_length(len(pair) + anchor_len + R, judge_max, p.source, "the judge's input", hint)
+        critic = tok.encode(args.rm_template.anchor_prefix(tok, p.principle, p.prompt, anchor)
+                            if args.critic == "pairwise" else args.rm_template.single_prefix(tok, p.principle, p.prompt))
+        check_length(len(critic) + anchor_len + R, rm_max, p.source, "the critic's input", hint)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,7 +194,7 @@ def ensure_reward_models(args, ddp, rank):
         needed = objective == args.reward or (objective == "pairwise" and builtin)  # the judge also evaluates
         if needed and not os.path.exists(os.path.join(path, "config.json")):
             if not builtin:
-                raise SystemExit(f"no reward model at {path}; train one with train_rm.py --objective {objective}")
+                raise UserError(f"no reward model at {path}; train one with train_rm.py --objective {objective}")
             print0(f"== training the {objective} reward model (missing at {path}) ==")
             train_rm.main(["--objective", objective, "--task-dir", args.task_dir, "--seed", str(args.seed),
                            "--out-dir", os.path.dirname(path), "--device", args.device])
@@ -164,7 +215,7 @@ def fill_anchors(prompts, policy, judge, tok, args, device):
     if not missing:
         return
     if judge is None:
-        raise SystemExit("prompts without an anchor need a judge to pick best-of-N anchors")
+        raise UserError("prompts without an anchor need a judge (--judge) to pick best-of-N anchors")
     n = args.anchor_samples
     gen = torch.Generator(device=device).manual_seed(args.seed + 17)
     with gathered(policy), gathered(judge):                          # every rank does the same work
@@ -271,8 +322,9 @@ def make_experience(step_prompts, models, tok, args, device, gen):
     return exp, c_pre, stats
 
 
-def ppo_update(exp, c_pre, models, optimizers, args, gen):
-    """--ppo-epochs passes of --minibatches shuffled minibatches over this rank's experience."""
+def ppo_update(exp, c_pre, models, optimizers, args, gen, step=0, last_saved=None):
+    """--ppo-epochs passes of --minibatches shuffled minibatches over this rank's experience.
+    Before each optimizer step: loss and both gradient norms finite (one host sync), else stop."""
     policy, _, critic, _ = models
     B, R = exp["response_mask"].shape
     mb = max(1, B // args.minibatches)
@@ -291,14 +343,19 @@ def ppo_update(exp, c_pre, models, optimizers, args, gen):
                                     kl_coef=args.kl_coef if kl_ref is not None else 0.0, values=values,
                                     old_values=e["values"], returns=e["returns"], value_clip=args.value_clip,
                                     vf_coef=args.vf_coef)
-            if not torch.isfinite(loss.loss):
-                raise FloatingPointError(f"PPO loss is {loss.loss.item()} (pg_loss {loss.pg_loss.item()}, "
-                                         f"v_loss {loss.v_loss.item()}); lower --lr / --critic-lr")
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
             loss.loss.backward()
-            for mod in (policy, critic):
-                torch.nn.utils.clip_grad_norm_(mod.parameters(), args.grad_clip or float("inf"))
+            norms = [torch.nn.utils.clip_grad_norm_(mod.parameters(), args.grad_clip or float("inf"))
+                     for mod in (policy, critic)]
+            norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]   # FSDP2: a DTensor
+            # means over ranks (the norms are global already), so every rank stops alike
+            checked = all_reduce_sum(torch.stack([loss.pg_loss.detach(), loss.v_loss.detach(), *norms]).float())
+            checked /= get_world_size()
+            check_finite(step + 1, dict(zip(("policy loss (pg)", "critic loss (v)", "policy grad norm",
+                                             "critic grad norm"), checked.unbind())),
+                         f"--lr {args.lr:g} (policy), --critic-lr {args.critic_lr:g} and --vf-coef (critic), "
+                         "--grad-clip, --dtype", last_saved)
             for opt in optimizers:
                 opt.step()
             row = {"loss/pg": loss.pg_loss, "loss/v": loss.v_loss, "loss/kl": loss.kl_loss,
@@ -307,7 +364,8 @@ def ppo_update(exp, c_pre, models, optimizers, args, gen):
                    "critic/explained_var": losses.explained_variance(values.detach(), e["returns"], m)}
             for k, v in row.items():
                 sums.setdefault(k, []).append(v.detach().float())     # no host sync per minibatch
-    return {k: torch.stack(v).mean().item() for k, v in sums.items()}
+    # the largest ratio of the update (the divergence guard reads it), the mean of everything else
+    return {k: (torch.stack(v).max() if k == "ppo/ratio_max" else torch.stack(v).mean()).item() for k, v in sums.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -329,6 +387,21 @@ def save_checkpoint(path, policy, critic, optimizers, tok, state, args):
             atomic_torch_save([o.state_dict() for o in optimizers], os.path.join(tmp, optimizer_file(args, rank)))
 
 
+def check_divergence(step, what, value, flag, args, last_saved, device):
+    """The divergence guard: a policy far from the reference (or from the rollout policy within an
+    update) has run away, whatever its reward says; stop before it is saved. 0 turns it off."""
+    limit = getattr(args, flag[2:].replace("-", "_"))
+    if get_world_size() > 1:                                         # every rank decides alike
+        value = torch.tensor(value, device=device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        value = value.item()
+    if limit and not value <= limit:
+        saved = f"the last checkpoint (step {last_saved}) is kept" if last_saved else "no checkpoint was written"
+        raise UserError(f"step {step}: {what} is {value:.4g}, above {flag} {limit:g}: the policy diverged; stopped "
+                        f"before saving, {saved}. Look at --lr {args.lr:g}, --kl-coef, --clip-low/--clip-high "
+                        f"({flag} 0 turns this guard off)")
+
+
 def optimizer_file(args, rank):
     return f"optimizers.rank{rank}.pt" if args.fsdp else "optimizers.pt"
 
@@ -340,29 +413,63 @@ def optimizer_file(args, rank):
 def main(argv=None):
     t_start = time.time()
     args = get_args(argv)
+    validate_args(args)
     owns_pg = not (dist.is_available() and dist.is_initialized())
     ddp, rank, _, world_size, device = compute_init(args.device)
+    check_divides(args.prompts_per_step, "--prompts-per-step", world_size)
+    check_out_dir(args.out_dir)
+    lock = on_rank0(lambda: RunLock(args.out_dir).acquire())      # one run per --out-dir
+    try:
+        return train(args, ddp, rank, world_size, device, owns_pg, t_start)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def train(args, ddp, rank, world_size, device, owns_pg, t_start):
+    if rank == 0:
+        for path in remove_leftovers(args.out_dir):
+            print0(f"removed {path} (left by a write that was killed)")
     dtype = parse_dtype(args.dtype)
     set_seed(args.seed)
     ensure_reward_models(args, ddp, rank)
-    assert args.prompts_per_step % world_size == 0, "--prompts-per-step must divide by the number of ranks"
+    # ---- inputs checked before any model is loaded -------------------------------------------
     ckpt = os.path.join(args.out_dir, "checkpoint")
     state = {"step": 0, "anchors": None}
     if args.resume:
         if not os.path.exists(os.path.join(ckpt, "trainer_state.pt")):
-            raise SystemExit(f"--resume: no checkpoint at {ckpt}")
+            raise UserError(f"--resume: no checkpoint at {ckpt}")
         state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
         if args.fsdp and state["world_size"] != world_size:
-            raise SystemExit(f"--resume --fsdp: the checkpoint holds optimizer shards of {state['world_size']} "
-                             f"ranks; run on {state['world_size']} ranks")
+            raise UserError(f"--resume --fsdp: the checkpoint holds optimizer shards of {state['world_size']} "
+                            f"ranks; run on {state['world_size']} ranks")
     policy_dir = os.path.join(ckpt, "policy") if args.resume else args.policy
-    tok = Tokenizer.from_pretrained(policy_dir)
     rm_dir = args.judge if args.reward == "pairwise" else args.bt_rm
+    has_judge = args.reward == "pairwise" or os.path.exists(os.path.join(args.judge, "config.json"))
+    for path, flag in ((args.policy, "--policy"), (policy_dir, "--resume"),
+                       (rm_dir, "--judge" if args.reward == "pairwise" else "--bt-rm")):
+        check_model_dir(path, flag)
+    check_input_file(args.prompts, "--prompts")
+    if args.eval_prompts:
+        check_input_file(args.eval_prompts, "--eval-prompts")
+    tok = Tokenizer.from_pretrained(policy_dir)
     _, args.judge_template = J.load_rm_config(args.judge)     # each reward model's own text layout
     _, args.rm_template = J.load_rm_config(rm_dir)
-    if Tokenizer.from_pretrained(rm_dir).vocab_size != tok.vocab_size:
-        raise SystemExit(f"the critic starts from {rm_dir}, whose tokenizer differs from the policy's; "
-                         "they must share a vocabulary (the critic reads the policy's tokens)")
+    for path in {args.judge, rm_dir} if has_judge else {rm_dir}:  # same strings -> same ids, not just same size
+        if Tokenizer.from_pretrained(path).fingerprint() != tok.fingerprint():
+            raise UserError(f"the tokenizer of {path} maps text to ids differently from the policy's ({policy_dir}); "
+                            "the judge and critic read the policy's tokens, so they must share its tokenizer")
+    train_prompts = load_prompts(args.prompts, args)
+    check_rows(train_prompts, args.prompts_per_step, "--prompts", args.prompts, "prompts (after dropping bad lines)",
+               "--prompts-per-step")
+    eval_prompts = load_prompts(args.eval_prompts, args)[:args.eval_size] if args.eval_prompts else []
+    if args.eval_prompts and len(eval_prompts) < world_size:
+        raise UserError(f"--eval-prompts {args.eval_prompts}: {len(eval_prompts)} usable prompts, fewer than one "
+                        f"per rank ({world_size}); fix the file or leave out --eval-prompts")
+    if not args.eval_prompts:
+        print0("note: no --eval-prompts, so no held-out evaluation and no eval.json")
+    eval_prompts = eval_prompts[:len(eval_prompts) - len(eval_prompts) % world_size]   # equal shares
+    check_lengths(train_prompts + eval_prompts, tok, args, policy_dir, rm_dir)
 
     # ---- models: policy (trained), reference (frozen), reward model (frozen), critic (trained)
     load = lambda path: Transformer.from_pretrained(path, dtype=dtype, device=device)
@@ -389,10 +496,7 @@ def main(argv=None):
         for opt, sd in zip(optimizers, saved):
             opt.load_state_dict(sd)
 
-    # ---- prompts and anchors (fixed for the run; stored in the checkpoint) -------------------
-    train_prompts = load_prompts(args.prompts, args)
-    eval_prompts = load_prompts(args.eval_prompts, args)[:args.eval_size] if args.eval_prompts else []
-    eval_prompts = eval_prompts[:len(eval_prompts) - len(eval_prompts) % world_size]   # equal shares
+    # ---- anchors (fixed for the run; stored in the checkpoint) --------------------------------
     step = state["step"]
     for p, a in zip(train_prompts + eval_prompts, state["anchors"] or []):   # best-of-N ones too
         p.anchor = a
@@ -402,7 +506,10 @@ def main(argv=None):
            f"{len(train_prompts):,} prompts | {args.prompts_per_step}x{args.samples_per_prompt} samples/step | "
            f"{args.steps} steps | {world_size} rank(s) on {device}{' (FSDP2)' if args.fsdp else ''} | out {args.out_dir}")
     logger = MetricsLogger(args.out_dir, report_to=args.report_to, config=vars(args))
-    history = {}
+    if args.resume:
+        logger.truncate(step)                                        # the crashed run's later rows go
+    history = dict(state.get("history", {}))                         # a resumed run keeps "before"
+    last_saved = step or None
 
     def run_eval(tag):
         if eval_prompts:
@@ -424,8 +531,10 @@ def main(argv=None):
         gen = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step * world_size + rank)
         cpu_gen = torch.Generator().manual_seed(args.seed * 7919 + step * world_size + rank)
         exp, c_pre, stats = make_experience(step_prompts, models, tok, args, device, gen)
+        check_divergence(step + 1, "rollout KL to the reference", stats["rollout/kl"], "--max-kl", args, last_saved,
+                         device)
         t_update = clock(device)
-        stats.update(ppo_update(exp, c_pre, models, optimizers, args, cpu_gen))
+        stats.update(ppo_update(exp, c_pre, models, optimizers, args, cpu_gen, step, last_saved))
         step += 1
         stats["perf/update_s"] = clock(device) - t_update
         dt = time.time() - t0
@@ -434,13 +543,21 @@ def main(argv=None):
         logger.log(step, stats, total=args.steps,
                    console_keys=["reward/score", "rollout/win_rate", "rollout/kl", "ppo/clipfrac",
                                  "loss/v", "rollout/length", "perf/ms", "perf/tok_per_s"])
+        check_divergence(step, "PPO ratio pi/pi_old", stats["ppo/ratio_max"], "--max-ratio", args, last_saved, device)
         progress.update(step - state["step"])
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
             run_eval(f"step{step}")
         if step == args.steps or (args.save_every and step % args.save_every == 0):
+            if args.max_kl:                          # the updated policy, before it is saved: on this step's rollouts
+                with torch.no_grad():
+                    lp = policy(exp["ids"], exp["attn"], exp["response_mask"], args.temperature).logprobs
+                kl = (losses.kl_estimate(lp, exp["ref_logprobs"], "k2") * exp["response_mask"]).sum(1).mean().item()
+                check_divergence(step, "the updated policy's KL to the reference (k2 on this step's rollouts)", kl,
+                                 "--max-kl", args, last_saved, device)
             trainer_state = {"step": step, "anchors": [p.anchor for p in train_prompts + eval_prompts],
-                             "world_size": world_size}
+                             "world_size": world_size, "history": history}
             save_checkpoint(ckpt, policy, critic, optimizers, tok, trainer_state, args)
+            last_saved = step
     run_eval("after")
     logger.close()
     if rank == 0 and "after" in history:
@@ -448,8 +565,7 @@ def main(argv=None):
         print0("\nheld-out metric        before    after")
         for k, v in history["after"].items():
             print0(f"{k:<20} {before.get(k, float('nan')):>8.4f} {v:>8.4f}")
-        with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
-            json.dump(history, f, indent=2)
+        atomic_write_text(os.path.join(args.out_dir, "eval.json"), dumps_json(history, indent=2))
         print0(f"done in {time.time() - t_start:.0f} s (setup included) | {args.out_dir}")
     barrier()
     if owns_pg:
@@ -458,4 +574,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli_main(main)

@@ -12,10 +12,13 @@ generative model (the SFT policy on the built-in task), evaluate on held-out pai
 (accuracy vs labels and vs the oracle, position consistency, ECE, Brier; eval.json also keeps the
 reliability diagram's bins, drawn by scripts/plot.py) and write an
 HF-format checkpoint to OUT_DIR/checkpoint that `--resume` continues from exactly.
+
+Flags, files, OUT_DIR and input lengths are checked before the model loads (one line, exit 2);
+a NaN loss or gradient norm stops the run before the optimizer step, so the last checkpoint
+survives; one run per OUT_DIR (OUT_DIR/.lock). docs/FAULTS.md lists what each fault gets.
 """
 
 import argparse
-import json
 import math
 import os
 import time
@@ -24,10 +27,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nanopairwise import bootstrap, data, judge as J, tracking
-from nanopairwise.common import (MetricsLogger, Progress, atomic_dir, atomic_torch_save, atomic_write_text,
-                                 compute_cleanup, compute_init, get_rng_state, parse_dtype, print0,
-                                 set_rng_state, set_seed)
+from nanopairwise import bootstrap, checkpoint, data, judge as J, tracking
+from nanopairwise.common import (DTYPES, MetricsLogger, Progress, all_reduce_sum, atomic_dir, atomic_torch_save,
+                                 atomic_write_text, compute_cleanup, compute_init, dumps_json, get_rng_state,
+                                 parse_dtype, print0, remove_leftovers, set_rng_state, set_seed)
+from nanopairwise.guards import (RunLock, UserError, check_divides, check_finite, check_flag, check_input_file,
+                                 check_length, check_model_dir, check_out_dir, check_rows, cli_main, on_rank0)
 from nanopairwise.model import Transformer
 from nanopairwise.tokenizer import Tokenizer
 
@@ -81,6 +86,34 @@ def get_args(argv=None):
         p.error(f"--verdicts needs two comma-separated strings, got {args.verdicts!r}")
     args.template = J.JudgeTemplate(question=args.question, yes=verdicts[0], no=verdicts[1])
     return args
+
+
+def validate_args(args):
+    """Every flag checked before anything is read or loaded; a UserError names the flag."""
+    for name in ("--batch-size", "--eval-batch-size", "--max-response-tokens"):
+        check_flag(args, name, lo=1)
+    for name in ("--warmup-steps", "--weight-decay", "--save-every", "--max-steps"):
+        check_flag(args, name, lo=0)
+    check_flag(args, "--epochs", above=0)
+    check_flag(args, "--lr", above=0)
+    check_flag(args, "--grad-clip", above=0, zero_ok=True)
+    if args.dtype not in DTYPES:
+        raise UserError(f"--dtype {args.dtype}: choose one of {', '.join(DTYPES)}")
+
+
+def check_lengths(pairs, args, tok, limit):
+    """Every input the model reads must fit its max_position_embeddings. Responses are cut to
+    --max-response-tokens; prompt and principle are never cut, so a pair too long is refused by
+    file:line (an over-long input would otherwise reach the attention mask: out of memory)."""
+    for p in pairs:
+        if args.objective == "pairwise":
+            n = len(J.encode_pair(tok, args.template, p.principle, p.prompt, p.chosen, p.rejected,
+                                  args.max_response_tokens))
+        else:
+            n = max(len(J.encode_single(tok, args.template, p.principle, p.prompt, y, args.max_response_tokens))
+                    for y in (p.chosen, p.rejected))
+        check_length(n, limit, p.source, "the reward model's input", "shorten the prompt or principle, "
+                     "or lower --max-response-tokens")
 
 
 def load_pairs(path, args):
@@ -164,11 +197,11 @@ def save_checkpoint(path, raw_model, tok, state, args):
 
 def main(argv=None):
     args = get_args(argv)
+    validate_args(args)
     owns_pg = not (dist.is_available() and dist.is_initialized())  # False when called from train_ppo.py
     ddp, rank, _, world_size, device = compute_init(args.device)
-    dtype = parse_dtype(args.dtype)
-    set_seed(args.seed)
-    # ---- data and model -------------------------------------------------------------------
+    check_divides(args.batch_size, "--batch-size", world_size)
+    # ---- inputs checked before any model is loaded -----------------------------------------
     if args.train_data is None:
         if rank == 0:
             bootstrap.ensure_bootstrap(args.task_dir, seed=args.seed)
@@ -179,20 +212,47 @@ def main(argv=None):
         args.eval_data = args.eval_data or paths["pairs_test"]
         args.model = args.model or paths["policy"]
     if args.model is None:
-        raise SystemExit("--model DIR is required with --train-data")
-    train_pairs = load_pairs(args.train_data, args)
-    eval_pairs = load_pairs(args.eval_data, args) if args.eval_data else []
+        raise UserError("--model DIR is required with --train-data")
+    check_model_dir(args.model, "--model")
+    check_input_file(args.train_data, "--train-data")
+    if args.eval_data:
+        check_input_file(args.eval_data, "--eval-data")
+    check_out_dir(args.out_dir)
     ckpt_dir = os.path.join(args.out_dir, "checkpoint")
+    lock = on_rank0(lambda: RunLock(args.out_dir).acquire())      # one run per --out-dir
+    try:
+        return train(args, ddp, rank, world_size, device, owns_pg, ckpt_dir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def train(args, ddp, rank, world_size, device, owns_pg, ckpt_dir):
+    if rank == 0:
+        for path in remove_leftovers(args.out_dir):
+            print0(f"removed {path} (left by a write that was killed)")
+    dtype = parse_dtype(args.dtype)
+    set_seed(args.seed)
+    train_pairs = load_pairs(args.train_data, args)
+    check_rows(train_pairs, args.batch_size, "--train-data", args.train_data,
+               "pairs (after dropping ties and bad lines)", "--batch-size")
+    eval_pairs = load_pairs(args.eval_data, args) if args.eval_data else []
+    if args.eval_data and not eval_pairs:
+        raise UserError(f"--eval-data {args.eval_data}: no usable pairs (after dropping ties and bad lines); "
+                        "fix the file or leave out --eval-data")
+    if not args.eval_data:
+        print0("note: no --eval-data, so no held-out evaluation and no eval.json")
     init_dir = ckpt_dir if args.resume else args.model
     if args.resume and not os.path.exists(os.path.join(ckpt_dir, "trainer_state.pt")):
-        raise SystemExit(f"--resume: no checkpoint at {ckpt_dir}")
+        raise UserError(f"--resume: no checkpoint at {ckpt_dir}")
     tok = Tokenizer.from_pretrained(init_dir if os.path.exists(os.path.join(init_dir, "tokenizer.json")) else args.model)
     yes_no = J.verdict_token_ids(tok, args.template)
+    check_lengths(train_pairs + eval_pairs, args, tok, checkpoint.read_config(init_dir)["max_position_embeddings"])
+    # ---- model ------------------------------------------------------------------------------
     raw_model = build_model(args, init_dir, dtype, device, yes_no)
     model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else raw_model
     optimizer = torch.optim.AdamW(raw_model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                   betas=(0.9, 0.95))
-    assert args.batch_size % world_size == 0, f"--batch-size {args.batch_size} must divide by {world_size} ranks"
     steps_per_epoch = len(train_pairs) // args.batch_size
     total_steps = max(1, int(steps_per_epoch * args.epochs))
     if args.max_steps:
@@ -207,6 +267,9 @@ def main(argv=None):
            f"{sum(p.numel() for p in raw_model.parameters()):,} params | {world_size} rank(s) on {device} | "
            f"{total_steps} steps of {args.batch_size} pairs | out {args.out_dir}")
     logger = MetricsLogger(args.out_dir, report_to=args.report_to, config=vars(args) | {"template": None})
+    if args.resume:
+        logger.truncate(step)                                         # the crashed run's later rows go
+    last_saved = step or None
 
     # ---- training loop --------------------------------------------------------------------
     def data_order(epoch):
@@ -227,11 +290,15 @@ def main(argv=None):
         for g in optimizer.param_groups:
             g["lr"] = lr
         loss, acc = loss_fn(model, ids, mask, labels, args, yes_no)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"step {step}: loss is {loss.item()} (tensor 'loss'); lower --lr or check data")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip or float("inf"))
+        # finite or nothing: one host sync; the means over ranks, so every rank stops alike
+        mean_loss, grad_norm = (all_reduce_sum(torch.stack([loss.detach().float(), grad_norm.float()]))
+                                / world_size).unbind()                   # the grad norm: the same on every rank
+        check_finite(step + 1, {f"{args.objective} RM loss": mean_loss, f"{args.objective} RM grad norm": grad_norm},
+                     f"--lr {args.lr:g} (this step's: {lr:.3g}), --warmup-steps, --grad-clip, --dtype, and the data",
+                     last_saved)
         optimizer.step()
         step += 1
         dt = time.time() - t_last
@@ -248,6 +315,7 @@ def main(argv=None):
             if rank == 0:
                 save_checkpoint(ckpt_dir, raw_model, tok, {"optimizer": optimizer.state_dict(), "step": step,
                                                            "rng": rngs, "args": vars(args) | {"template": None}}, args)
+            last_saved = step
             if ddp:
                 dist.barrier()
 
@@ -255,7 +323,7 @@ def main(argv=None):
     metrics = {}
     if rank == 0 and eval_pairs:
         metrics = evaluate(raw_model, eval_pairs, args, tok, yes_no)
-        atomic_write_text(os.path.join(args.out_dir, "eval.json"), json.dumps(metrics, indent=2))
+        atomic_write_text(os.path.join(args.out_dir, "eval.json"), dumps_json(metrics, indent=2))
         scalars = {k: v for k, v in metrics.items() if k != "reliability"}  # eval.json has the diagram's bins too
         print0("eval | " + " | ".join(f"{k} {v:.4f}" for k, v in scalars.items()))
         logger.log(step, {f"eval/{k}": v for k, v in scalars.items()}, total=total_steps, console_keys=[])
@@ -268,4 +336,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli_main(main)

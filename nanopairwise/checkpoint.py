@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from nanopairwise.common import atomic_dir
+from nanopairwise.guards import NonFiniteError, nonfinite_tensors
 
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
@@ -180,6 +181,7 @@ def save_checkpoint(path: str, hf_config: dict, state: dict, max_shard_size="5GB
     more as model-0000i-of-0000N.safetensors plus the index. Files of an existing `path` that
     are not weights or config (tokenizer.json, trainer state, ...) are copied into the new one.
     """
+    refuse_nonfinite(path, state)
     limit = parse_size(max_shard_size)
     shards, size = [[]], 0
     for name, t in state.items():
@@ -204,6 +206,14 @@ def save_checkpoint(path: str, hf_config: dict, state: dict, max_shard_size="5GB
             with open(os.path.join(tmp, INDEX), "w", encoding="utf-8") as f:
                 json.dump(index, f, indent=2)
         _carry_over(path, tmp)
+
+
+def refuse_nonfinite(path: str, state: dict):
+    """A checkpoint never holds NaN / inf: raise before anything is written (the old one stays)."""
+    bad = nonfinite_tensors(state)
+    if bad:
+        raise NonFiniteError(f"{path}: not saved, {len(bad)} of {len(state)} tensors hold NaN or inf "
+                             f"(e.g. {', '.join(bad[:3])}); the previous checkpoint there is kept")
 
 
 def _carry_over(old: str, new: str):

@@ -5,7 +5,9 @@ needs, written once. Modelled on nanochat's `compute_init()` / `print0` pattern.
 """
 
 import contextlib
+import glob
 import json
+import math
 import os
 import random
 import shutil
@@ -256,6 +258,22 @@ def atomic_dir_all_ranks(path: str):
     barrier()                                                  # the directory is in place
 
 
+def remove_leftovers(out_dir: str, name: str = "checkpoint") -> list:
+    """Clean up after a write killed mid-way, at the start of a run (the lock held, so no live
+    writer): `.NAME.tmp-*` (an unfinished new checkpoint) and `*.tmp-*` files are removed; a
+    `.NAME.old-*` is the previous complete checkpoint, put back if the kill fell between the
+    two renames of atomic_dir (no NAME), else removed. Returns what was removed."""
+    path = os.path.join(out_dir, name)
+    olds = sorted(glob.glob(os.path.join(out_dir, f".{name}.old-*")))
+    if olds and not os.path.exists(path):
+        os.replace(olds.pop(), path)
+    removed = olds + glob.glob(os.path.join(out_dir, f".{name}.tmp-*")) + glob.glob(os.path.join(out_dir, "*.tmp-*"))
+    removed += glob.glob(os.path.join(path, "**", "*.tmp-*"), recursive=True)
+    for r in removed:
+        shutil.rmtree(r, ignore_errors=True) if os.path.isdir(r) else os.remove(r)
+    return removed
+
+
 def atomic_torch_save(obj, path: str):
     """torch.save to `path` via a temp file + rename."""
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
@@ -297,7 +315,7 @@ class MetricsLogger:
         row = {"step": step, **{k: _to_py(v) for k, v in metrics.items()}}
         if self.path is not None:
             with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(dumps_json(row) + "\n")
         if self.tracker is not None:
             self.tracker.log(step, row)
         keys = console_keys if console_keys is not None else list(metrics)
@@ -310,6 +328,32 @@ class MetricsLogger:
         if self.tracker is not None:
             self.tracker.close()
             self.tracker = None
+
+
+    def truncate(self, step: int):
+        """On resume: drop the rows logged after checkpoint `step` (the crashed run's), so the
+        resumed run does not log them twice."""
+        if not self.enabled or self.path is None or not os.path.exists(self.path):
+            return
+        with open(self.path, encoding="utf-8") as f:
+            lines = [line for line in f if line.strip()]
+        atomic_write_text(self.path, "".join(line for line in lines if json.loads(line)["step"] <= step))
+
+
+def json_safe(obj):
+    """`obj` with every non-finite float replaced by None: JSON has no NaN or Infinity."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def dumps_json(obj, **kw) -> str:
+    """json.dumps that writes NaN / inf as null (valid JSON for every reader)."""
+    return json.dumps(json_safe(obj), allow_nan=False, **kw)
 
 
 def _to_py(v):

@@ -27,10 +27,11 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from nanopairwise.common import atomic_write_text, print0
+from nanopairwise.guards import UserError
 
 
-class DataError(ValueError):
-    """A malformed data line: the message starts with `file:line:`."""
+class DataError(UserError, ValueError):
+    """A malformed data line: the message starts with `file:line:` (a user error: one line, exit 2)."""
 
 
 class FieldError(ValueError):
@@ -38,7 +39,10 @@ class FieldError(ValueError):
 
 
 class Record:
-    """A JSONL line as a dataclass: named fields, plus `meta` for every other key of the line."""
+    """A JSONL line as a dataclass: named fields, plus `meta` for every other key of the line.
+    The readers below also set `source` = "file:line" (not a field: never written back)."""
+
+    source = None
 
     @classmethod
     def from_row(cls, row: dict):
@@ -159,7 +163,7 @@ def read_rows(path: str, entries, validate=None, skip_bad: bool = False, report:
     name after `path:`, `get_row()` returns the row dict or raises FieldError. `validate(row)` may
     raise FieldError, and may return a replacement row (a format converter does).
     """
-    rows, bad, first_error = [], 0, None
+    rows, wheres, bad, first_error = [], [], 0, None
     for where, get_row in entries:
         try:
             row = get_row()
@@ -172,8 +176,9 @@ def read_rows(path: str, entries, validate=None, skip_bad: bool = False, report:
             first_error = first_error or str(error)
             continue
         rows.append(row if out is None else out)
+        wheres.append(where)
     if report is not None:
-        report.update(path=path, rows=len(rows), bad=bad, first_error=first_error)
+        report.update(path=path, rows=len(rows), bad=bad, first_error=first_error, lines=wheres)
     if bad:
         print0(f"warning: skipped {bad} bad line(s) in {path} (skip_bad=True); first: {first_error}")
     return rows
@@ -190,7 +195,7 @@ def load_preference_pairs(path: str, skip_bad: bool = False, report: dict = None
 
     report = {} if report is None else report
     rows = formats.read_pair_rows(path, data_format, skip_bad, report)
-    pairs = [PreferencePair.from_row(r) for r in rows]
+    pairs = _with_source([PreferencePair.from_row(r) for r in rows], path, report)
     kept = [p for p in pairs if not _is_tie(p)]
     report.update(ties=len(pairs) - len(kept), kept=len(kept))
     if report["ties"]:
@@ -205,9 +210,17 @@ def _is_tie(p: PreferencePair) -> bool:
 
 def load_rl_prompts(path: str, skip_bad: bool = False, report: dict = None) -> list:
     report = {} if report is None else report
-    prompts = [RLPrompt.from_row(r) for r in read_jsonl(path, check_rl_row, skip_bad, report)]
+    prompts = _with_source([RLPrompt.from_row(r) for r in read_jsonl(path, check_rl_row, skip_bad, report)],
+                           path, report)
     report.update(kept=len(prompts))
     return prompts
+
+
+def _with_source(records, path, report):
+    """Tag each record with where it came from (`path:line`, or `path:row N` for Parquet)."""
+    for r, where in zip(records, report["lines"]):
+        r.source = f"{path}:{where}"
+    return records
 
 
 def write_jsonl(path: str, rows):

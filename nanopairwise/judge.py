@@ -36,14 +36,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+from nanopairwise import checkpoint
 from nanopairwise.common import atomic_write_text
 from nanopairwise.data import pad_batch
+from nanopairwise.guards import UserError
 
 # ----------------------------------------------------------------------------------------------
 # templates
 
 
-class VerdictTokenError(ValueError):
+class VerdictTokenError(UserError, ValueError):
     """The tokenizer cannot express a verdict as a single token."""
 
 
@@ -240,6 +242,7 @@ class ScalarHeadModel(nn.Module):
         self.lm.save_pretrained(path, state={k.removeprefix("lm."): v for k, v in state.items() if k.startswith("lm.")})
         head = {k.removeprefix("score_head."): v.detach().contiguous().cpu()
                 for k, v in state.items() if k.startswith("score_head.")}
+        checkpoint.refuse_nonfinite(path, head)
         save_file(head, os.path.join(path, self.HEAD_FILE))
 
     @classmethod

@@ -39,6 +39,7 @@ from the config's Jinja text, else from the vocabulary (`<|im_start|>` -> chatml
 `<|start_header_id|>` -> llama3, otherwise plain).
 """
 
+import hashlib
 import json
 import os
 import re
@@ -230,6 +231,15 @@ class Tokenizer:
             config["chat_template"] = JINJA_TEMPLATES[self.chat_template]
         atomic_write_text(os.path.join(path, "tokenizer_config.json"),
                           json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+    def fingerprint(self) -> str:
+        """A hash of everything that decides which ids a string becomes: normalizer, pre-tokenizer,
+        model (vocabulary and merges), post-processor, added tokens, and the bos / eos / pad ids.
+        Two tokenizers with one fingerprint encode every string alike; equal sizes prove nothing."""
+        d = json.loads(self.tokenizer.to_str())
+        keep = {k: d.get(k) for k in ("normalizer", "pre_tokenizer", "model", "post_processor", "added_tokens")}
+        keep["special_ids"] = [self.bos_token_id, self.eos_token_id, self.pad_token_id]
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
     # -- ids <-> text --------------------------------------------------------------------------
 

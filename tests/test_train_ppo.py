@@ -11,8 +11,10 @@ import sys
 
 import pytest
 
+import kernels
 import train_ppo
 import train_rm
+from nanopairwise.guards import NonFiniteError, UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--steps", "3", "--prompts-per-step", "4", "--samples-per-prompt", "2", "--max-new-tokens", "8",
@@ -86,6 +88,36 @@ def test_resume_after_a_crash_gives_the_same_next_steps(run_dir, tmp_path, monke
         for key in ("reward/score", "rollout/kl", "loss/pg", "loss/v", "ppo/clipfrac", "rollout/length"):
             assert b[s][key] == a[s][key], (s, key)
     assert resumed["after"] == straight["after"]
+    assert resumed["before"] == straight["before"]              # the crashed run's "before" is kept
+
+
+def test_divergence_guard_stops_before_saving(run_dir, tmp_path):
+    """--lr 3 runs away from the reference in its first update (KL of millions of nats): the
+    check before the step-1 checkpoint stops the run, and nothing is saved."""
+    out = tmp_path / "lr3"
+    with pytest.raises(UserError, match=r"^step 1: the updated policy's KL to the reference \(k2 on this step's "
+                                        r"rollouts\) is [\d.e+]+, above --max-kl 10: the policy diverged; stopped "
+                                        r"before saving, no checkpoint was written"):
+        train_ppo.main(["--run-dir", str(run_dir), "--out-dir", str(out), "--lr", "3", "--save-every", "1", *FAST])
+    assert sorted(step_rows(str(out))) == [1] and not (out / "checkpoint").exists()
+
+
+def test_nan_in_the_ppo_loss_stops_before_the_step(run_dir, tmp_path, monkeypatch):
+    """A NaN critic loss (injected) stops the update before any optimizer step, naming the step as
+    logged, the quantity and the critic's flags; nothing is saved and the policy is untouched."""
+    ppo_loss = kernels.clipped_ppo_loss
+
+    def nan_value_loss(*a, **k):
+        out = ppo_loss(*a, **k)
+        return out._replace(loss=out.loss * float("nan"), v_loss=out.v_loss * float("nan"))
+
+    monkeypatch.setattr(kernels, "clipped_ppo_loss", nan_value_loss)
+    out = tmp_path / "nan"
+    with pytest.raises(NonFiniteError, match=r"^step 1: critic loss \(v\) is nan, policy grad norm is nan, critic grad "
+                                             r"norm is nan; stopped before the optimizer step, no checkpoint was "
+                                             r"written. Look at .*--critic-lr 0.0005 and --vf-coef \(critic\)"):
+        train_ppo.main(["--run-dir", str(run_dir), "--out-dir", str(out), "--save-every", "1", *FAST])
+    assert not (out / "checkpoint").exists()
 
 
 def test_bt_baseline_runs(run_dir, tmp_path):
@@ -97,6 +129,6 @@ def test_bt_baseline_runs(run_dir, tmp_path):
 
 def test_missing_reward_model_for_user_data_is_refused(run_dir, tmp_path):
     prompts = os.path.join(str(run_dir), "task", "rl_train.jsonl")
-    with pytest.raises(SystemExit, match="no reward model at"):
+    with pytest.raises(UserError, match="no reward model at"):
         train_ppo.main(["--prompts", prompts, "--policy", os.path.join(str(run_dir), "task", "policy"),
                         "--judge", str(tmp_path / "nothing"), "--out-dir", str(tmp_path / "o"), *FAST])

@@ -47,17 +47,18 @@ class Crash(Exception):
 
 @pytest.mark.parametrize("objective", ["bt", "pairwise"])
 def test_resume_after_a_crash_is_exact(tiny_task, tmp_path, monkeypatch, objective):
-    """Crash right after the step-2 checkpoint, resume, and end with the uninterrupted run's weights."""
+    """Crash at step 4, after the step-2 checkpoint and step 3's metrics row; resume, and end with the
+    uninterrupted run's weights and metrics (step 3's row not repeated)."""
     args = ["--objective", objective, "--task-dir", tiny_task, "--max-steps", "4", "--save-every", "2", *FAST]
     train_rm.main(args + ["--out-dir", str(tmp_path / "straight")])
     lr_at = train_rm.lr_at
 
-    def crash_at_step_2(step, total, a):
-        if step == 2:
+    def crash_at_step_4(step, total, a):
+        if step == 3:
             raise Crash()
         return lr_at(step, total, a)
 
-    monkeypatch.setattr(train_rm, "lr_at", crash_at_step_2)
+    monkeypatch.setattr(train_rm, "lr_at", crash_at_step_4)
     with pytest.raises(Crash):
         train_rm.main(args + ["--out-dir", str(tmp_path / "crashed")])
     monkeypatch.setattr(train_rm, "lr_at", lr_at)
@@ -67,7 +68,7 @@ def test_resume_after_a_crash_is_exact(tiny_task, tmp_path, monkeypatch, objecti
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=0, rtol=0, msg=name)
     losses = lambda d: [r["loss/rm"] for r in read_metrics(str(tmp_path / d)) if "loss/rm" in r]
-    assert losses("crashed") == losses("straight")  # steps 1-2 before the crash, 3-4 after resume
+    assert losses("crashed") == losses("straight")  # steps 1-2 before the crash, 3-4 after resume (3 once)
 
 
 def test_bad_jsonl_is_named_with_file_and_line(tiny_task, tmp_path):
