@@ -34,6 +34,7 @@ import re
 
 from nanopairwise import data as D
 from nanopairwise.common import print0
+from nanopairwise.guards import UserError
 
 FORMATS = ("auto", "pairs", "trl", "hh", "ultrafeedback")
 HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
@@ -49,8 +50,8 @@ def read_pair_rows(path: str, data_format: str = "pairs", skip_bad: bool = False
     if data_format not in FORMATS:
         raise ValueError(f"unknown data format {data_format!r}; choose one of {', '.join(FORMATS)}")
     entries = _parquet_entries(path) if _is_parquet(path) else D.jsonl_entries(path)
-    if data_format == "auto":
-        data_format = detect_format(path, entries)
+    if data_format == "auto":  # a file with no rows at all has no format: the caller says it is empty
+        data_format = detect_format(path, entries) if entries else "pairs"
     convert = CONVERTERS[data_format]
 
     def validate(row):
@@ -70,7 +71,7 @@ def _parquet_entries(path: str) -> list:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise SystemExit(f"{path}: a Parquet file; reading it needs pyarrow, an optional extra: "
+        raise UserError(f"{path}: a Parquet file; reading it needs pyarrow, an optional extra: "
                          f"pip install 'nanopairwise[parquet]' (or pip install pyarrow)") from None
     try:
         rows = pq.read_table(path).to_pylist()

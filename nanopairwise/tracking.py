@@ -18,6 +18,8 @@ import importlib.util
 import math
 import os
 
+from nanopairwise.guards import UserError
+
 BACKENDS = ("none", "tensorboard", "wandb")
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # backend -> the package it needs
 
@@ -52,7 +54,7 @@ def make_tracker(report_to: str, out_dir: str, config: dict = None):
     """The tracker for `report_to`, or None for "none"."""
     problem = check_available(report_to)
     if problem:
-        raise SystemExit(problem)
+        raise UserError(problem)
     if report_to == "tensorboard":
         return TensorBoardTracker(out_dir)
     if report_to == "wandb":

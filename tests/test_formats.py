@@ -10,6 +10,7 @@ import pytest
 
 from nanopairwise import formats
 from nanopairwise.data import DataError, load_preference_pairs
+from nanopairwise.guards import UserError
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 fixture = lambda name: os.path.join(FIXTURES, name)
@@ -116,7 +117,7 @@ def test_parquet_without_pyarrow_says_what_to_install(monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_pyarrow)
     message = r"ultrafeedback.parquet: a Parquet file; .*pip install 'nanopairwise\[parquet\]'"
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(UserError, match=message):
         load_preference_pairs(fixture("ultrafeedback.parquet"))
 
 
