@@ -49,7 +49,7 @@ import torch.distributed as dist
 
 import kernels
 import train_rm
-from nanopairwise import bootstrap, data, judge as J, losses, tasks
+from nanopairwise import bootstrap, data, judge as J, lora, losses, tasks
 from nanopairwise.common import (MetricsLogger, Progress, all_reduce_sum, atomic_dir_all_ranks, atomic_torch_save,
                                  barrier, clock, compute_cleanup, compute_init, full_state_dict, gathered, get_rank, get_world_size,
                                  parse_dtype,
@@ -112,7 +112,10 @@ def get_args(argv=None):
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
+    lora.add_lora_args(p)  # on the policy; its reference is then the base weights with adapters off
     args = p.parse_args(argv)
+    if args.lora_rank and args.fsdp:
+        p.error("--lora-rank with --fsdp is not supported (the reference shares the policy's weights)")
     args.critic = args.critic or ("pairwise" if args.reward == "pairwise" else "standard")
     args.out_dir = args.out_dir or os.path.join(args.run_dir, f"ppo_{args.reward}")
     args.task_dir = os.path.join(args.run_dir, "task")
@@ -352,7 +355,8 @@ def main(argv=None):
         if args.fsdp and state["world_size"] != world_size:
             raise SystemExit(f"--resume --fsdp: the checkpoint holds optimizer shards of {state['world_size']} "
                              f"ranks; run on {state['world_size']} ranks")
-    policy_dir = os.path.join(ckpt, "policy") if args.resume else args.policy
+    # with LoRA the base weights are re-read from --policy and the adapters from the trainer state
+    policy_dir = os.path.join(ckpt, "policy") if args.resume and not args.lora_rank else args.policy
     tok = Tokenizer.from_pretrained(policy_dir)
     rm_dir = args.judge if args.reward == "pairwise" else args.bt_rm
     _, args.judge_template = J.load_rm_config(args.judge)     # each reward model's own text layout
@@ -363,8 +367,13 @@ def main(argv=None):
 
     # ---- models: policy (trained), reference (frozen), reward model (frozen), critic (trained)
     load = lambda path: Transformer.from_pretrained(path, dtype=dtype, device=device)
-    policy = PolicyLogprobs(load(policy_dir), args.fused_head)
-    ref = PolicyLogprobs(load(args.policy)).eval().requires_grad_(False)
+    policy = PolicyLogprobs(lora.lora_from_args(load(policy_dir), args), args.fused_head)
+    if args.lora_rank:  # the reference is the policy with its adapters off: no second copy
+        ref = lora.AdaptersOff(PolicyLogprobs(policy.lm))
+        if args.resume:
+            lora.load_trainable_state_dict(policy, state["policy_trainable"], os.path.join(ckpt, "trainer_state.pt"))
+    else:
+        ref = PolicyLogprobs(load(args.policy)).eval().requires_grad_(False)
     judge = None
     if os.path.exists(os.path.join(args.judge, "config.json")):
         judge = J.PairwiseJudge(load(args.judge), *J.verdict_token_ids(tok, args.judge_template))
@@ -379,7 +388,7 @@ def main(argv=None):
     if args.fsdp and world_size > 1:
         for frozen in {id(m): m for m in (ref, rm, judge) if m is not None}.values():
             shard_model(frozen, Block)
-    optimizers = [torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0),
+    optimizers = [torch.optim.AdamW([q for q in policy.parameters() if q.requires_grad], lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0),
                   torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, betas=(0.9, 0.95), weight_decay=0.0)]
     if args.resume:
         saved = torch.load(os.path.join(ckpt, optimizer_file(args, rank)), weights_only=False)
@@ -436,7 +445,8 @@ def main(argv=None):
             run_eval(f"step{step}")
         if step == args.steps or (args.save_every and step % args.save_every == 0):
             trainer_state = {"step": step, "anchors": [p.anchor for p in train_prompts + eval_prompts],
-                             "world_size": world_size}
+                             "world_size": world_size,
+                             "policy_trainable": lora.trainable_state_dict(policy) if args.lora_rank else None}
             save_checkpoint(ckpt, policy, critic, optimizers, tok, trainer_state, args)
     run_eval("after")
     if rank == 0 and "after" in history:

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nanopairwise import bootstrap, data, judge as J
+from nanopairwise import bootstrap, data, judge as J, lora
 from nanopairwise.common import (MetricsLogger, Progress, atomic_dir, atomic_torch_save, atomic_write_text,
                                  compute_cleanup, compute_init, get_rng_state, parse_dtype, print0,
                                  set_rng_state, set_seed)
@@ -64,6 +64,7 @@ def get_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint")
     p.add_argument("--max-steps", type=int, default=0, help="stop after N steps (0 = run all epochs)")
     p.add_argument("--eval-batch-size", type=int, default=64)
+    lora.add_lora_args(p)
     args = p.parse_args(argv)
     args.out_dir = args.out_dir or os.path.join("runs", "judge" if args.objective == "pairwise" else "bt")
     verdicts = args.verdicts.split(",")
@@ -144,7 +145,7 @@ def build_model(args, init_dir, dtype, device, yes_no):
 
 
 def save_checkpoint(path, raw_model, tok, state, args):
-    """Model (HF format) + tokenizer + trainer state, swapped into place atomically."""
+    """Model (HF format, LoRA adapters merged) + tokenizer + trainer state, swapped into place atomically."""
     with atomic_dir(path) as tmp:
         (raw_model if args.objective == "bt" else raw_model.lm).save_pretrained(tmp)
         tok.save_pretrained(tmp)
@@ -173,14 +174,16 @@ def main(argv=None):
     train_pairs = load_pairs(args.train_data, args)
     eval_pairs = load_pairs(args.eval_data, args) if args.eval_data else []
     ckpt_dir = os.path.join(args.out_dir, "checkpoint")
-    init_dir = ckpt_dir if args.resume else args.model
+    # with LoRA the base weights are re-read from --model and the adapters from the trainer state
+    init_dir = ckpt_dir if args.resume and not args.lora_rank else args.model
     if args.resume and not os.path.exists(os.path.join(ckpt_dir, "trainer_state.pt")):
         raise SystemExit(f"--resume: no checkpoint at {ckpt_dir}")
     tok = Tokenizer.from_pretrained(init_dir if os.path.exists(os.path.join(init_dir, "tokenizer.json")) else args.model)
     yes_no = J.verdict_token_ids(tok, args.template)
     raw_model = build_model(args, init_dir, dtype, device, yes_no)
+    lora.lora_from_args(raw_model.lm, args)  # --lora-rank: only adapters (and a BT head) train
     model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else raw_model
-    optimizer = torch.optim.AdamW(raw_model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+    optimizer = torch.optim.AdamW([q for q in raw_model.parameters() if q.requires_grad], lr=args.lr, weight_decay=args.weight_decay,
                                   betas=(0.9, 0.95))
     assert args.batch_size % world_size == 0, f"--batch-size {args.batch_size} must divide by {world_size} ranks"
     steps_per_epoch = len(train_pairs) // args.batch_size
@@ -191,10 +194,13 @@ def main(argv=None):
     if args.resume:
         state = torch.load(os.path.join(ckpt_dir, "trainer_state.pt"), weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
+        if args.lora_rank:
+            lora.load_trainable_state_dict(raw_model, state["trainable"], os.path.join(ckpt_dir, "trainer_state.pt"))
         set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
         step = state["step"]
     print0(f"{args.objective} RM | {len(train_pairs):,} train pairs, {len(eval_pairs):,} eval pairs | "
-           f"{sum(p.numel() for p in raw_model.parameters()):,} params | {world_size} rank(s) on {device} | "
+           f"{sum(p.numel() for p in raw_model.parameters()):,} params "
+           f"({sum(p.numel() for p in raw_model.parameters() if p.requires_grad):,} trained) | {world_size} rank(s) on {device} | "
            f"{total_steps} steps of {args.batch_size} pairs | out {args.out_dir}")
     logger = MetricsLogger(args.out_dir)
 
@@ -237,7 +243,9 @@ def main(argv=None):
                 rngs = [get_rng_state()]
             if rank == 0:
                 save_checkpoint(ckpt_dir, raw_model, tok, {"optimizer": optimizer.state_dict(), "step": step,
-                                                           "rng": rngs, "args": vars(args) | {"template": None}}, args)
+                                                           "rng": rngs, "args": vars(args) | {"template": None},
+                                                           "trainable": lora.trainable_state_dict(raw_model)
+                                                           if args.lora_rank else None}, args)
             if ddp:
                 dist.barrier()
 
