@@ -90,8 +90,10 @@ def get_args(argv=None):
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--ppo-epochs", type=int, default=2)
     p.add_argument("--minibatches", type=int, default=2, help="minibatches per PPO epoch")
-    p.add_argument("--lr", type=float, default=5e-5, help="policy AdamW learning rate")
-    p.add_argument("--critic-lr", type=float, default=5e-4, help="critic AdamW learning rate")
+    p.add_argument("--lr", type=float, default=None, help="policy AdamW learning rate (default by regime, "
+                   "lora.DEFAULT_LR: 5e-5 for a tiny model as the built-in one, 1e-6 full fine-tuning, 1e-5 LoRA)")
+    p.add_argument("--critic-lr", type=float, default=None,
+                   help="critic AdamW learning rate (default: 5e-4 for a tiny model, else 1e-5)")
     p.add_argument("--clip-low", type=float, default=0.2)
     p.add_argument("--clip-high", type=float, default=0.2)
     p.add_argument("--value-clip", type=float, default=0.2)
@@ -125,7 +127,14 @@ def get_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# setup: pipeline pieces that may be missing
+# setup: pipeline pieces that may be missing, learning rates that fit the models
+
+
+def resolve_lrs(args, policy_lm, critic_lm):
+    """--lr / --critic-lr left unset take lora.DEFAULT_LR of each model's regime (tiny/full/lora)."""
+    args.lr = args.lr if args.lr is not None else lora.DEFAULT_LR[lora.regime(policy_lm)]["policy"]
+    if args.critic_lr is None:
+        args.critic_lr = lora.DEFAULT_LR[lora.regime(critic_lm)]["critic"]
 
 
 def ensure_reward_models(args, ddp, rank):
@@ -388,6 +397,7 @@ def main(argv=None):
     if args.fsdp and world_size > 1:
         for frozen in {id(m): m for m in (ref, rm, judge) if m is not None}.values():
             shard_model(frozen, Block)
+    resolve_lrs(args, policy.lm, critic.lm)
     optimizers = [torch.optim.AdamW([q for q in policy.parameters() if q.requires_grad], lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0),
                   torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, betas=(0.9, 0.95), weight_decay=0.0)]
     if args.resume:
@@ -406,7 +416,7 @@ def main(argv=None):
     models = (policy_dp, ref, critic_dp, rm)
     print0(f"PPO | reward {args.reward} ({args.reward_transform}, symmetric={args.symmetric}) | critic {args.critic} | "
            f"{len(train_prompts):,} prompts | {args.prompts_per_step}x{args.samples_per_prompt} samples/step | "
-           f"{args.steps} steps | {world_size} rank(s) on {device}{' (FSDP2)' if args.fsdp else ''} | out {args.out_dir}")
+           f"{args.steps} steps | lr {args.lr:g}, critic {args.critic_lr:g} | {world_size} rank(s) on {device}{' (FSDP2)' if args.fsdp else ''} | out {args.out_dir}")
     logger = MetricsLogger(args.out_dir)
     history = {}
 

@@ -52,8 +52,11 @@ def get_args(argv=None):
     # optimisation
     p.add_argument("--batch-size", type=int, default=32, help="preference pairs per step, over all ranks")
     p.add_argument("--epochs", type=float, default=4.0, help="passes over the training pairs")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
-    p.add_argument("--warmup-steps", type=int, default=20, help="linear warmup, then cosine decay to 10%%")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak AdamW learning rate (default by regime, lora.DEFAULT_LR: 1e-3 for a tiny model as "
+                        "the built-in one, 1e-5 to fully fine-tune a pretrained LM, 2e-4 with --lora-rank)")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="linear warmup, then cosine decay to 10%% (default: 20 for a tiny model, else 10%% of the steps)")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip (0 = off)")
     # runtime
@@ -183,13 +186,17 @@ def main(argv=None):
     raw_model = build_model(args, init_dir, dtype, device, yes_no)
     lora.lora_from_args(raw_model.lm, args)  # --lora-rank: only adapters (and a BT head) train
     model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else raw_model
-    optimizer = torch.optim.AdamW([q for q in raw_model.parameters() if q.requires_grad], lr=args.lr, weight_decay=args.weight_decay,
+    optimizer = torch.optim.AdamW([q for q in raw_model.parameters() if q.requires_grad], lr=0.0,  # set per step weight_decay=args.weight_decay,
                                   betas=(0.9, 0.95))
     assert args.batch_size % world_size == 0, f"--batch-size {args.batch_size} must divide by {world_size} ranks"
     steps_per_epoch = len(train_pairs) // args.batch_size
     total_steps = max(1, int(steps_per_epoch * args.epochs))
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
+    regime = lora.regime(raw_model.lm)
+    args.lr = args.lr if args.lr is not None else lora.DEFAULT_LR[regime]["rm"]
+    if args.warmup_steps is None:
+        args.warmup_steps = 20 if regime == "tiny" else max(1, total_steps // 10)
     step = 0
     if args.resume:
         state = torch.load(os.path.join(ckpt_dir, "trainer_state.pt"), weights_only=False)
@@ -201,7 +208,8 @@ def main(argv=None):
     print0(f"{args.objective} RM | {len(train_pairs):,} train pairs, {len(eval_pairs):,} eval pairs | "
            f"{sum(p.numel() for p in raw_model.parameters()):,} params "
            f"({sum(p.numel() for p in raw_model.parameters() if p.requires_grad):,} trained) | {world_size} rank(s) on {device} | "
-           f"{total_steps} steps of {args.batch_size} pairs | out {args.out_dir}")
+           f"{total_steps} steps of {args.batch_size} pairs | {regime} lr {args.lr:g}, warmup {args.warmup_steps} | "
+           f"out {args.out_dir}")
     logger = MetricsLogger(args.out_dir)
 
     # ---- training loop --------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""LoRA: low-rank adapters on the linear projections of a Transformer (Hu et al. 2021, arXiv 2106.09685).
+"""LoRA: low-rank adapters on the linear projections of a Transformer (Hu et al. 2021, arXiv 2106.09685),
+and the learning-rate defaults of each fine-tuning regime (tiny model / full / LoRA).
 
 A frozen weight W (out, in) gets a trainable low-rank update:
 
@@ -156,3 +157,26 @@ def lora_from_args(model: nn.Module, args) -> nn.Module:
         alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank
         apply_lora(model, args.lora_rank, alpha, [t.strip() for t in args.lora_targets.split(",") if t.strip()])
     return model
+
+
+# ----------------------------------------------------------------------------------------------
+# learning rates by fine-tuning regime (the --lr defaults of train_rm.py and train_ppo.py)
+
+TINY_PARAMS = 20_000_000  # below this a model is "tiny": the built-in task's, trained from scratch here
+# regime -> role -> peak AdamW learning rate. tiny: the built-in 0.84M model (tuned on it earlier);
+# full: every weight of a pretrained LM (a 135M SmolLM2 judge at 1e-3 diverged, loss 1.28 -> 3.02;
+# RLHF codebases use ~1e-5 for reward models and ~1e-6 for the PPO actor); lora: adapters only,
+# about 10-20x the full rate (the adapter update is small and starts at zero; Hu et al. 2021 use
+# 2e-4 to 5e-4). The critic is always fully fine-tuned. See README "Defaults by model".
+DEFAULT_LR = {
+    "tiny": {"rm": 1e-3, "policy": 5e-5, "critic": 5e-4},
+    "full": {"rm": 1e-5, "policy": 1e-6, "critic": 1e-5},
+    "lora": {"rm": 2e-4, "policy": 1e-5, "critic": 1e-5},
+}
+
+
+def regime(model: nn.Module) -> str:
+    """"lora" if `model` carries adapters, else "tiny" or "full" by its parameter count."""
+    if lora_modules(model):
+        return "lora"
+    return "tiny" if sum(p.numel() for p in model.parameters()) < TINY_PARAMS else "full"
