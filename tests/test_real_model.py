@@ -1,12 +1,15 @@
 """scripts/real_model.py --smoke: the real-model recipe end to end at tiny sizes on SmolLM2-135M-
 Instruct (skipped when the model has not been fetched): every phase runs and the table, the
-zero-shot line and the phase times come out. Slow for this suite (six phases on a 135M model, each
-loading and saving ~0.5 GB checkpoints): a few minutes on 2 CPU cores."""
+zero-shot line and the phase times come out. Too slow for the default suite (six phases on a 135M
+model, each loading and saving ~0.5 GB checkpoints: 5.6 CPU-minutes, 13 min wall on a shared
+2-core CPU), so it runs only with NANOPAIRWISE_SLOW_TESTS=1."""
 
 import json
 import os
 import shutil
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
@@ -14,6 +17,8 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import real_model  # noqa: E402
 
 
+@pytest.mark.skipif(os.environ.get("NANOPAIRWISE_SLOW_TESTS") != "1",
+                    reason="minutes on a CPU: set NANOPAIRWISE_SLOW_TESTS=1")
 def test_smoke_recipe(smollm2_dir, tiny_task, tmp_path):
     shutil.copytree(tiny_task, tmp_path / "task")                 # the session's tiny task: no bootstrap here
     results, zero_shot, times = real_model.main(["--smoke", "--model", smollm2_dir, "--run-dir", str(tmp_path)])
