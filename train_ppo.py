@@ -52,7 +52,7 @@ import torch.distributed as dist
 
 import kernels
 import train_rm
-from nanopairwise import bootstrap, checkpoint, data, judge as J, losses, tasks, tracking
+from nanopairwise import bootstrap, checkpoint, data, judge as J, lora, losses, tasks, tracking
 from nanopairwise.common import (DTYPES, MetricsLogger, Progress, all_reduce_sum, atomic_dir_all_ranks,
                                  atomic_torch_save, atomic_write_text, barrier, clock, compute_cleanup, compute_init,
                                  dumps_json, full_state_dict, gathered, get_rank, get_world_size, parse_dtype,
@@ -95,8 +95,10 @@ def get_args(argv=None):
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--ppo-epochs", type=int, default=2)
     p.add_argument("--minibatches", type=int, default=2, help="minibatches per PPO epoch")
-    p.add_argument("--lr", type=float, default=5e-5, help="policy AdamW learning rate")
-    p.add_argument("--critic-lr", type=float, default=5e-4, help="critic AdamW learning rate")
+    p.add_argument("--lr", type=float, default=None, help="policy AdamW learning rate (default by regime, "
+                   "lora.DEFAULT_LR: 5e-5 for a tiny model as the built-in one, 1e-6 full fine-tuning, 1e-5 LoRA)")
+    p.add_argument("--critic-lr", type=float, default=None,
+                   help="critic AdamW learning rate (default: 5e-4 for a tiny model, else 1e-5)")
     p.add_argument("--clip-low", type=float, default=0.2)
     p.add_argument("--clip-high", type=float, default=0.2)
     p.add_argument("--value-clip", type=float, default=0.2)
@@ -125,8 +127,11 @@ def get_args(argv=None):
                    help="stop when the PPO ratio pi/pi_old of a token exceeds this in an update (0 = off)")
     # experiment tracking (nanopairwise/tracking.py)
     tracking.add_arguments(p)
+    lora.add_lora_args(p)  # on the policy; its reference is then the base weights with adapters off
     args = p.parse_args(argv)
     tracking.check_arguments(p, args)
+    if args.lora_rank and args.fsdp:
+        p.error("--lora-rank with --fsdp is not supported (the reference shares the policy's weights)")
     args.critic = args.critic or ("pairwise" if args.reward == "pairwise" else "standard")
     args.out_dir = args.out_dir or os.path.join(args.run_dir, f"ppo_{args.reward}")
     args.task_dir = os.path.join(args.run_dir, "task")
@@ -141,6 +146,8 @@ def validate_args(args):
                  "--minibatches", "--eval-size"):
         check_flag(args, name, lo=1)
     check_flag(args, "--anchor-samples", lo=2)                     # best of one is no ranking
+    check_flag(args, "--lora-rank", lo=0)
+    check_flag(args, "--lora-alpha", above=0)
     for name in ("--eval-every", "--save-every", "--truncation-penalty", "--kl-coef", "--vf-coef", "--value-clip"):
         check_flag(args, name, lo=0)
     for name in ("--lr", "--critic-lr", "--temperature", "--clip-high"):
@@ -176,7 +183,14 @@ def check_lengths(prompts, tok, args, policy_dir, rm_dir):
 
 
 # ----------------------------------------------------------------------------------------------
-# setup: pipeline pieces that may be missing
+# setup: pipeline pieces that may be missing, learning rates that fit the models
+
+
+def resolve_lrs(args, policy_lm, critic_lm):
+    """--lr / --critic-lr left unset take lora.DEFAULT_LR of each model's regime (tiny/full/lora)."""
+    args.lr = args.lr if args.lr is not None else lora.DEFAULT_LR[lora.regime(policy_lm)]["policy"]
+    if args.critic_lr is None:
+        args.critic_lr = lora.DEFAULT_LR[lora.regime(critic_lm)]["critic"]
 
 
 def ensure_reward_models(args, ddp, rank):
@@ -443,7 +457,8 @@ def train(args, ddp, rank, world_size, device, owns_pg, t_start):
         if args.fsdp and state["world_size"] != world_size:
             raise UserError(f"--resume --fsdp: the checkpoint holds optimizer shards of {state['world_size']} "
                             f"ranks; run on {state['world_size']} ranks")
-    policy_dir = os.path.join(ckpt, "policy") if args.resume else args.policy
+    # with LoRA the base weights are re-read from --policy and the adapters from the trainer state
+    policy_dir = os.path.join(ckpt, "policy") if args.resume and not args.lora_rank else args.policy
     rm_dir = args.judge if args.reward == "pairwise" else args.bt_rm
     has_judge = args.reward == "pairwise" or os.path.exists(os.path.join(args.judge, "config.json"))
     for path, flag in ((args.policy, "--policy"), (policy_dir, "--resume"),
@@ -473,8 +488,13 @@ def train(args, ddp, rank, world_size, device, owns_pg, t_start):
 
     # ---- models: policy (trained), reference (frozen), reward model (frozen), critic (trained)
     load = lambda path: Transformer.from_pretrained(path, dtype=dtype, device=device)
-    policy = PolicyLogprobs(load(policy_dir), args.fused_head)
-    ref = policy.reference(load(args.policy))                  # same head path (--fused-head) as policy
+    policy = PolicyLogprobs(lora.lora_from_args(load(policy_dir), args), args.fused_head)
+    if args.lora_rank:  # the reference is the policy with its adapters off: no second copy
+        ref = lora.AdaptersOff(PolicyLogprobs(policy.lm, args.fused_head))  # same head path as the policy
+        if args.resume:
+            lora.load_trainable_state_dict(policy, state["policy_trainable"], os.path.join(ckpt, "trainer_state.pt"))
+    else:
+        ref = policy.reference(load(args.policy))              # same head path (--fused-head) as policy
     judge = None
     if os.path.exists(os.path.join(args.judge, "config.json")):
         judge = J.PairwiseJudge(load(args.judge), *J.verdict_token_ids(tok, args.judge_template))
@@ -489,7 +509,8 @@ def train(args, ddp, rank, world_size, device, owns_pg, t_start):
     if args.fsdp and world_size > 1:
         for frozen in {id(m): m for m in (ref, rm, judge) if m is not None}.values():
             shard_model(frozen, Block)
-    optimizers = [torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0),
+    resolve_lrs(args, policy.lm, critic.lm)
+    optimizers = [torch.optim.AdamW([q for q in policy.parameters() if q.requires_grad], lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0),
                   torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, betas=(0.9, 0.95), weight_decay=0.0)]
     if args.resume:
         saved = torch.load(os.path.join(ckpt, optimizer_file(args, rank)), weights_only=False)
@@ -504,7 +525,8 @@ def train(args, ddp, rank, world_size, device, owns_pg, t_start):
     models = (policy_dp, ref, critic_dp, rm)
     print0(f"PPO | reward {args.reward} ({args.reward_transform}, symmetric={args.symmetric}) | critic {args.critic} | "
            f"{len(train_prompts):,} prompts | {args.prompts_per_step}x{args.samples_per_prompt} samples/step | "
-           f"{args.steps} steps | {world_size} rank(s) on {device}{' (FSDP2)' if args.fsdp else ''} | out {args.out_dir}")
+           f"{args.steps} steps | lr {args.lr:g}, critic {args.critic_lr:g} | {world_size} rank(s) on {device}"
+           f"{' (FSDP2)' if args.fsdp else ''} | out {args.out_dir}")
     logger = MetricsLogger(args.out_dir, report_to=args.report_to, config=vars(args))
     if args.resume:
         logger.truncate(step)                                        # the crashed run's later rows go
@@ -555,7 +577,8 @@ def train(args, ddp, rank, world_size, device, owns_pg, t_start):
                 check_divergence(step, "the updated policy's KL to the reference (k2 on this step's rollouts)", kl,
                                  "--max-kl", args, last_saved, device)
             trainer_state = {"step": step, "anchors": [p.anchor for p in train_prompts + eval_prompts],
-                             "world_size": world_size, "history": history}
+                             "world_size": world_size, "history": history,
+                             "policy_trainable": lora.trainable_state_dict(policy) if args.lora_rank else None}
             save_checkpoint(ckpt, policy, critic, optimizers, tok, trainer_state, args)
             last_saved = step
     run_eval("after")

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nanopairwise import bootstrap, checkpoint, data, judge as J, tracking
+from nanopairwise import bootstrap, checkpoint, data, judge as J, lora, tracking
 from nanopairwise.common import (DTYPES, MetricsLogger, Progress, all_reduce_sum, atomic_dir, atomic_torch_save,
                                  atomic_write_text, compute_cleanup, compute_init, dumps_json, get_rng_state,
                                  parse_dtype, print0, remove_leftovers, set_rng_state, set_seed)
@@ -64,8 +64,11 @@ def get_args(argv=None):
     # optimisation
     p.add_argument("--batch-size", type=int, default=32, help="preference pairs per step, over all ranks")
     p.add_argument("--epochs", type=float, default=4.0, help="passes over the training pairs")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
-    p.add_argument("--warmup-steps", type=int, default=20, help="linear warmup, then cosine decay to 10%%")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak AdamW learning rate (default by regime, lora.DEFAULT_LR: 1e-3 for a tiny model as "
+                        "the built-in one, 1e-5 to fully fine-tune a pretrained LM, 2e-4 with --lora-rank)")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="linear warmup, then cosine decay to 10%% (default: 20 for a tiny model, else 10%% of the steps)")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip (0 = off)")
     # runtime
@@ -78,6 +81,7 @@ def get_args(argv=None):
     p.add_argument("--eval-batch-size", type=int, default=64)
     # experiment tracking (nanopairwise/tracking.py)
     tracking.add_arguments(p)
+    lora.add_lora_args(p)
     args = p.parse_args(argv)
     tracking.check_arguments(p, args)
     args.out_dir = args.out_dir or os.path.join("runs", "judge" if args.objective == "pairwise" else "bt")
@@ -96,6 +100,8 @@ def validate_args(args):
         check_flag(args, name, lo=0)
     check_flag(args, "--epochs", above=0)
     check_flag(args, "--lr", above=0)
+    check_flag(args, "--lora-rank", lo=0)
+    check_flag(args, "--lora-alpha", above=0)
     check_flag(args, "--grad-clip", above=0, zero_ok=True)
     if args.dtype not in DTYPES:
         raise UserError(f"--dtype {args.dtype}: choose one of {', '.join(DTYPES)}")
@@ -187,7 +193,7 @@ def build_model(args, init_dir, dtype, device, yes_no):
 
 
 def save_checkpoint(path, raw_model, tok, state, args):
-    """Model (HF format) + tokenizer + trainer state, swapped into place atomically."""
+    """Model (HF format, LoRA adapters merged) + tokenizer + trainer state, swapped into place atomically."""
     with atomic_dir(path) as tmp:
         (raw_model if args.objective == "bt" else raw_model.lm).save_pretrained(tmp)
         tok.save_pretrained(tmp)
@@ -242,7 +248,8 @@ def train(args, ddp, rank, world_size, device, owns_pg, ckpt_dir):
                         "fix the file or leave out --eval-data")
     if not args.eval_data:
         print0("note: no --eval-data, so no held-out evaluation and no eval.json")
-    init_dir = ckpt_dir if args.resume else args.model
+    # with LoRA the base weights are re-read from --model and the adapters from the trainer state
+    init_dir = ckpt_dir if args.resume and not args.lora_rank else args.model
     if args.resume and not os.path.exists(os.path.join(ckpt_dir, "trainer_state.pt")):
         raise UserError(f"--resume: no checkpoint at {ckpt_dir}")
     tok = Tokenizer.from_pretrained(init_dir if os.path.exists(os.path.join(init_dir, "tokenizer.json")) else args.model)
@@ -250,22 +257,31 @@ def train(args, ddp, rank, world_size, device, owns_pg, ckpt_dir):
     check_lengths(train_pairs + eval_pairs, args, tok, checkpoint.read_config(init_dir)["max_position_embeddings"])
     # ---- model ------------------------------------------------------------------------------
     raw_model = build_model(args, init_dir, dtype, device, yes_no)
+    lora.lora_from_args(raw_model.lm, args)  # --lora-rank: only adapters (and a BT head) train
     model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else raw_model
-    optimizer = torch.optim.AdamW(raw_model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+    optimizer = torch.optim.AdamW([q for q in raw_model.parameters() if q.requires_grad], lr=0.0,  # set per step weight_decay=args.weight_decay,
                                   betas=(0.9, 0.95))
     steps_per_epoch = len(train_pairs) // args.batch_size
     total_steps = max(1, int(steps_per_epoch * args.epochs))
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
+    regime = lora.regime(raw_model.lm)
+    args.lr = args.lr if args.lr is not None else lora.DEFAULT_LR[regime]["rm"]
+    if args.warmup_steps is None:
+        args.warmup_steps = 20 if regime == "tiny" else max(1, total_steps // 10)
     step = 0
     if args.resume:
         state = torch.load(os.path.join(ckpt_dir, "trainer_state.pt"), weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
+        if args.lora_rank:
+            lora.load_trainable_state_dict(raw_model, state["trainable"], os.path.join(ckpt_dir, "trainer_state.pt"))
         set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
         step = state["step"]
     print0(f"{args.objective} RM | {len(train_pairs):,} train pairs, {len(eval_pairs):,} eval pairs | "
-           f"{sum(p.numel() for p in raw_model.parameters()):,} params | {world_size} rank(s) on {device} | "
-           f"{total_steps} steps of {args.batch_size} pairs | out {args.out_dir}")
+           f"{sum(p.numel() for p in raw_model.parameters()):,} params "
+           f"({sum(p.numel() for p in raw_model.parameters() if p.requires_grad):,} trained) | {world_size} rank(s) on {device} | "
+           f"{total_steps} steps of {args.batch_size} pairs | {regime} lr {args.lr:g}, warmup {args.warmup_steps} | "
+           f"out {args.out_dir}")
     logger = MetricsLogger(args.out_dir, report_to=args.report_to, config=vars(args) | {"template": None})
     if args.resume:
         logger.truncate(step)                                         # the crashed run's later rows go
@@ -314,7 +330,9 @@ def train(args, ddp, rank, world_size, device, owns_pg, ckpt_dir):
                 rngs = [get_rng_state()]
             if rank == 0:
                 save_checkpoint(ckpt_dir, raw_model, tok, {"optimizer": optimizer.state_dict(), "step": step,
-                                                           "rng": rngs, "args": vars(args) | {"template": None}}, args)
+                                                           "rng": rngs, "args": vars(args) | {"template": None},
+                                                           "trainable": lora.trainable_state_dict(raw_model)
+                                                           if args.lora_rank else None}, args)
             last_saved = step
             if ddp:
                 dist.barrier()

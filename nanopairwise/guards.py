@@ -94,6 +94,8 @@ def check_flag(args, name: str, lo=None, hi=None, above=None, below=None, zero_o
     """args.<name> must be a finite number with lo <= v <= hi, v > above, v < below (each optional);
     `zero_ok` lets 0 through as "off" whatever the bounds say. Errors name the flag: `--lr nan: ...`."""
     v = getattr(args, name.lstrip("-").replace("-", "_"))
+    if v is None:  # left unset: its default is chosen later (e.g. the learning rate by model regime)
+        return
     if zero_ok and v == 0:
         return
     bounds = [(op, b) for op, b in ((">=", lo), (">", above), ("<=", hi), ("<", below)) if b is not None]

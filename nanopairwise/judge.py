@@ -16,8 +16,8 @@ verdict logits:
 
 so P(a > b) + P(b > a) = 1 exactly, and an identical pair scores exactly 0.5.
 
-Bradley-Terry baseline. The same trunk with a scalar head on the last token (eos) of the principle,
-the prompt's user turn and the response y, trained with -log sigmoid(r(x, y_w) - r(x, y_l));
+Bradley-Terry baseline. The same trunk with a scalar head on the last token (the end-of-turn token)
+of the principle, the prompt's user turn and the response y, trained with -log sigmoid(r(x, y_w) - r(x, y_l));
 its pair probability is sigmoid(r_a - r_b). `ScalarHeadModel` is also the PPO critic (per-token
 values), so it returns a value at every position.
 
@@ -61,7 +61,7 @@ class JudgeTemplate:
     turn, closed by the end-of-turn token the policy emits (eos, <|im_end|>, <|eot_id|>). The
     judge thus reads each response in the format its generative training saw, which is the point
     of a generative RM: each end-of-turn token sees the same context as the LM deciding to stop,
-    and as the BT head, which reads its score at eos. For the plain
+    and as the BT head, which reads its score at that token. For the plain
     template of the built-in task (<eos> = <|endoftext|>):
 
         Principle: {principle}
@@ -72,39 +72,41 @@ class JudgeTemplate:
         {question}
         Answer:                                  -> next token " Yes" / " No"
 
-    Parts are tokenized separately and concatenated (`encode_pair`), so a response has the same
-    ids as in a rollout and can be cut to a token budget without re-tokenizing. The BT reward
-    model and the standard critic read `single_prefix` + response; the pairwise critic reads
-    `anchor_prefix` (the anchor as the first answer) + the partial response.
+    Every layout is built from token-id pieces, each encoded on its own: bos (where the chat
+    family has one: `Tokenizer.chat_bos_ids`) once at position 0, the principle line, each turn
+    as `Tokenizer.encode_chat` renders it without bos, each response's own ids, the end-of-turn
+    ids. So a response has the same ids as in a rollout (BPE on a joined string could merge
+    "Assistant: " + "1" into one token), can be cut to a token budget without re-tokenizing, and
+    the four layouts agree token for token where they overlap:
+
+        policy prompt       encode_chat(prompt)                        (policy.encode_prompt)
+        BT single / critic  prefix_ids + response + end-of-turn id     (encode_single)
+        judge pair          pair_ids(a, b)                             (encode_pair)
+        pairwise critic     pair_ids(anchor) = the judge's input up to where B starts
     """
 
     question: str = "Is the first answer better than the second? Answer Yes or No."
     yes: str = " Yes"
     no: str = " No"
 
-    def turn(self, tokenizer, prompt, first: bool = True) -> str:
-        """The prompt as a user turn ending in the assistant's generation prompt (bos only once)."""
-        text = tokenizer.render_chat(prompt)
-        bos = tokenizer.bos_token
-        return text if first or not bos else text.removeprefix(bos)
+    def prefix_ids(self, tokenizer, principle: str, prompt) -> list:
+        """bos (if any) + "Principle: ...\n" + the prompt as a user turn with the generation prompt."""
+        return (tokenizer.chat_bos_ids + tokenizer.encode(f"Principle: {principle}\n")
+                + tokenizer.encode_chat(prompt, bos=False))
 
-    def single_prefix(self, tokenizer, principle: str, prompt) -> str:
-        """Prefix of a single-response input (BT reward model, standard critic)."""
-        return f"Principle: {principle}\n" + self.turn(tokenizer, prompt)
-
-    def pair_parts(self, tokenizer, principle: str, prompt, a: str, b: str):
-        """(head, a, middle, b, tail): the strings whose tokens make one judge input."""
-        end = tokenizer.turn_end_text
-        return (self.single_prefix(tokenizer, principle, prompt), a, end + self.turn(tokenizer, prompt, first=False),
-                b, f"{end}{self.question}\nAnswer:")
-
-    def anchor_prefix(self, tokenizer, principle: str, prompt, anchor: str) -> str:
-        """Prefix of the pairwise critic: the anchor as the first answer, then the second turn."""
-        head, a, mid, _, _ = self.pair_parts(tokenizer, principle, prompt, anchor, "")
-        return head + a + mid
+    def pair_ids(self, tokenizer, principle: str, prompt, a_ids, b_ids=None) -> list:
+        """The judge's input from the responses' ids; with b_ids None, the pairwise critic's prefix
+        (the same ids, cut where response B would start)."""
+        end = tokenizer.encode(tokenizer.turn_end_text)
+        ids = (self.prefix_ids(tokenizer, principle, prompt) + list(a_ids) + end
+               + tokenizer.encode_chat(prompt, bos=False))
+        if b_ids is None:
+            return ids
+        return ids + list(b_ids) + end + tokenizer.encode(f"{self.question}\nAnswer:")
 
     def render(self, tokenizer, principle: str, prompt, a: str, b: str) -> str:
-        return "".join(self.pair_parts(tokenizer, principle, prompt, a, b))
+        """The judge's input as text, for reading: its ids decoded with the special tokens kept."""
+        return tokenizer.decode(encode_pair(tokenizer, self, principle, prompt, a, b), skip_special_tokens=False)
 
 
 def save_rm_config(path: str, objective: str, template: JudgeTemplate):
@@ -141,16 +143,15 @@ def verdict_token_ids(tokenizer, template: JudgeTemplate):
 
 def encode_pair(tokenizer, template: JudgeTemplate, principle, prompt, a, b, max_response_tokens=256):
     """Token ids of one judge input; each response is cut to `max_response_tokens`."""
-    head, ta, mid, tb, tail = template.pair_parts(tokenizer, principle, prompt, a, b)
-    return (tokenizer.encode(head) + tokenizer.encode(ta)[:max_response_tokens] + tokenizer.encode(mid)
-            + tokenizer.encode(tb)[:max_response_tokens] + tokenizer.encode(tail))
+    return template.pair_ids(tokenizer, principle, prompt, tokenizer.encode(a)[:max_response_tokens],
+                             tokenizer.encode(b)[:max_response_tokens])
 
 
 def encode_single(tokenizer, template: JudgeTemplate, principle, prompt, response, max_response_tokens=256):
-    """Token ids of one BT reward-model input (prefix + response + eos): the score is read at eos."""
-    ids = (tokenizer.encode(template.single_prefix(tokenizer, principle, prompt))
-           + tokenizer.encode(response)[:max_response_tokens])
-    return ids + [tokenizer.eos_token_id]
+    """Token ids of one BT reward-model input: prefix + response + the end-of-turn id the policy
+    emits (eos for plain, <|im_end|> for chatml): the score is read there."""
+    return (template.prefix_ids(tokenizer, principle, prompt) + tokenizer.encode(response)[:max_response_tokens]
+            + [tokenizer.end_of_turn_id])
 
 
 def both_orders(pairs: Sequence[dict]):
@@ -263,12 +264,12 @@ def critic_inputs(tokenizer, template: JudgeTemplate, prompts, response_ids, res
     """Critic sequences for sampled responses: a left-padded prefix, then the response tokens.
 
     prompts: objects with .principle, .prompt, .anchor, one per row of response_ids (B, R).
-    The pairwise critic's prefix holds the anchor as the first answer (template.anchor_prefix);
-    the standard critic's does not (template.single_prefix). Returns (ids (B, P + R), mask,
+    The pairwise critic's prefix holds the anchor as the first answer (template.pair_ids);
+    the standard critic's does not (template.prefix_ids). Returns (ids (B, P + R), mask,
     P): the value of response token t is read at position P - 1 + t (critic_values).
     """
-    prefixes = [tokenizer.encode(template.anchor_prefix(tokenizer, p.principle, p.prompt, p.anchor) if pairwise
-                                 else template.single_prefix(tokenizer, p.principle, p.prompt)) for p in prompts]
+    prefixes = [template.pair_ids(tokenizer, p.principle, p.prompt, tokenizer.encode(p.anchor)) if pairwise
+                else template.prefix_ids(tokenizer, p.principle, p.prompt) for p in prompts]
     pre_ids, pre_mask = pad_batch(prefixes, tokenizer.pad_token_id, side="left")                   # (B, P)
     device = response_ids.device
     ids = torch.cat([pre_ids.to(device), response_ids], 1)

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanopairwise import checkpoint
+from nanopairwise import checkpoint, lora
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -352,13 +352,14 @@ class Transformer(nn.Module):
         tensor) replaces this module's own weights, e.g. when gathered from FSDP shards."""
         hf_config = self.config.to_hf()
         hf_config["dtype"] = str(self.lm_head.weight.dtype).removeprefix("torch.")
-        names = self._checkpoint_state()
-        state = names if state is None else {k: state[k] for k in names}
+        state = lora.merged_state_dict(self, state)  # LoRA adapters, if any, merged: a plain checkpoint
+        state = {k: state[k] for k in self._checkpoint_state()}
         checkpoint.save_checkpoint(path, hf_config, state, max_shard_size)
 
     def _checkpoint_state(self) -> dict:
-        """HF name -> parameter, without lm_head.weight when tied (HF omits it too)."""
-        state = dict(self.named_parameters(remove_duplicate=False))
+        """HF name -> parameter, without lm_head.weight when tied (HF omits it too) and without
+        LoRA adapters (lora.py)."""
+        state = {k: p for k, p in self.named_parameters(remove_duplicate=False) if ".lora_" not in k}
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight")
         return state

@@ -50,9 +50,9 @@ class PolicyLogprobs(nn.Module):
 def encode_prompt(tokenizer, prompt) -> list:
     """Token ids the policy is conditioned on: the prompt (a string or chat messages) rendered with
     the tokenizer's chat template and a generation prompt. SFT, rollout and evaluation all use
-    this one function, so the policy always sees the same format."""
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    return tokenizer.encode(tokenizer.render_chat(messages, add_generation_prompt=True))
+    this one function, so the policy always sees the same format; bos (where the family has one)
+    is the first id, as in the judge's layouts (Tokenizer.encode_chat)."""
+    return tokenizer.encode_chat(prompt, add_generation_prompt=True)
 
 
 def pack_prompt_response(prompts, responses, pad_id: int):

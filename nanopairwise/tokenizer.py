@@ -180,6 +180,21 @@ class Tokenizer:
             raise ValueError(f"{source}: unknown chat template {self.chat_template!r}; "
                              f"choose one of {CHAT_TEMPLATES}")
         self.default_system = default_system
+        self.chat_bos_ids = self._chat_bos_ids()
+
+    def _chat_bos_ids(self) -> list:
+        """[bos id] if a conversation of this family opens with bos, else [].
+
+        llama3's template writes bos; any other family uses one when its tokenizer.json
+        post-processor adds it (as transformers' encode does). SmolLM2 names <|im_start|> as its
+        bos_token, but neither its template nor its post-processor writes a separate one: [], and
+        each conversation simply opens with <|im_start|>.
+        """
+        if self.bos_token_id is None:
+            return []
+        if self.chat_template == "llama3" or self.encode("a", add_special_tokens=True)[:1] == [self.bos_token_id]:
+            return [self.bos_token_id]
+        return []
 
     # -- loading and saving --------------------------------------------------------------------
 
@@ -273,6 +288,15 @@ class Tokenizer:
         """Render messages (or a bare prompt string, as one user message) with this tokenizer's template."""
         return render_chat(messages, template or self.chat_template, add_generation_prompt=add_generation_prompt,
                            bos_token=self.bos_token or "<|begin_of_text|>", default_system=self.default_system)
+
+    def encode_chat(self, messages, add_generation_prompt: bool = True, bos: bool = True) -> list:
+        """Token ids of a conversation: `chat_bos_ids` (only if `bos`), then the rendered text
+        without bos. Every layout is built from such id pieces: a layout that puts text before the
+        first turn (the judge's principle line) passes bos=False and starts with `chat_bos_ids`
+        itself, so bos is at position 0 exactly once, and no later turn loses or repeats a token."""
+        text = render_chat(messages, self.chat_template, add_generation_prompt=add_generation_prompt,
+                           bos_token=None, default_system=self.default_system)
+        return (self.chat_bos_ids if bos else []) + self.encode(text)
 
     @property
     def turn_end_text(self) -> str:

@@ -175,6 +175,7 @@ def build_models(args, tok):
     judge = J.PairwiseJudge(judge_lm, *J.verdict_token_ids(tok, args.ppo.judge_template))
     judge.eval().requires_grad_(False)
     a = args.ppo
+    train_ppo.resolve_lrs(a, policy_lm, critic.lm)
     optimizers = [torch.optim.AdamW(policy.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.0),
                   torch.optim.AdamW(critic.parameters(), lr=a.critic_lr, betas=(0.9, 0.95), weight_decay=0.0)]
     return (policy, ref, critic, judge), optimizers

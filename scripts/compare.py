@@ -93,7 +93,7 @@ def mean_std(values) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-def table(results: dict, seconds: float) -> str:
+def table(results: dict, seconds: float, command: str = "python scripts/compare.py") -> str:
     """Markdown table of the per-seed results (mean ± sample std over seeds)."""
     seeds = sorted(results)
     col = lambda f: mean_std([f(results[s]) for s in seeds])
@@ -108,7 +108,7 @@ def table(results: dict, seconds: float) -> str:
     cpu = platform.processor() or platform.machine()
     head = (f"Seeds {', '.join(map(str, seeds))} (mean ± std), {os.cpu_count()}-core CPU ({cpu}), torch "
             f"{torch.__version__}, {datetime.date.today()}, {seconds / 60:.0f} min; produced by "
-            f"`python scripts/compare.py`.\n\n"
+            f"`{command}`.\n\n"
             "| method | RM oracle accuracy | RM ECE | RM position consistency | oracle score before → after "
             "| oracle win rate vs anchor before → after | KL to reference |\n|---|---|---|---|---|---|---|")
     return head + "\n" + "\n".join(rows) + "\n"

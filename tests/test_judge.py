@@ -42,8 +42,8 @@ def test_template_renders_literal_strings(tok):
                     "User: sort ascending: 3 1 2\nAssistant: 1 2 3<|endoftext|>\n"
                     "User: sort ascending: 3 1 2\nAssistant: 3 2 1<|endoftext|>\n"
                     "Is the first answer better than the second? Answer Yes or No.\nAnswer:")
-    assert TEMPLATE.single_prefix(tok, "P.", "q") == "Principle: P.\nUser: q\nAssistant: "
-    assert (TEMPLATE.anchor_prefix(tok, "P.", "q", "gold")
+    assert tok.decode(TEMPLATE.prefix_ids(tok, "P.", "q"), skip_special_tokens=False) == "Principle: P.\nUser: q\nAssistant: "
+    assert (tok.decode(TEMPLATE.pair_ids(tok, "P.", "q", tok.encode("gold")), skip_special_tokens=False)
             == "Principle: P.\nUser: q\nAssistant: gold<|endoftext|>\nUser: q\nAssistant: ")
     chatml = train_bpe(CORPUS, 400, chat_template="chatml")
     convo = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "q"}]
@@ -53,14 +53,15 @@ def test_template_renders_literal_strings(tok):
         "<|im_end|>\nIs the first answer better than the second? Answer Yes or No.\nAnswer:")
 
 
-def test_encode_pair_is_parts_concatenated_and_truncates(tok):
-    ids = J.encode_pair(tok, TEMPLATE, "P.", "q", "1 2 3", "3 2 1")
-    head, a, mid, b, tail = TEMPLATE.pair_parts(tok, "P.", "q", "1 2 3", "3 2 1")
-    assert ids == tok.encode(head) + tok.encode(a) + tok.encode(mid) + tok.encode(b) + tok.encode(tail)
+def test_encode_pair_is_pieces_concatenated_and_truncates(tok):
+    e = tok.encode
+    head = e("Principle: P.\n") + e("User: q\nAssistant: ")       # plain: no bos
+    mid = e("<|endoftext|>\n") + e("User: q\nAssistant: ")
+    tail = e("<|endoftext|>\n") + e(f"{TEMPLATE.question}\nAnswer:")
+    assert J.encode_pair(tok, TEMPLATE, "P.", "q", "1 2 3", "3 2 1") == head + e("1 2 3") + mid + e("3 2 1") + tail
     cut = J.encode_pair(tok, TEMPLATE, "P.", "q", "1 2 3", "3 2 1", max_response_tokens=1)
-    assert cut == tok.encode(head) + tok.encode(a)[:1] + tok.encode(mid) + tok.encode(b)[:1] + tok.encode(tail)
-    single = J.encode_single(tok, TEMPLATE, "P.", "q", "1 2 3")
-    assert single[-1] == tok.eos_token_id and single[:-1] == tok.encode(TEMPLATE.single_prefix(tok, "P.", "q")) + tok.encode("1 2 3")
+    assert cut == head + e("1 2 3")[:1] + mid + e("3 2 1")[:1] + tail
+    assert J.encode_single(tok, TEMPLATE, "P.", "q", "1 2 3") == head + e("1 2 3") + [tok.eos_token_id]
 
 
 def test_verdicts_must_be_single_distinct_tokens(tok):

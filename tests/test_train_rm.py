@@ -45,11 +45,12 @@ class Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("objective", ["bt", "pairwise"])
-def test_resume_after_a_crash_is_exact(tiny_task, tmp_path, monkeypatch, objective):
+@pytest.mark.parametrize("objective,lora", [("bt", []), ("pairwise", []), ("bt", ["--lora-rank", "4"])])
+def test_resume_after_a_crash_is_exact(tiny_task, tmp_path, monkeypatch, objective, lora):
     """Crash at step 4, after the step-2 checkpoint and step 3's metrics row; resume, and end with the
-    uninterrupted run's weights and metrics (step 3's row not repeated)."""
-    args = ["--objective", objective, "--task-dir", tiny_task, "--max-steps", "4", "--save-every", "2", *FAST]
+    uninterrupted run's weights and metrics (step 3's row not repeated). With LoRA: the merged weights;
+    base from --model, adapters and head from the trainer state."""
+    args = ["--objective", objective, "--task-dir", tiny_task, "--max-steps", "4", "--save-every", "2", *FAST, *lora]
     train_rm.main(args + ["--out-dir", str(tmp_path / "straight")])
     lr_at = train_rm.lr_at
 
@@ -69,6 +70,10 @@ def test_resume_after_a_crash_is_exact(tiny_task, tmp_path, monkeypatch, objecti
         torch.testing.assert_close(a[name], b[name], atol=0, rtol=0, msg=name)
     losses = lambda d: [r["loss/rm"] for r in read_metrics(str(tmp_path / d)) if "loss/rm" in r]
     assert losses("crashed") == losses("straight")  # steps 1-2 before the crash, 3-4 after resume (3 once)
+    if lora:  # only adapters (and the new head) trained; the merged checkpoint differs from the start
+        start = Transformer.from_pretrained(os.path.join(tiny_task, "policy")).state_dict()
+        assert any(not torch.equal(a[k], start[k]) for k in a if "proj" in k)
+        assert all(torch.equal(a[k], start[k]) for k in a if "proj" not in k)
 
 
 def test_bad_jsonl_is_named_with_file_and_line(tiny_task, tmp_path):
