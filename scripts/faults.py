@@ -24,7 +24,6 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 PAIR = {"prompt": "q", "chosen": "a", "rejected": "b"}
 OUR_FRAME = re.compile(r'File "[^"]*(train_rm\.py|train_ppo\.py|nanopairwise/)')
 RM_FAST = ["--batch-size", "8", "--eval-batch-size", "32", "--warmup-steps", "1"]

@@ -23,23 +23,18 @@ Sizes. The defaults are sized for about an hour on a 2-core CPU (measured phase 
 import argparse
 import json
 import os
-import sys
 import time
-from types import SimpleNamespace
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import torch
 
-import torch  # noqa: E402
-
-import compare  # noqa: E402  (this script's own directory is on sys.path)
-import train_ppo  # noqa: E402
-import train_rm  # noqa: E402
-from nanopairwise import bootstrap as B, data, gguf, judge as J, lora, tasks  # noqa: E402
-from nanopairwise.common import atomic_write_text, set_seed  # noqa: E402
-from nanopairwise.model import Transformer  # noqa: E402
-from nanopairwise.policy import encode_prompt  # noqa: E402
-from nanopairwise.tokenizer import Tokenizer  # noqa: E402
+import compare  # (this script's own directory is on sys.path)
+import train_ppo
+import train_rm
+from nanopairwise import bootstrap as B, data, gguf, judge as J, lora, tasks
+from nanopairwise.common import atomic_write_text, set_seed
+from nanopairwise.model import Transformer
+from nanopairwise.policy import encode_prompt
+from nanopairwise.tokenizer import Tokenizer
 
 SMOKE = dict(task=compare.SMOKE_TASK, eval_pairs=8, sft_steps=2, sft_batch=2, rm_steps=2, rm_batch=2,
              ppo=["--steps", "1", "--prompts-per-step", "2", "--samples-per-prompt", "2", "--max-new-tokens", "8",
