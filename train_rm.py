@@ -63,6 +63,9 @@ def get_args(argv=None):
     p.add_argument("--warmup-steps", type=int, default=20, help="linear warmup, then cosine decay to 10%%")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip (0 = off)")
+    # judge position consistency
+    p.add_argument("--consistency-coef", type=float, default=0.0,
+                   help="pairwise: add this times (p(a > b) - (1 - p(b > a)))^2 over the two orders of each pair")
     # runtime
     p.add_argument("--dtype", default="float32", help="float32 or bfloat16 (weights and compute)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
@@ -120,6 +123,8 @@ def loss_fn(model, ids, mask, labels, args, yes_no):
     if args.objective == "pairwise":
         logits = model(ids, mask)                                                       # (2b, V)
         loss, p_yes = J.judge_loss(logits, labels, *yes_no)
+        if args.consistency_coef:                                                       # rows 2i, 2i + 1: one pair
+            loss = loss + args.consistency_coef * J.position_consistency_loss(logits, *yes_no)
         return loss, ((p_yes > 0.5).long() == labels).float().mean()
     values = model(ids, mask)                                                           # (2b, T)
     r = values[torch.arange(values.size(0), device=ids.device), J.last_index(mask)]

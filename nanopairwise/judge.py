@@ -206,6 +206,15 @@ def judge_loss(logits: torch.Tensor, labels: torch.Tensor, yes_id: int, no_id: i
     return -lp.mean(), p_yes
 
 
+def position_consistency_loss(logits: torch.Tensor, yes_id: int, no_id: int) -> torch.Tensor:
+    """Mean (p(a > b) - (1 - p(b > a)))^2 over pairs whose two orders are adjacent rows (2i: a
+    first, 2i + 1: b first; train_rm.py's batches). With d = z_yes - z_no, p(a > b) = sigmoid(d_2i)
+    and 1 - p(b > a) = sigmoid(-d_2i+1): zero exactly when the verdict flips with the order, so
+    it penalises position bias, whatever the label. Bounded in [0, 1] like the probabilities."""
+    d = logits[:, yes_id].float() - logits[:, no_id].float()                           # (2b,)
+    return (torch.sigmoid(d[0::2]) - torch.sigmoid(-d[1::2])).pow(2).mean()
+
+
 class ScalarHeadModel(nn.Module):
     """Trunk + linear scalar head: a value at every position, (B, T) fp32.
 

@@ -177,6 +177,16 @@ def test_normalize_scores_and_head():
     torch.testing.assert_close(rm(ids, mask), L.normalize_scores(raw, norm), atol=1e-5, rtol=1e-5)
 
 
+def test_position_consistency_loss_by_hand():
+    """Rows 2i (a first) and 2i + 1 (b first): zero when the verdict flips with the order."""
+    logits = torch.zeros(4, 5)
+    logits[0, 1], logits[1, 2] = 2.0, 2.0               # pair 1: Yes then No, consistent
+    logits[2, 1], logits[3, 1] = 2.0, 2.0               # pair 2: Yes in both orders, position bias
+    s = torch.sigmoid(torch.tensor(2.0))
+    expected = (0.0 + (s - (1 - s)) ** 2) / 2
+    torch.testing.assert_close(J.position_consistency_loss(logits, 1, 2), expected)
+
+
 def test_pair_metrics_by_hand():
     p = torch.tensor([0.95, 0.85, 0.35, 0.65])       # model P(chosen > rejected), away from bin edges
     p_true = torch.tensor([0.9, 0.6, 0.4, 0.5])      # labeller model
