@@ -6,7 +6,8 @@
     python train_rm.py --model DIR --train-data pairs.jsonl --eval-data heldout.jsonl --out-dir runs/my_judge
 
 The pairwise judge (nanopairwise/judge.py) is a causal LM trained with next-token cross-entropy
-on a verdict token; every pair appears in both orders in every batch. The BT baseline puts a
+on a verdict token; every pair appears in both orders in every batch (--consistency-coef adds a
+penalty on the gap between p(a > b) and 1 - p(b > a), the judge's position bias). The BT baseline puts a
 scalar head on the same trunk and trains -log sigmoid(r_w - r_l). Both start from the same
 generative model (the SFT policy on the built-in task), evaluate on held-out pairs at the end
 (accuracy vs labels and vs the oracle, position consistency, ECE, Brier; eval.json also keeps the
