@@ -41,7 +41,7 @@ from nanopairwise.common import atomic_write_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIGURE = os.path.join(ROOT, "docs", "compare.png")
-FIGURE_MD = ("\n![Pairwise-RL vs Bradley-Terry over PPO steps, and the reward models' reliability diagrams]"
+FIGURE_MD = ("\n![Pairwise-RL vs the Bradley-Terry arms (bt, bt-anchor) over PPO steps, and the reward models' reliability diagrams]"
              "(docs/compare.png)\n\n")
 METHODS = {"Pairwise-RL (generative judge + pairwise PPO)": ("judge", "ppo_pairwise"),  # label: (RM dir, PPO dir)
            "Bradley-Terry RM + standard PPO": ("bt", "ppo_bt"),
@@ -135,7 +135,7 @@ def draw(args) -> list:
     missing = [d for dirs in groups.values() for d in dirs if not os.path.exists(os.path.join(d, "metrics.jsonl"))]
     if missing:
         raise SystemExit(f"--plot-only: no finished runs in {', '.join(missing)}; run scripts/compare.py first")
-    title = f"built-in task, seeds {', '.join(map(str, args.seeds))}: Pairwise-RL vs Bradley-Terry (scripts/compare.py)"
+    title = f"built-in task, seeds {', '.join(map(str, args.seeds))}: Pairwise-RL vs the Bradley-Terry arms (scripts/compare.py)"
     outs = [plot.plot_groups(groups, os.path.join(args.run_dir, "compare.png"), title)]
     if not args.no_readme:
         outs.append(plot.plot_groups(groups, FIGURE, title))
