@@ -3,6 +3,7 @@
     torchrun --standalone --nproc_per_node=2 train_ppo.py      # the main job: the whole built-in pipeline
     python train_ppo.py                                         # the same in one process
     python train_ppo.py --reward bt                             # baseline: BT scalar reward, standard critic
+    python train_ppo.py --reward bt-anchor                      # BT model's win probability against the anchor
     python train_ppo.py --policy DIR --judge DIR --prompts rl.jsonl --eval-prompts rl_heldout.jsonl
 
 On the built-in task the main job bootstraps the task if missing (tokenizer, SFT policy, pairs, RL
@@ -12,7 +13,8 @@ held-out metrics before and after (oracle score, oracle and judge win rate again
 One PPO step (per rank, on its share of the global batch):
   1. sample K responses for each prompt of the step with the KV-cache rollout engine
   2. score them: pairwise -> P(y > y*) from the judge in both orders against the prompt's anchor
-     y*, then --reward-transform; bt -> the BT reward r(x, y)
+     y*, then --reward-transform; bt -> the BT reward (r(x, y) - mu) / sigma; bt-anchor ->
+     sigmoid(r(x, y) - r(x, y*)), then --reward-transform
   3. old and reference log-probs of the sampled tokens and the critic's values (a forward each)
   4. per-token reward -kl_coef * k1 on every token plus the score on the last token; GAE;
      advantages whitened over the global batch (all ranks)
@@ -35,12 +37,19 @@ Our reading of the paper (its public text fixes few details); each is a flag:
   8. Separate AdamW optimisers for policy and critic; a joint backward of pg + vf_coef * v loss.
   9. Judge input: principle, then each response as the policy's own chat turn with its end-of-turn
      token, then the question (nanopairwise/judge.py JudgeTemplate; train_rm.py --question).
+  10. --critic-warmup-steps N: the first N steps train only the critic (default 0; the value head
+     starts at zero, so the first advantages use V = 0 for the pairwise critic).
 Divergence guard (--max-kl, --max-ratio; 0 = off): the run stops with a message when the rollouts'
 mean sequence KL to the reference, or the updated policy's (k2, checked before every checkpoint),
 exceeds --max-kl (default 10 nats; the built-in main job ends near 0.3), or a token's ratio
 pi/pi_old exceeds --max-ratio. Bad inputs, NaNs and faults: docs/FAULTS.md.
-The baseline (--reward bt) is standard RLHF PPO: BT scalar reward, standard critic initialised
-from the reward model, the same KL, GAE, whitening and losses.
+The baseline (--reward bt) is standard RLHF PPO: BT scalar reward normalised by its mean mu and std
+sigma over rollouts of the initial policy (measured once, kept in the checkpoint; the truncation
+penalty is then in those units), standard critic initialised from the reward model with its head
+(rescaled to the normalised units; --critic-fresh-head: a zero head), the same KL, GAE, whitening
+and losses. --reward bt-anchor separates the judge from the anchor: the BT model's win probability
+against the same anchor, bounded and anchor-relative like Pairwise-RL's reward but from a scalar RM,
+with the standard critic (trunk of the BT model, fresh head) unless --critic pairwise.
 """
 
 import argparse
@@ -55,8 +64,9 @@ import train_rm
 from nanopairwise import bootstrap, checkpoint, data, judge as J, lora, losses, tasks, tracking
 from nanopairwise.common import (DTYPES, MetricsLogger, Progress, all_reduce_sum, atomic_dir_all_ranks,
                                  atomic_torch_save, atomic_write_text, barrier, clock, compute_cleanup, compute_init,
-                                 dumps_json, full_state_dict, gathered, get_rank, get_world_size, parse_dtype,
-                                 print0, remove_leftovers, set_seed, shard_model, unwrap, wrap_data_parallel)
+                                 dumps_json, full_state_dict, gathered, get_rank, get_world_size, mean_over_ranks,
+                                 parse_dtype, print0, remove_leftovers, set_seed, shard_model, unwrap,
+                                 wrap_data_parallel)
 from nanopairwise.guards import (RunLock, UserError, check_divides, check_finite, check_flag, check_input_file,
                                  check_length, check_model_dir, check_out_dir, check_rows, cli_main, on_rank0)
 from nanopairwise.model import Block, Transformer
@@ -70,7 +80,8 @@ def get_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # runs and data
     p.add_argument("--run-dir", default="runs", help="where the built-in pipeline keeps task, RMs and PPO runs")
-    p.add_argument("--reward", choices=["pairwise", "bt"], default="pairwise", help="Pairwise-RL or BT baseline")
+    p.add_argument("--reward", choices=["pairwise", "bt", "bt-anchor"], default="pairwise",
+                   help="Pairwise-RL, BT baseline, or the BT model's win probability against the anchor")
     p.add_argument("--policy", default=None, help="initial policy HF dir (default: the task's SFT policy)")
     p.add_argument("--judge", default=None, help="pairwise judge dir (default: RUN_DIR/judge/checkpoint)")
     p.add_argument("--bt-rm", default=None, help="BT reward model dir (default: RUN_DIR/bt/checkpoint)")
@@ -83,9 +94,10 @@ def get_args(argv=None):
     p.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=True,
                    help="score both orders against the anchor (else one order)")
     p.add_argument("--critic", choices=["pairwise", "standard"], default=None,
-                   help="critic input (default: pairwise for --reward pairwise, standard for bt)")
+                   help="critic input (default: pairwise for --reward pairwise, standard for bt and bt-anchor)")
     p.add_argument("--anchor-samples", type=int, default=4, help="best-of-N anchors for prompts without one")
-    p.add_argument("--truncation-penalty", type=float, default=0.5, help="subtracted from a score without EOS")
+    p.add_argument("--truncation-penalty", type=float, default=0.5,
+                   help="subtracted from a score without EOS (for bt: from the normalised score)")
     # PPO
     p.add_argument("--steps", type=int, default=40, help="PPO steps (one rollout batch each)")
     p.add_argument("--prompts-per-step", type=int, default=32, help="prompts per step over all ranks")
@@ -111,6 +123,14 @@ def get_args(argv=None):
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--fused-head", action="store_true", help="LM head + log-prob in one kernel (no logits)")
     p.add_argument("--fsdp", action="store_true", help="under torchrun, shard every model with FSDP2 (else DDP)")
+    # baseline fairness and critic warm-up
+    p.add_argument("--reward-norm-prompts", type=int, default=64,
+                   help="--reward bt: normalise r(x, y) by its mean and std over K rollouts of the initial "
+                        "policy on this many training prompts (all ranks), measured once (0 = raw scores)")
+    p.add_argument("--critic-fresh-head", action="store_true",
+                   help="--reward bt: a zero-initialised critic head instead of the reward model's own")
+    p.add_argument("--critic-warmup-steps", type=int, default=0,
+                   help="the first N steps train only the critic (the policy's weights do not change)")
     # evaluation and runtime
     p.add_argument("--eval-every", type=int, default=20, help="evaluate every N steps (0 = start and end only)")
     p.add_argument("--eval-size", type=int, default=256, help="held-out prompts per evaluation")
@@ -205,7 +225,7 @@ def ensure_reward_models(args, ddp, rank):
         args.prompts, args.eval_prompts = paths["rl_train"], args.eval_prompts or paths["rl_test"]
         args.policy = args.policy or paths["policy"]
     for objective, path in (("pairwise", args.judge), ("bt", args.bt_rm)):
-        needed = objective == args.reward or (objective == "pairwise" and builtin)  # the judge also evaluates
+        needed = objective == args.reward.split("-")[0] or (objective == "pairwise" and builtin)  # the judge also evaluates
         if needed and not os.path.exists(os.path.join(path, "config.json")):
             if not builtin:
                 raise UserError(f"no reward model at {path}; train one with train_rm.py --objective {objective}")
@@ -248,14 +268,36 @@ def fill_anchors(prompts, policy, judge, tok, args, device):
 
 @torch.no_grad()
 def score_responses(prompts, texts, rm, tok, args):
-    """Sequence scores (B,) and the raw judge win probability (B,) (None for bt)."""
-    if args.reward == "pairwise":
+    """Sequence scores (B,) and the raw win probability against the anchor (B,) (None for bt):
+    pairwise -> the judge's; bt-anchor -> the BT model's sigmoid(r(x, y) - r(x, y*)), with
+    r(x, y*) cached on the reward model; bt -> r(x, y) normalised by args.reward_norm."""
+    if args.reward != "bt":
         items = [(p.principle, p.prompt, y, p.anchor) for p, y in zip(prompts, texts)]
-        with gathered(rm):                                            # verdict logits bypass forward()
-            win = J.judge_win_probs(rm, tok, args.rm_template, items, symmetric=args.symmetric)[0]
+        with gathered(rm):                      # verdict logits bypass forward(); per-rank anchor cache misses
+            win = (J.judge_win_probs(rm, tok, args.rm_template, items, symmetric=args.symmetric)[0]
+                   if args.reward == "pairwise" else J.bt_anchor_win_probs(rm, tok, args.rm_template, items, rm.anchor_r))
         return losses.transform_score(win, args.reward_transform), win
     items = [(p.principle, p.prompt, y) for p, y in zip(prompts, texts)]
-    return J.scalar_scores(rm, tok, args.rm_template, items), None
+    return losses.normalize_scores(J.scalar_scores(rm, tok, args.rm_template, items), args.reward_norm), None
+
+
+@torch.no_grad()
+def measure_reward_norm(initial_lm, rm, tok, args, device):
+    """Mean and std of the BT score r(x, y) over K rollouts of the initial policy (the frozen
+    reference) on --reward-norm-prompts training prompts (a seeded draw, split over the ranks;
+    moments all-reduced). 64 prompts x K=4 = 256 scores put the std within ~5% (relative standard
+    error 1/sqrt(2n)) for the cost of two steps' rollouts. Measured once, kept in the checkpoint."""
+    prompts = load_prompts(args.prompts, args)
+    n = min(args.reward_norm_prompts, len(prompts)) // get_world_size() * get_world_size()
+    pick = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed + 29))[:n]
+    mine = [prompts[i] for i in data.shard_for_rank(pick.tolist(), get_rank(), get_world_size())
+            for _ in range(args.samples_per_prompt)]
+    gen = torch.Generator(device=device).manual_seed(args.seed + 31 + get_rank())
+    ro = generate(initial_lm, [encode_prompt(tok, p.prompt) for p in mine], args.max_new_tokens, tok.stop_token_ids,
+                  tok.pad_token_id, temperature=args.temperature, top_p=args.top_p, generator=gen)
+    r = J.scalar_scores(rm, tok, args.rm_template, [(p.principle, p.prompt, y) for p, y in zip(mine, ro.texts(tok))])
+    mean, var = losses.masked_moments(r.to(device), torch.ones_like(r, device=device), distributed=True)
+    return {"mean": mean.item(), "std": var.sqrt().item(), "n": n * args.samples_per_prompt}
 
 
 @torch.no_grad()
@@ -336,9 +378,11 @@ def make_experience(step_prompts, models, tok, args, device, gen):
     return exp, c_pre, stats
 
 
-def ppo_update(exp, c_pre, models, optimizers, args, gen, step=0, last_saved=None):
+def ppo_update(exp, c_pre, models, optimizers, args, gen, step=0, last_saved=None, warmup=False):
     """--ppo-epochs passes of --minibatches shuffled minibatches over this rank's experience.
-    Before each optimizer step: loss and both gradient norms finite (one host sync), else stop."""
+    Before each optimizer step: loss and both gradient norms finite (one host sync), else stop.
+    With `warmup` (--critic-warmup-steps) only the critic learns: the policy's forward builds no
+    graph and its optimizer does not step, so its weights do not change."""
     policy, _, critic, _ = models
     B, R = exp["response_mask"].shape
     mb = max(1, B // args.minibatches)
@@ -349,7 +393,8 @@ def ppo_update(exp, c_pre, models, optimizers, args, gen, step=0, last_saved=Non
             idx = order[i:i + mb].to(exp["ids"].device)
             e = {k: v[idx] for k, v in exp.items()}
             kl_ref = e["ref_logprobs"] if args.kl_mode == "loss" else None
-            out = policy(e["ids"], e["attn"], e["response_mask"], args.temperature, entropy=True)
+            with torch.set_grad_enabled(not warmup):
+                out = policy(e["ids"], e["attn"], e["response_mask"], args.temperature, entropy=True)
             values = J.critic_values(critic, e["c_ids"], e["c_mask"], c_pre, R)
             m = e["response_mask"].float()
             loss = kernels.clipped_ppo_loss(out.logprobs, e["old_logprobs"], e["advantages"], m,
@@ -370,7 +415,7 @@ def ppo_update(exp, c_pre, models, optimizers, args, gen, step=0, last_saved=Non
                                              "critic grad norm"), checked.unbind())),
                          f"--lr {args.lr:g} (policy), --critic-lr {args.critic_lr:g} and --vf-coef (critic), "
                          "--grad-clip, --dtype", last_saved)
-            for opt in optimizers:
+            for opt in optimizers[1:] if warmup else optimizers:    # [policy, critic]
                 opt.step()
             row = {"loss/pg": loss.pg_loss, "loss/v": loss.v_loss, "loss/kl": loss.kl_loss,
                    "ppo/clipfrac": loss.clipfrac, "ppo/approx_kl": loss.approx_kl, "ppo/ratio_max": loss.ratio_max,
@@ -449,7 +494,7 @@ def train(args, ddp, rank, world_size, device, owns_pg, t_start):
     ensure_reward_models(args, ddp, rank)
     # ---- inputs checked before any model is loaded -------------------------------------------
     ckpt = os.path.join(args.out_dir, "checkpoint")
-    state = {"step": 0, "anchors": None}
+    state = {"step": 0, "anchors": None, "reward_norm": None}
     if args.resume:
         if not os.path.exists(os.path.join(ckpt, "trainer_state.pt")):
             raise UserError(f"--resume: no checkpoint at {ckpt}")
@@ -501,8 +546,21 @@ def train(args, ddp, rank, world_size, device, owns_pg, t_start):
         judge.eval().requires_grad_(False)
     rm = judge if args.reward == "pairwise" else J.ScalarHeadModel.from_pretrained(rm_dir, dtype, device).eval()
     rm.requires_grad_(False)
+    rm.anchor_r = {}                                                  # bt-anchor: r(x, y*) per anchor, scored once
+    # the BT critic starts as the RM, head included (InstructGPT, N+ details, OpenRLHF); the judge has no
+    # scalar head, and bt-anchor's probability is not affine in r, so those critics get a fresh zero head
+    rm_head = args.reward == "bt" and args.critic == "standard" and not args.critic_fresh_head
     critic = (J.ScalarHeadModel.from_pretrained(os.path.join(ckpt, "critic"), dtype, device) if args.resume
-              else J.ScalarHeadModel.from_pretrained(rm_dir, dtype, device, new_head=True))
+              else J.ScalarHeadModel.from_pretrained(rm_dir, dtype, device, new_head=not rm_head))
+    if args.reward == "bt" and args.reward_norm_prompts and state.get("reward_norm") is None:
+        with lora.adapters_disabled(policy.lm):                     # LoRA: the base weights are the reference
+            initial_lm = policy.lm if args.lora_rank else ref.lm
+            state["reward_norm"] = measure_reward_norm(initial_lm, rm, tok, args, device)
+        print0(f"BT reward normalisation over {state['reward_norm']['n']} initial-policy rollouts: "
+               f"mean {state['reward_norm']['mean']:.4f}, std {state['reward_norm']['std']:.4f}")
+    args.reward_norm = state.get("reward_norm") if args.reward == "bt" else None
+    if rm_head and args.reward_norm and not args.resume:
+        critic.normalize_head_(args.reward_norm["mean"], args.reward_norm["std"])   # V in the reward's units
     # under torchrun: trained models DDP-wrapped or FSDP2-sharded, frozen ones sharded too with FSDP
     policy_dp = wrap_data_parallel(policy, args.fsdp, Block, device)
     critic_dp = wrap_data_parallel(critic, args.fsdp, Block, device)
@@ -556,11 +614,13 @@ def train(args, ddp, rank, world_size, device, owns_pg, t_start):
         check_divergence(step + 1, "rollout KL to the reference", stats["rollout/kl"], "--max-kl", args, last_saved,
                          device)
         t_update = clock(device)
-        stats.update(ppo_update(exp, c_pre, models, optimizers, args, cpu_gen, step, last_saved))
+        stats.update(ppo_update(exp, c_pre, models, optimizers, args, cpu_gen, step, last_saved,
+                                warmup=step < args.critic_warmup_steps))
         step += 1
         stats["perf/update_s"] = clock(device) - t_update
         dt = time.time() - t0
-        tokens = stats.pop("tokens") * world_size
+        stats = mean_over_ranks(stats, device, sum_keys=("tokens",))  # every rank's batch, one collective
+        tokens = stats.pop("tokens")
         stats.update({"perf/ms": 1000 * dt, "perf/tok_per_s": tokens / dt})
         logger.log(step, stats, total=args.steps,
                    console_keys=["reward/score", "rollout/win_rate", "rollout/kl", "ppo/clipfrac",
@@ -577,7 +637,7 @@ def train(args, ddp, rank, world_size, device, owns_pg, t_start):
                 check_divergence(step, "the updated policy's KL to the reference (k2 on this step's rollouts)", kl,
                                  "--max-kl", args, last_saved, device)
             trainer_state = {"step": step, "anchors": [p.anchor for p in train_prompts + eval_prompts],
-                             "world_size": world_size, "history": history,
+                             "world_size": world_size, "history": history, "reward_norm": state.get("reward_norm"),
                              "policy_trainable": lora.trainable_state_dict(policy) if args.lora_rank else None}
             save_checkpoint(ckpt, policy, critic, optimizers, tok, trainer_state, args)
             last_saved = step

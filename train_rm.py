@@ -6,7 +6,8 @@
     python train_rm.py --model DIR --train-data pairs.jsonl --eval-data heldout.jsonl --out-dir runs/my_judge
 
 The pairwise judge (nanopairwise/judge.py) is a causal LM trained with next-token cross-entropy
-on a verdict token; every pair appears in both orders in every batch. The BT baseline puts a
+on a verdict token; every pair appears in both orders in every batch (--consistency-coef adds a
+penalty on the gap between p(a > b) and 1 - p(b > a), the judge's position bias). The BT baseline puts a
 scalar head on the same trunk and trains -log sigmoid(r_w - r_l). Both start from the same
 generative model (the SFT policy on the built-in task), evaluate on held-out pairs at the end
 (accuracy vs labels and vs the oracle, position consistency, ECE, Brier; eval.json also keeps the
@@ -71,6 +72,9 @@ def get_args(argv=None):
                    help="linear warmup, then cosine decay to 10%% (default: 20 for a tiny model, else 10%% of the steps)")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip (0 = off)")
+    # judge position consistency
+    p.add_argument("--consistency-coef", type=float, default=0.0,
+                   help="pairwise: add this times (p(a > b) - (1 - p(b > a)))^2 over the two orders of each pair")
     # runtime
     p.add_argument("--dtype", default="float32", help="float32 or bfloat16 (weights and compute)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
@@ -159,6 +163,8 @@ def loss_fn(model, ids, mask, labels, args, yes_no):
     if args.objective == "pairwise":
         logits = model(ids, mask)                                                       # (2b, V)
         loss, p_yes = J.judge_loss(logits, labels, *yes_no)
+        if args.consistency_coef:                                                       # rows 2i, 2i + 1: one pair
+            loss = loss + args.consistency_coef * J.position_consistency_loss(logits, *yes_no)
         return loss, ((p_yes > 0.5).long() == labels).float().mean()
     values = model(ids, mask)                                                           # (2b, T)
     r = values[torch.arange(values.size(0), device=ids.device), J.last_index(mask)]

@@ -86,6 +86,16 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def mean_over_ranks(stats: dict, device, sum_keys=()) -> dict:
+    """A dict of numbers averaged over ranks (keys in `sum_keys` summed), in one all-reduce:
+    every rank must pass the same keys in the same order. Identity when not distributed."""
+    if get_world_size() == 1:
+        return stats
+    keys = list(stats)
+    t = all_reduce_sum(torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=device))
+    return {k: v if k in sum_keys else v / get_world_size() for k, v in zip(keys, t.tolist())}
+
+
 def broadcast_object(obj, src: int = 0):
     """`obj` of rank `src` on every rank (identity when not distributed)."""
     if get_world_size() == 1:

@@ -209,6 +209,15 @@ def judge_loss(logits: torch.Tensor, labels: torch.Tensor, yes_id: int, no_id: i
     return -lp.mean(), p_yes
 
 
+def position_consistency_loss(logits: torch.Tensor, yes_id: int, no_id: int) -> torch.Tensor:
+    """Mean (p(a > b) - (1 - p(b > a)))^2 over pairs whose two orders are adjacent rows (2i: a
+    first, 2i + 1: b first; train_rm.py's batches). With d = z_yes - z_no, p(a > b) = sigmoid(d_2i)
+    and 1 - p(b > a) = sigmoid(-d_2i+1): zero exactly when the verdict flips with the order, so
+    it penalises position bias, whatever the label. Bounded in [0, 1] like the probabilities."""
+    d = logits[:, yes_id].float() - logits[:, no_id].float()                           # (2b,)
+    return (torch.sigmoid(d[0::2]) - torch.sigmoid(-d[1::2])).pow(2).mean()
+
+
 class ScalarHeadModel(nn.Module):
     """Trunk + linear scalar head: a value at every position, (B, T) fp32.
 
@@ -245,6 +254,15 @@ class ScalarHeadModel(nn.Module):
                 for k, v in state.items() if k.startswith("score_head.")}
         checkpoint.refuse_nonfinite(path, head)
         save_file(head, os.path.join(path, self.HEAD_FILE))
+
+    @torch.no_grad()
+    def normalize_head_(self, mean: float, std: float):
+        """Make the head output (v - mean) / std: w <- w / std, b <- (b - mean) / std (a critic
+        started from a BT RM then predicts the normalised reward, nanopairwise/losses.py
+        normalize_scores)."""
+        std = max(std, 1e-8)
+        self.score_head.weight.div_(std)
+        self.score_head.bias.sub_(mean).div_(std)
 
     @classmethod
     def from_pretrained(cls, path: str, dtype=None, device=None, new_head: bool = False):
@@ -340,6 +358,24 @@ def scalar_scores(model: ScalarHeadModel, tokenizer, template, items, batch_size
         rows = torch.arange(values.size(0), device=values.device)
         out.append(values[rows, last_index(mask.to(device))].cpu())
     return torch.cat(out) if out else torch.zeros(0)
+
+
+def bt_win_prob(r_a: torch.Tensor, r_b: torch.Tensor) -> torch.Tensor:
+    """Bradley-Terry P(a > b) = sigmoid(r_a - r_b); P(b > a) = 1 - P(a > b) exactly."""
+    return torch.sigmoid(r_a.float() - r_b.float())
+
+
+@torch.no_grad()
+def bt_anchor_win_probs(model: ScalarHeadModel, tokenizer, template, items, cache: dict, **kw):
+    """The BT model's win probability of y against the anchor y*, sigmoid(r(x, y) - r(x, y*)),
+    for each (principle, prompt, y, anchor) item: (n,) fp32 on CPU. Pairwise-RL's bounded,
+    anchor-relative reward shape from a scalar RM. r(x, y*) is scored once per (principle,
+    prompt, anchor) and kept in `cache` (a dict the caller holds for the run)."""
+    todo = {(pr, str(q), a): (pr, q, a) for pr, q, _, a in items if (pr, str(q), a) not in cache}  # q: str or messages
+    cache.update(zip(todo, scalar_scores(model, tokenizer, template, list(todo.values()), **kw).tolist()))
+    r_y = scalar_scores(model, tokenizer, template, [(pr, q, y) for pr, q, y, _ in items], **kw)
+    r_anchor = torch.tensor([cache[(pr, str(q), a)] for pr, q, _, a in items])
+    return bt_win_prob(r_y, r_anchor)
 
 
 # ----------------------------------------------------------------------------------------------

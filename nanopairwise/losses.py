@@ -38,6 +38,20 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1.0)
 
 
+def masked_moments(x: torch.Tensor, mask: torch.Tensor, distributed: bool = False):
+    """Mean and population variance (scalars, fp32) of the masked entries of x; with
+    `distributed=True` of the union of every rank's entries: one all-reduce of (count, sum x,
+    sum x^2), then mean = s1 / n and var = s2 / n - mean^2."""
+    m = mask.to(torch.float32)
+    xf = x.float()
+    stats = torch.stack([m.sum(), (xf * m).sum(), (xf * xf * m).sum()])
+    if distributed and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM)
+    count, s1, s2 = stats[0].clamp(min=1.0), stats[1], stats[2]
+    mean = s1 / count
+    return mean, (s2 / count - mean * mean).clamp(min=0.0)
+
+
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
                   distributed: bool = False, eps: float = 1e-8) -> torch.Tensor:
     """(x - mean) / std over the masked entries; masked-out entries come back as 0.
@@ -49,12 +63,7 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
     """
     m = mask.to(torch.float32)
     xf = x.float()
-    stats = torch.stack([m.sum(), (xf * m).sum(), (xf * xf * m).sum()])
-    if distributed and dist.is_available() and dist.is_initialized():
-        dist.all_reduce(stats, op=dist.ReduceOp.SUM)
-    count, s1, s2 = stats[0].clamp(min=1.0), stats[1], stats[2]
-    mean = s1 / count
-    var = (s2 / count - mean * mean).clamp(min=0.0)
+    mean, var = masked_moments(xf, m, distributed)
     out = (xf - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
@@ -257,6 +266,21 @@ def transform_score(win_prob: torch.Tensor, kind: str = "prob", eps: float = 1e-
         p = win_prob.clamp(eps, 1.0 - eps)
         return torch.log(p) - torch.log1p(-p)
     raise ValueError(f"unknown reward transform {kind!r}; choose prob, centered or logit")
+
+
+def normalize_scores(scores: torch.Tensor, norm: Optional[dict]) -> torch.Tensor:
+    """(r - mu) / sigma, the BT baseline's reward in units of the initial policy's spread.
+
+    A BT score is defined up to an additive constant and its scale is whatever the RM learned,
+    while the KL coefficient and truncation penalty are set for a probability in [0, 1]. mu and
+    sigma are the mean and std of r(x, y) over rollouts of the initial policy, measured once
+    (`norm = {"mean": mu, "std": sigma}`; None: raw scores). Afterwards the initial policy's
+    rewards have mean 0 and std 1, as in OpenRLHF's normalize_reward / the N+ details' reward
+    normalisation.
+    """
+    if norm is None:
+        return scores
+    return (scores - norm["mean"]) / max(norm["std"], 1e-8)
 
 
 def shape_rewards(scores: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor = None,

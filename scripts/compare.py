@@ -1,4 +1,4 @@
-"""Pairwise-RL against the Bradley-Terry baseline on the built-in task, over several seeds.
+"""Pairwise-RL against the Bradley-Terry baselines on the built-in task, over several seeds.
 
     python scripts/compare.py                      # seeds 0 1 2: results.json + the README table
     python scripts/compare.py --seeds 0 --no-readme
@@ -9,8 +9,11 @@ Per seed, in RUN_DIR/seed<S> (a finished stage is skipped, so an interrupted run
   task/         bootstrap: tokenizer, SFT policy, preference pairs, RL prompts (nanopairwise/bootstrap.py)
   judge/, bt/   train_rm.py: the generative pairwise judge and the BT reward model, same pairs and steps
   ppo_pairwise/ train_ppo.py --reward pairwise: judge win probability against the gold anchor, pairwise critic
-  ppo_bt/       train_ppo.py --reward bt: BT scalar reward, standard critic; every other setting shared
-Both PPO runs start from the same SFT policy and are evaluated on the same held-out prompts with the
+  ppo_bt/       train_ppo.py --reward bt: normalised BT scalar reward, standard critic from the RM
+  ppo_bt-anchor/ train_ppo.py --reward bt-anchor: the BT model's win probability against the same
+                anchor, sigmoid(r(x, y) - r(x, y*)), standard critic; every other setting shared
+The bt-anchor arm separates the judge from the anchor: it has Pairwise-RL's bounded, anchor-relative
+reward but a scalar RM. All PPO runs start from the same SFT policy and are evaluated on the same held-out prompts with the
 same sampling seed, so "before" is shared. Everything is measured against the task's oracle.
 The table (mean ± sample std over seeds) goes to RUN_DIR/results.md and, unless --no-readme,
 between the compare markers of README.md, with the machine and the date. The figure (scripts/plot.py:
@@ -38,10 +41,12 @@ from nanopairwise.common import atomic_write_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIGURE = os.path.join(ROOT, "docs", "compare.png")
-FIGURE_MD = ("\n![Pairwise-RL vs Bradley-Terry over PPO steps, and the reward models' reliability diagrams]"
+FIGURE_MD = ("\n![Pairwise-RL vs the Bradley-Terry arms (bt, bt-anchor) over PPO steps, and the reward models' reliability diagrams]"
              "(docs/compare.png)\n\n")
 METHODS = {"Pairwise-RL (generative judge + pairwise PPO)": ("judge", "ppo_pairwise"),  # label: (RM dir, PPO dir)
-           "Bradley-Terry RM + standard PPO": ("bt", "ppo_bt")}
+           "Bradley-Terry RM + standard PPO": ("bt", "ppo_bt"),
+           "BT anchor win prob (BT RM, sigmoid(r(y) - r(y*)) + standard PPO)": ("bt", "ppo_bt-anchor")}
+REWARDS = ("pairwise", "bt", "bt-anchor")  # train_ppo.py --reward, one PPO run each
 
 README_START, README_END = "<!-- compare:start -->", "<!-- compare:end -->"
 SMOKE_TASK = dict(sft_steps=20, sft_prompts=500, pair_prompts_train=48, pair_prompts_test=16,
@@ -57,7 +62,7 @@ def get_args(argv=None):
     p.add_argument("--run-dir", default="runs/compare", help="one subdirectory per seed")
     p.add_argument("--no-readme", action="store_true", help="do not rewrite the README table")
     p.add_argument("--smoke", action="store_true", help="tiny task and runs (plumbing only; implies --no-readme)")
-    p.add_argument("--ppo-args", default="", help="extra train_ppo.py flags for both methods, e.g. '--steps 60'")
+    p.add_argument("--ppo-args", default="", help="extra train_ppo.py flags for every arm, e.g. '--steps 60'")
     p.add_argument("--plot-only", action="store_true",
                    help="only redraw the figure from the finished run directories under --run-dir (no training)")
     args = p.parse_args(argv)
@@ -66,7 +71,7 @@ def get_args(argv=None):
 
 
 def run_seed(seed, args) -> dict:
-    """All stages for one seed; returns {"judge": eval, "bt": eval, "ppo_pairwise": history, "ppo_bt": history}."""
+    """All stages for one seed; returns {"judge": eval, "bt": eval, "ppo_<reward>": history for each of REWARDS}."""
     run = os.path.join(args.run_dir, f"seed{seed}")
     task = os.path.join(run, "task")
     if not os.path.exists(task_paths(task)["info"]):
@@ -78,7 +83,7 @@ def run_seed(seed, args) -> dict:
             train_rm.main(["--objective", objective, "--task-dir", task, "--out-dir", path, "--seed", str(seed)]
                           + (SMOKE_RM if args.smoke else []))
         out[name] = json.load(open(os.path.join(path, "eval.json")))
-    for reward in ("pairwise", "bt"):
+    for reward in REWARDS:
         path = os.path.join(run, f"ppo_{reward}")
         if not os.path.exists(os.path.join(path, "eval.json")):
             train_ppo.main(["--run-dir", run, "--reward", reward, "--seed", str(seed), "--out-dir", path]
@@ -130,7 +135,7 @@ def draw(args) -> list:
     missing = [d for dirs in groups.values() for d in dirs if not os.path.exists(os.path.join(d, "metrics.jsonl"))]
     if missing:
         raise SystemExit(f"--plot-only: no finished runs in {', '.join(missing)}; run scripts/compare.py first")
-    title = f"built-in task, seeds {', '.join(map(str, args.seeds))}: Pairwise-RL vs Bradley-Terry (scripts/compare.py)"
+    title = f"built-in task, seeds {', '.join(map(str, args.seeds))}: Pairwise-RL vs the Bradley-Terry arms (scripts/compare.py)"
     outs = [plot.plot_groups(groups, os.path.join(args.run_dir, "compare.png"), title)]
     if not args.no_readme:
         outs.append(plot.plot_groups(groups, FIGURE, title))

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from nanopairwise import judge as J
+from nanopairwise import losses as L
 from nanopairwise.data import pad_batch
 from nanopairwise.model import ModelConfig, Transformer
 from nanopairwise.tokenizer import train_bpe
@@ -137,6 +138,54 @@ def test_bt_loss_and_scalar_head(tok):
     assert not rm.lm.lm_head.weight.requires_grad                  # unused by a scalar head: frozen for DDP
     scores = J.scalar_scores(rm, tok, TEMPLATE, [("P.", "q", "1 2 3")])
     assert scores.tolist() == [0.0]                                # the fresh head starts at zero
+
+
+def test_bt_anchor_win_prob_is_sigmoid_of_the_score_gap_and_symmetric(tok):
+    """sigmoid(r(y) - r(y*)) with r(x, y*) cached once per anchor; swapping y and y* gives 1 - p."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4)
+    rm = J.ScalarHeadModel(Transformer(cfg)).eval()
+    torch.nn.init.normal_(rm.score_head.weight, std=1.0)           # a non-zero head: scores differ by response
+    items = [("P.", "q", "1 2 3", "3 2 1"), ("P.", "q", "7", "3 2 1"), ("P.", "r", "7 7", "1")]
+    cache = {}
+    p = J.bt_anchor_win_probs(rm, tok, TEMPLATE, items, cache)
+    r_y = J.scalar_scores(rm, tok, TEMPLATE, [(a, b, y) for a, b, y, _ in items])
+    r_star = J.scalar_scores(rm, tok, TEMPLATE, [(a, b, s) for a, b, _, s in items])
+    torch.testing.assert_close(p, torch.sigmoid(r_y - r_star), atol=1e-6, rtol=0)
+    assert len(cache) == 2 and not torch.allclose(p, torch.full_like(p, 0.5))   # two distinct anchors, scored once
+    swapped = J.bt_anchor_win_probs(rm, tok, TEMPLATE, [(a, b, s, y) for a, b, y, s in items], {})
+    torch.testing.assert_close(p + swapped, torch.ones(3), atol=1e-6, rtol=0)
+    cache[("P.", "q", "3 2 1")] = 100.0                            # the cached anchor score is the one used
+    assert J.bt_anchor_win_probs(rm, tok, TEMPLATE, items[:1], cache).item() < 1e-6
+
+
+def test_normalize_scores_and_head():
+    r = torch.tensor([1.0, 3.0, 5.0])
+    mean, var = torch.tensor(3.0), torch.tensor(8.0 / 3.0)
+    m, v = L.masked_moments(r, torch.ones(3))
+    torch.testing.assert_close((m, v), (mean, var))
+    norm = {"mean": m.item(), "std": v.sqrt().item()}
+    z = L.normalize_scores(r, norm)
+    torch.testing.assert_close((z.mean(), z.std(unbiased=False)), (torch.tensor(0.0), torch.tensor(1.0)))
+    assert L.normalize_scores(r, None) is r
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    rm = J.ScalarHeadModel(Transformer(cfg))
+    torch.nn.init.normal_(rm.score_head.weight)
+    ids, mask = torch.randint(0, 64, (2, 5)), torch.ones(2, 5, dtype=torch.long)
+    raw = rm(ids, mask)
+    rm.normalize_head_(norm["mean"], norm["std"])                  # the critic predicts the normalised score
+    torch.testing.assert_close(rm(ids, mask), L.normalize_scores(raw, norm), atol=1e-5, rtol=1e-5)
+
+
+def test_position_consistency_loss_by_hand():
+    """Rows 2i (a first) and 2i + 1 (b first): zero when the verdict flips with the order."""
+    logits = torch.zeros(4, 5)
+    logits[0, 1], logits[1, 2] = 2.0, 2.0               # pair 1: Yes then No, consistent
+    logits[2, 1], logits[3, 1] = 2.0, 2.0               # pair 2: Yes in both orders, position bias
+    s = torch.sigmoid(torch.tensor(2.0))
+    expected = (0.0 + (s - (1 - s)) ** 2) / 2
+    torch.testing.assert_close(J.position_consistency_loss(logits, 1, 2), expected)
 
 
 def test_pair_metrics_by_hand():

@@ -78,7 +78,7 @@ def test_plot_refuses_a_directory_without_metrics(tmp_path):
 def test_compare_plot_only_redraws_without_training(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     for seed in (0, 1):
-        for name in ("ppo_pairwise", "ppo_bt"):
+        for name in [f"ppo_{reward}" for reward in compare.REWARDS]:   # every arm
             write_ppo_run(str(tmp_path / f"seed{seed}" / name), seed)
         for name in ("judge", "bt"):
             write_rm_run(str(tmp_path / f"seed{seed}" / name), seed)

@@ -1,6 +1,6 @@
 """train_ppo.py end to end on the tiny built-in task (tests/conftest.py::tiny_task): the one-command
 pipeline under 2-process torchrun (DDP and FSDP2, gloo), exact resume after a crash, the BT
-baseline, and refusals. Models and prompts are tiny, so these check plumbing, not learning.
+baseline (its reward normalisation kept for --resume), bt-anchor with critic warm-up, and refusals. Models and prompts are tiny, so these check plumbing, not learning.
 """
 
 import json
@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import kernels
 import train_ppo
@@ -124,15 +125,59 @@ def test_nan_in_the_ppo_loss_stops_before_the_step(run_dir, tmp_path, monkeypatc
     assert not (out / "checkpoint").exists()
 
 
-def test_bt_baseline_runs(run_dir, tmp_path):
-    out = str(tmp_path / "bt")
-    history = train_ppo.main(["--run-dir", str(run_dir), "--reward", "bt", "--out-dir", out, *FAST])
-    assert "oracle_score" in history["after"]
-    assert "rollout/win_rate" not in step_rows(out)[1]            # a scalar reward has no win rate
-
-
 def test_missing_reward_model_for_user_data_is_refused(run_dir, tmp_path):
     prompts = os.path.join(str(run_dir), "task", "rl_train.jsonl")
     with pytest.raises(UserError, match="no reward model at"):
         train_ppo.main(["--prompts", prompts, "--policy", os.path.join(str(run_dir), "task", "policy"),
                         "--judge", str(tmp_path / "nothing"), "--out-dir", str(tmp_path / "o"), *FAST])
+
+
+# ----------------------------------------------------------------------------------------------
+# baseline fairness: BT normalisation, bt-anchor, critic warm-up
+
+
+def test_bt_normalisation_is_stored_and_reused_on_resume(run_dir, tmp_path, monkeypatch):
+    """--reward bt measures (mu, sigma) once, keeps them in the checkpoint, and a resumed run reads
+    them back instead of measuring again (here: measuring again would fail)."""
+    out = str(tmp_path / "bt")
+    args = ["--run-dir", str(run_dir), "--reward", "bt", "--out-dir", out, "--eval-every", "0", *FAST[2:]]
+    train_ppo.main(args + ["--steps", "1"])
+    norm = torch.load(os.path.join(out, "checkpoint", "trainer_state.pt"), weights_only=False)["reward_norm"]
+    assert norm["n"] == 32 * 2 and norm["std"] > 0 and norm["mean"] == norm["mean"]   # 32 tiny prompts x K=2
+    monkeypatch.setattr(train_ppo, "measure_reward_norm", lambda *a: pytest.fail("measured again on --resume"))
+    seen = []
+    score = train_ppo.score_responses
+    monkeypatch.setattr(train_ppo, "score_responses",
+                        lambda *a: seen.append(a[-1].reward_norm) or score(*a))
+    history = train_ppo.main(args + ["--steps", "2", "--resume"])
+    assert seen and all(s == norm for s in seen)
+    again = torch.load(os.path.join(out, "checkpoint", "trainer_state.pt"), weights_only=False)
+    assert again["step"] == 2 and again["reward_norm"] == norm
+    assert "oracle_score" in history["after"]
+    assert "rollout/win_rate" not in step_rows(out)[2]            # a scalar reward has no win rate
+
+
+def test_critic_warmup_leaves_the_policy_unchanged(run_dir, tmp_path, monkeypatch):
+    """--reward bt-anchor with one warm-up step of two: after step 1 the policy's weights are the
+    initial ones bit for bit while the critic's moved; step 2 (no warm-up) changes the policy.
+    The reward is a win probability, like pairwise's."""
+    snapshots = []
+    update = train_ppo.ppo_update
+
+    def spy(exp, c_pre, models, optimizers, args, gen, warmup=False):
+        if not snapshots:
+            snapshots.append([[p.detach().clone() for p in m.parameters()] for m in (models[0], models[2])])
+        out = update(exp, c_pre, models, optimizers, args, gen, warmup)
+        snapshots.append([[p.detach().clone() for p in m.parameters()] for m in (models[0], models[2])])
+        return out
+
+    monkeypatch.setattr(train_ppo, "ppo_update", spy)
+    out = str(tmp_path / "warm")
+    history = train_ppo.main(["--run-dir", str(run_dir), "--out-dir", out, "--reward", "bt-anchor",
+                              "--critic-warmup-steps", "1", "--eval-every", "0", *FAST[:1], "2", *FAST[2:]])
+    same = lambda a, b: all(torch.equal(x, y) for x, y in zip(a, b))
+    (policy0, critic0), (policy1, critic1), (policy2, _) = snapshots
+    assert same(policy0, policy1) and not same(critic0, critic1)   # warm-up: only the critic learned
+    assert not same(policy1, policy2)                              # then the policy trains
+    rows = step_rows(out)
+    assert "oracle_score" in history["after"] and all(0.0 <= rows[s]["rollout/win_rate"] <= 1.0 for s in rows)

@@ -87,3 +87,13 @@ def test_bad_jsonl_is_named_with_file_and_line(tiny_task, tmp_path):
 def test_verdict_that_is_not_one_token_is_refused(tiny_task, tmp_path):
     with pytest.raises(J.VerdictTokenError, match="Absolutely"):
         train_rm.main(["--task-dir", tiny_task, "--verdicts", " Absolutely, No", "--out-dir", str(tmp_path / "o")])
+
+
+def test_consistency_term_enters_the_judge_loss(tiny_task, tmp_path):
+    """--consistency-coef adds a non-negative term: same seed, same first batch, a larger loss."""
+    first_loss = {}
+    for coef in ("0", "5"):
+        out = str(tmp_path / coef)
+        train_rm.main(["--task-dir", tiny_task, "--max-steps", "1", "--consistency-coef", coef, "--out-dir", out, *FAST])
+        first_loss[coef] = [r["loss/rm"] for r in read_metrics(out) if "loss/rm" in r][0]
+    assert first_loss["5"] > first_loss["0"]
