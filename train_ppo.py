@@ -197,8 +197,8 @@ def check_lengths(prompts, tok, args, policy_dir, rm_dir):
         pair = J.encode_pair(tok, args.judge_template, p.principle, p.prompt, anchor, "")
         if judge_max:
             check_length(len(pair) + anchor_len + R, judge_max, p.source, "the judge's input", hint)
-        critic = tok.encode(args.rm_template.anchor_prefix(tok, p.principle, p.prompt, anchor)
-                            if args.critic == "pairwise" else args.rm_template.single_prefix(tok, p.principle, p.prompt))
+        critic = (args.rm_template.pair_ids(tok, p.principle, p.prompt, tok.encode(anchor)) if args.critic == "pairwise"
+                  else args.rm_template.prefix_ids(tok, p.principle, p.prompt))   # as J.critic_inputs builds it
         check_length(len(critic) + anchor_len + R, rm_max, p.source, "the critic's input", hint)
 
 
