@@ -164,10 +164,10 @@ def test_critic_warmup_leaves_the_policy_unchanged(run_dir, tmp_path, monkeypatc
     snapshots = []
     update = train_ppo.ppo_update
 
-    def spy(exp, c_pre, models, optimizers, args, gen, warmup=False):
+    def spy(exp, c_pre, models, optimizers, args, gen, *guard, warmup=False):
         if not snapshots:
             snapshots.append([[p.detach().clone() for p in m.parameters()] for m in (models[0], models[2])])
-        out = update(exp, c_pre, models, optimizers, args, gen, warmup)
+        out = update(exp, c_pre, models, optimizers, args, gen, *guard, warmup=warmup)
         snapshots.append([[p.detach().clone() for p in m.parameters()] for m in (models[0], models[2])])
         return out
 
