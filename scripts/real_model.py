@@ -11,8 +11,10 @@ Phases, each timed, in RUN_DIR (a finished phase is skipped, so an interrupted r
   zero-shot  the untrained SmolLM2 as a judge on the held-out pairs: what the pretrained LM brings
   sft        a short SFT of SmolLM2 on the task's (imperfect) demonstrations, LoRA merged -> sft/
   judge, bt  train_rm.py from SmolLM2 on the same pairs, the same steps, LoRA
-  ppo_*      train_ppo.py from the SFT policy: pairwise (judge, pairwise critic) and BT (standard
-             critic), the policy with LoRA (its reference = adapters off), the critic fully trained
+  ppo_*      train_ppo.py from the SFT policy, the arms of scripts/compare.py: pairwise (judge,
+             pairwise critic), bt (normalised BT reward, critic from the BT model) and bt-anchor
+             (BT win probability against the anchor); the policy with LoRA (its reference =
+             adapters off), the critic fully trained
 Then the held-out table of scripts/compare.py (judge/BT oracle accuracy, ECE, position consistency;
 oracle score and win rate before -> after; KL), the zero-shot judge line, and the phase times.
 
@@ -129,7 +131,7 @@ def main(argv=None):
         phase(name, os.path.join(out, "eval.json"),
               lambda: train_rm.main(["--objective", objective, "--out-dir", out, *rm_common]))
     ppo_args = SMOKE["ppo"] if args.smoke else args.ppo_args.split()
-    for reward in ("pairwise", "bt"):
+    for reward in compare.REWARDS:  # pairwise, bt, bt-anchor: the arms of scripts/compare.py
         out = os.path.join(run, f"ppo_{reward}")
         phase(f"ppo_{reward}", os.path.join(out, "eval.json"), lambda: train_ppo.main([
             "--reward", reward, "--policy", sft, "--judge", os.path.join(run, "judge", "checkpoint"),
@@ -138,7 +140,7 @@ def main(argv=None):
             "--lora-rank", str(args.lora_rank), *ppo_args]))
 
     results = {name: json.load(open(os.path.join(run, name, "eval.json")))
-               for name in ("judge", "bt", "ppo_pairwise", "ppo_bt")}
+               for name in ("judge", "bt", *(f"ppo_{reward}" for reward in compare.REWARDS))}
     zs = json.load(open(zs_file))
     cmd = "python scripts/real_model.py" + (" --smoke" if args.smoke else "")
     text = compare.table({args.seed: results}, sum(times.values()), command=cmd)
