@@ -65,10 +65,10 @@ from nanopairwise import bootstrap, checkpoint, data, judge as J, lora, losses, 
 from nanopairwise.common import (DTYPES, MetricsLogger, Progress, all_reduce_sum, atomic_dir_all_ranks,
                                  atomic_torch_save, atomic_write_text, barrier, clock, compute_cleanup, compute_init,
                                  dumps_json, full_state_dict, gathered, get_rank, get_world_size, mean_over_ranks,
-                                 parse_dtype, print0, remove_leftovers, set_seed, shard_model, unwrap,
+                                 parse_dtype, print0, set_seed, shard_model, unwrap,
                                  wrap_data_parallel)
-from nanopairwise.guards import (RunLock, UserError, check_divides, check_finite, check_flag, check_input_file,
-                                 check_length, check_model_dir, check_out_dir, check_rows, cli_main, on_rank0)
+from nanopairwise.guards import (UserError, check_divides, check_finite, check_flag, check_input_file,
+                                 check_length, check_model_dir, check_out_dir, check_rows, claim_out_dir, cli_main)
 from nanopairwise.model import Block, Transformer
 from nanopairwise.policy import PolicyLogprobs, encode_prompt
 from nanopairwise.rollout import generate
@@ -167,6 +167,8 @@ def validate_args(args):
         check_flag(args, name, lo=1)
     check_flag(args, "--anchor-samples", lo=2)                     # best of one is no ranking
     check_flag(args, "--lora-rank", lo=0)
+    check_flag(args, "--reward-norm-prompts", lo=0)
+    check_flag(args, "--critic-warmup-steps", lo=0)
     check_flag(args, "--lora-alpha", above=0)
     for name in ("--eval-every", "--save-every", "--truncation-penalty", "--kl-coef", "--vf-coef", "--value-clip"):
         check_flag(args, name, lo=0)
@@ -289,6 +291,9 @@ def measure_reward_norm(initial_lm, rm, tok, args, device):
     error 1/sqrt(2n)) for the cost of two steps' rollouts. Measured once, kept in the checkpoint."""
     prompts = load_prompts(args.prompts, args)
     n = min(args.reward_norm_prompts, len(prompts)) // get_world_size() * get_world_size()
+    if n == 0:
+        raise UserError(f"--reward-norm-prompts {args.reward_norm_prompts}: fewer than one prompt per rank "
+                        f"({get_world_size()}); raise it, or pass 0 for raw BT scores")
     pick = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed + 29))[:n]
     mine = [prompts[i] for i in data.shard_for_rank(pick.tolist(), get_rank(), get_world_size())
             for _ in range(args.samples_per_prompt)]
@@ -297,6 +302,10 @@ def measure_reward_norm(initial_lm, rm, tok, args, device):
                   tok.pad_token_id, temperature=args.temperature, top_p=args.top_p, generator=gen)
     r = J.scalar_scores(rm, tok, args.rm_template, [(p.principle, p.prompt, y) for p, y in zip(mine, ro.texts(tok))])
     mean, var = losses.masked_moments(r.to(device), torch.ones_like(r, device=device), distributed=True)
+    if not var.sqrt().item() > 1e-6:
+        raise UserError(f"the BT reward model gives every one of {n * args.samples_per_prompt} initial-policy rollouts "
+                        f"the same score ({mean.item():.4g}), so it cannot be normalised; check --bt-rm {args.bt_rm} "
+                        "(trained?) or pass --reward-norm-prompts 0")
     return {"mean": mean.item(), "std": var.sqrt().item(), "n": n * args.samples_per_prompt}
 
 
@@ -407,7 +416,8 @@ def ppo_update(exp, c_pre, models, optimizers, args, gen, step=0, last_saved=Non
             loss.loss.backward()
             norms = [torch.nn.utils.clip_grad_norm_(mod.parameters(), args.grad_clip or float("inf"))
                      for mod in (policy, critic)]
-            norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]   # FSDP2: a DTensor
+            # FSDP2 returns a DTensor; a model without gradients (critic warm-up) a CPU zero
+            norms = [(n.full_tensor() if hasattr(n, "full_tensor") else n).to(loss.loss.device) for n in norms]
             # means over ranks (the norms are global already), so every rank stops alike
             checked = all_reduce_sum(torch.stack([loss.pg_loss.detach(), loss.v_loss.detach(), *norms]).float())
             checked /= get_world_size()
@@ -477,18 +487,11 @@ def main(argv=None):
     ddp, rank, _, world_size, device = compute_init(args.device)
     check_divides(args.prompts_per_step, "--prompts-per-step", world_size)
     check_out_dir(args.out_dir)
-    lock = on_rank0(lambda: RunLock(args.out_dir).acquire())      # one run per --out-dir
-    try:
+    with claim_out_dir(args.out_dir):                               # one run per --out-dir
         return train(args, ddp, rank, world_size, device, owns_pg, t_start)
-    finally:
-        if lock is not None:
-            lock.release()
 
 
 def train(args, ddp, rank, world_size, device, owns_pg, t_start):
-    if rank == 0:
-        for path in remove_leftovers(args.out_dir):
-            print0(f"removed {path} (left by a write that was killed)")
     dtype = parse_dtype(args.dtype)
     set_seed(args.seed)
     ensure_reward_models(args, ddp, rank)
@@ -499,6 +502,9 @@ def train(args, ddp, rank, world_size, device, owns_pg, t_start):
         if not os.path.exists(os.path.join(ckpt, "trainer_state.pt")):
             raise UserError(f"--resume: no checkpoint at {ckpt}")
         state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
+        if bool(state.get("policy_trainable")) != bool(args.lora_rank):
+            raise UserError(f"--resume: the checkpoint at {ckpt} was written {'with' if args.lora_rank == 0 else 'without'} "
+                            "--lora-rank; resume with the same --lora-* flags")
         if args.fsdp and state["world_size"] != world_size:
             raise UserError(f"--resume --fsdp: the checkpoint holds optimizer shards of {state['world_size']} "
                             f"ranks; run on {state['world_size']} ranks")
@@ -619,13 +625,14 @@ def train(args, ddp, rank, world_size, device, owns_pg, t_start):
         step += 1
         stats["perf/update_s"] = clock(device) - t_update
         dt = time.time() - t0
+        ratio_max = stats["ppo/ratio_max"]                            # the guard takes the max over ranks
         stats = mean_over_ranks(stats, device, sum_keys=("tokens",))  # every rank's batch, one collective
         tokens = stats.pop("tokens")
         stats.update({"perf/ms": 1000 * dt, "perf/tok_per_s": tokens / dt})
         logger.log(step, stats, total=args.steps,
                    console_keys=["reward/score", "rollout/win_rate", "rollout/kl", "ppo/clipfrac",
                                  "loss/v", "rollout/length", "perf/ms", "perf/tok_per_s"])
-        check_divergence(step, "PPO ratio pi/pi_old", stats["ppo/ratio_max"], "--max-ratio", args, last_saved, device)
+        check_divergence(step, "PPO ratio pi/pi_old", ratio_max, "--max-ratio", args, last_saved, device)
         progress.update(step - state["step"])
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
             run_eval(f"step{step}")

@@ -31,9 +31,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from nanopairwise import bootstrap, checkpoint, data, judge as J, lora, tracking
 from nanopairwise.common import (DTYPES, MetricsLogger, Progress, all_reduce_sum, atomic_dir, atomic_torch_save,
                                  atomic_write_text, compute_cleanup, compute_init, dumps_json, get_rng_state,
-                                 parse_dtype, print0, remove_leftovers, set_rng_state, set_seed)
-from nanopairwise.guards import (RunLock, UserError, check_divides, check_finite, check_flag, check_input_file,
-                                 check_length, check_model_dir, check_out_dir, check_rows, cli_main, on_rank0)
+                                 parse_dtype, print0, set_rng_state, set_seed)
+from nanopairwise.guards import (UserError, check_divides, check_finite, check_flag, check_input_file,
+                                 check_length, check_model_dir, check_out_dir, check_rows, claim_out_dir, cli_main)
 from nanopairwise.model import Transformer
 from nanopairwise.tokenizer import Tokenizer
 
@@ -105,6 +105,7 @@ def validate_args(args):
     check_flag(args, "--epochs", above=0)
     check_flag(args, "--lr", above=0)
     check_flag(args, "--lora-rank", lo=0)
+    check_flag(args, "--consistency-coef", lo=0)
     check_flag(args, "--lora-alpha", above=0)
     check_flag(args, "--grad-clip", above=0, zero_ok=True)
     if args.dtype not in DTYPES:
@@ -231,18 +232,11 @@ def main(argv=None):
         check_input_file(args.eval_data, "--eval-data")
     check_out_dir(args.out_dir)
     ckpt_dir = os.path.join(args.out_dir, "checkpoint")
-    lock = on_rank0(lambda: RunLock(args.out_dir).acquire())      # one run per --out-dir
-    try:
+    with claim_out_dir(args.out_dir):                               # one run per --out-dir
         return train(args, ddp, rank, world_size, device, owns_pg, ckpt_dir)
-    finally:
-        if lock is not None:
-            lock.release()
 
 
 def train(args, ddp, rank, world_size, device, owns_pg, ckpt_dir):
-    if rank == 0:
-        for path in remove_leftovers(args.out_dir):
-            print0(f"removed {path} (left by a write that was killed)")
     dtype = parse_dtype(args.dtype)
     set_seed(args.seed)
     train_pairs = load_pairs(args.train_data, args)
@@ -265,8 +259,8 @@ def train(args, ddp, rank, world_size, device, owns_pg, ckpt_dir):
     raw_model = build_model(args, init_dir, dtype, device, yes_no)
     lora.lora_from_args(raw_model.lm, args)  # --lora-rank: only adapters (and a BT head) train
     model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else raw_model
-    optimizer = torch.optim.AdamW([q for q in raw_model.parameters() if q.requires_grad], lr=0.0,  # set per step weight_decay=args.weight_decay,
-                                  betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW([q for q in raw_model.parameters() if q.requires_grad], lr=0.0,  # lr set per step
+                                  weight_decay=args.weight_decay, betas=(0.9, 0.95))
     steps_per_epoch = len(train_pairs) // args.batch_size
     total_steps = max(1, int(steps_per_epoch * args.epochs))
     if args.max_steps:
@@ -278,6 +272,9 @@ def train(args, ddp, rank, world_size, device, owns_pg, ckpt_dir):
     step = 0
     if args.resume:
         state = torch.load(os.path.join(ckpt_dir, "trainer_state.pt"), weights_only=False)
+        if bool(state.get("trainable")) != bool(args.lora_rank):
+            raise UserError(f"--resume: the checkpoint at {ckpt_dir} was written {'with' if args.lora_rank == 0 else 'without'} "
+                            "--lora-rank; resume with the same --lora-* flags")
         optimizer.load_state_dict(state["optimizer"])
         if args.lora_rank:
             lora.load_trainable_state_dict(raw_model, state["trainable"], os.path.join(ckpt_dir, "trainer_state.pt"))

@@ -339,15 +339,22 @@ class MetricsLogger:
             self.tracker.close()
             self.tracker = None
 
-
     def truncate(self, step: int):
         """On resume: drop the rows logged after checkpoint `step` (the crashed run's), so the
-        resumed run does not log them twice."""
+        resumed run does not log them twice; a half-written last line of a killed run goes too."""
         if not self.enabled or self.path is None or not os.path.exists(self.path):
             return
         with open(self.path, encoding="utf-8") as f:
             lines = [line for line in f if line.strip()]
-        atomic_write_text(self.path, "".join(line for line in lines if json.loads(line)["step"] <= step))
+        atomic_write_text(self.path, "".join(line for line in lines if _row_step(line) <= step))
+
+
+def _row_step(line: str) -> float:
+    """The step of a metrics.jsonl line; inf for a line a killed write left unparseable."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
 
 
 def json_safe(obj):

@@ -15,6 +15,7 @@ Validation happens before any model is loaded (`check_flag`, `check_input_file`,
 `check_model_dir`, `check_out_dir`, `check_rows`), so a typo costs a second, not a model load.
 """
 
+import contextlib
 import fcntl
 import json
 import math
@@ -184,6 +185,24 @@ def nonfinite_tensors(state: dict) -> list:
 
 # ----------------------------------------------------------------------------------------------
 # one run per output directory
+
+
+@contextlib.contextmanager
+def claim_out_dir(out_dir: str):
+    """The run owns `out_dir` for its life: rank 0 takes the RunLock (a second run on it stops at
+    once, naming this one's pid), then removes what a killed checkpoint write left behind (safe:
+    with the lock held no live writer is there); the lock is released on the way out."""
+    from nanopairwise.common import barrier, get_rank, print0, remove_leftovers
+    lock = on_rank0(lambda: RunLock(out_dir).acquire())
+    try:
+        if get_rank() == 0:
+            for path in remove_leftovers(out_dir):
+                print0(f"removed {path} (left by a write that was killed)")
+        barrier()                        # a checkpoint put back is there before any rank looks for it
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 class RunLock:
