@@ -347,6 +347,8 @@ class MetricsLogger:
         with open(self.path, encoding="utf-8") as f:
             lines = [line for line in f if line.strip()]
         atomic_write_text(self.path, "".join(line for line in lines if _row_step(line) <= step))
+        if self.tracker is not None:
+            self.tracker.purge(step + 1)
 
 
 def _row_step(line: str) -> float:

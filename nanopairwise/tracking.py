@@ -79,6 +79,13 @@ class TensorBoardTracker:
             self.writer.add_scalar(key, value, global_step=step)
         self.writer.flush()  # a crashed run's dashboard still shows every step it logged
 
+    def purge(self, step: int):
+        """On resume: a new event file whose first event purges every scalar logged at `step` or
+        later (the crashed run's), so the dashboard shows each step once, as metrics.jsonl does."""
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer.close()
+        self.writer = SummaryWriter(log_dir=self.log_dir, purge_step=step)
+
     def close(self):
         self.writer.close()  # flushes the event file
 
@@ -93,6 +100,9 @@ class WandbTracker:
 
     def log(self, step: int, row: dict):
         self.run.log(scalars(row), step=step)
+
+    def purge(self, step: int):
+        """A wandb run cannot drop logged steps; a resumed run is a new (offline) run."""
 
     def close(self):
         self.run.finish()

@@ -49,6 +49,23 @@ def test_train_rm_tensorboard_events_are_the_metrics_rows(tiny_task, tmp_path):
             assert math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-7), (tag, got, want)  # stored as float32
 
 
+def test_resume_purges_the_crashed_runs_later_steps_from_tensorboard(tmp_path):
+    """A run logs steps 1-3 and dies; its resume from the step-1 checkpoint cuts metrics.jsonl back
+    to step 1 and logs steps 2-3 again: TensorBoard shows each step once, the resumed values."""
+    pytest.importorskip("tensorboard")
+    crashed = MetricsLogger(str(tmp_path), report_to="tensorboard")
+    for step in (1, 2, 3):
+        crashed.log(step, {"loss/x": float(step)})
+    crashed.close()
+    resumed = MetricsLogger(str(tmp_path), report_to="tensorboard")
+    resumed.truncate(1)
+    for step in (2, 3):
+        resumed.log(step, {"loss/x": 10.0 * step})
+    resumed.close()
+    assert read_event_scalars(os.path.join(tmp_path, "tensorboard"))["loss/x"] == [(1, 1.0), (2, 20.0), (3, 30.0)]
+    assert read_event_scalars(os.path.join(tmp_path, "tensorboard")) == expected_scalars(tmp_path / "metrics.jsonl")
+
+
 def test_logger_sends_numbers_only(tmp_path):
     pytest.importorskip("tensorboard")
     logger = MetricsLogger(str(tmp_path), report_to="tensorboard")
