@@ -108,7 +108,8 @@ RM_FLAG_CASES = [(["--lr", "nan"], r"^--lr nan: must be a finite number > 0$"),
                  (["--batch-size", "0"], r"^--batch-size 0: must be a finite number >= 1$"),
                  (["--epochs", "0"], r"^--epochs 0.0: must be a finite number > 0$"),
                  (["--grad-clip", "-1"], r"^--grad-clip -1.0: must be a finite number > 0 \(or 0 = off\)$"),
-                 (["--dtype", "fp8"], r"^--dtype fp8: choose one of")]
+                 (["--dtype", "fp8"], r"^--dtype fp8: choose one of"),
+                 (["--consistency-coef", "-1"], r"^--consistency-coef -1.0: must be a finite number >= 0$")]
 
 
 @pytest.mark.parametrize("flags,message", RM_FLAG_CASES)
@@ -160,7 +161,9 @@ PPO_FLAG_CASES = [(["--max-new-tokens", "0"], r"^--max-new-tokens 0: must be a f
                   (["--kl-coef", "nan"], r"^--kl-coef nan: must be a finite number >= 0$"),
                   (["--top-p", "1.5"], r"^--top-p 1.5: must be a finite number > 0 and <= 1$"),
                   (["--anchor-samples", "1"], r"^--anchor-samples 1: must be a finite number >= 2$"),
-                  (["--max-kl", "-1"], r"^--max-kl -1.0: must be a finite number > 0 \(or 0 = off\)$")]
+                  (["--max-kl", "-1"], r"^--max-kl -1.0: must be a finite number > 0 \(or 0 = off\)$"),
+                  (["--reward-norm-prompts", "-1"], r"^--reward-norm-prompts -1: must be a finite number >= 0$"),
+                  (["--critic-warmup-steps", "-1"], r"^--critic-warmup-steps -1: must be a finite number >= 0$")]
 
 
 @pytest.mark.parametrize("flags,message", PPO_FLAG_CASES)
