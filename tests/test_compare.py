@@ -1,0 +1,33 @@
+"""scripts/compare.py end to end at smoke size: every arm on two seeds, run by two worker processes
+(--jobs 2), then the table and the figure. Checks the plumbing, not the numbers."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_compare_smoke_two_seeds_in_two_jobs(tmp_path):
+    run_dir = tmp_path / "compare"
+    env = dict(os.environ, TRITON_INTERPRET="0")  # the reference path, as a plain user run takes
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "compare.py"), "--smoke", "--seeds", "0", "1",
+                          "--jobs", "2", "--run-dir", str(run_dir)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert sorted(results) == ["0", "1"]
+    for seed in ("0", "1"):
+        assert set(results[seed]) == {"judge", "bt", "ppo_pairwise", "ppo_bt", "ppo_bt-anchor"}
+        assert 0.0 <= results[seed]["judge"]["position_consistency"] <= 1.0
+        assert results[seed]["bt"]["position_consistency"] == 1.0          # a scalar RM, by construction
+        for arm in ("ppo_pairwise", "ppo_bt", "ppo_bt-anchor"):
+            assert {"before", "after"} <= set(results[seed][arm])
+        # the two workers ran different seeds: the tasks differ
+        assert os.path.exists(run_dir / f"seed{seed}" / "task" / "task.json")
+    assert (run_dir / "seed0" / "task" / "pairs_train.jsonl").read_text() != \
+        (run_dir / "seed1" / "task" / "pairs_train.jsonl").read_text()
+    table = (run_dir / "results.md").read_text()
+    assert "Seeds 0, 1 (mean ± std)" in table and "--jobs 2" in table and table.count("\n| ") == 4  # head + 3 arms
+    assert (run_dir / "compare.png").stat().st_size > 10_000
