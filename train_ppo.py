@@ -59,9 +59,8 @@ import time
 import torch
 import torch.distributed as dist
 
-import kernels
 import train_rm
-from nanopairwise import bootstrap, checkpoint, data, judge as J, lora, losses, tasks, tracking
+from nanopairwise import bootstrap, checkpoint, data, judge as J, lora, losses, ops, tasks, tracking
 from nanopairwise.common import (DTYPES, MetricsLogger, Progress, all_reduce_sum, atomic_dir_all_ranks,
                                  atomic_torch_save, atomic_write_text, barrier, clock, compute_cleanup, compute_init,
                                  dumps_json, full_state_dict, gathered, get_rank, get_world_size, mean_over_ranks,
@@ -406,7 +405,7 @@ def ppo_update(exp, c_pre, models, optimizers, args, gen, step=0, last_saved=Non
                 out = policy(e["ids"], e["attn"], e["response_mask"], args.temperature, entropy=True)
             values = J.critic_values(critic, e["c_ids"], e["c_mask"], c_pre, R)
             m = e["response_mask"].float()
-            loss = kernels.clipped_ppo_loss(out.logprobs, e["old_logprobs"], e["advantages"], m,
+            loss = ops.ppo_loss(out.logprobs, e["old_logprobs"], e["advantages"], m,
                                     clip_low=args.clip_low, clip_high=args.clip_high, ref_logprobs=kl_ref,
                                     kl_coef=args.kl_coef if kl_ref is not None else 0.0, values=values,
                                     old_values=e["values"], returns=e["returns"], value_clip=args.value_clip,

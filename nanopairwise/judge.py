@@ -35,8 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
-from nanopairwise import checkpoint
+from nanopairwise import checkpoint, ops
 from nanopairwise.common import atomic_write_text
 from nanopairwise.data import pad_batch
 from nanopairwise.guards import UserError
@@ -203,7 +202,7 @@ def judge_loss(logits: torch.Tensor, labels: torch.Tensor, yes_id: int, no_id: i
     Returns (loss, p_yes_two_way (B,) detached) for logging.
     """
     targets = torch.where(labels.bool(), torch.full_like(labels, yes_id), torch.full_like(labels, no_id))
-    lp = kernels.token_logprobs(logits, targets.long()).logprobs                        # (B,)
+    lp = ops.token_logprobs(logits, targets.long()).logprobs                        # (B,)
     with torch.no_grad():
         p_yes = torch.sigmoid(logits[:, yes_id].float() - logits[:, no_id].float())
     return -lp.mean(), p_yes

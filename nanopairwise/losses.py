@@ -1,7 +1,7 @@
 """Reference math for RLHF, in plain PyTorch and fp32: the spec every kernel is tested against.
 
 Each function here is written for clarity, not speed. `kernels/<op>.py` implements the same
-function fused in Triton and must match it forward and backward; `kernels/__init__.py` picks
+function fused in Triton and must match it forward and backward; `nanopairwise/ops.py` picks
 one or the other at run time. Nothing in the training scripts computes these quantities any
 other way.
 

@@ -72,10 +72,9 @@ import sys
 
 import torch
 
-import kernels
 import train_ppo
 from bench_generate import QWEN25_05B, TINY  # this script's own directory is on sys.path
-from nanopairwise import data, judge as J
+from nanopairwise import data, judge as J, ops
 from nanopairwise.common import clock, parse_dtype
 from nanopairwise.model import ModelConfig, Transformer
 from nanopairwise.policy import PolicyLogprobs
@@ -296,7 +295,7 @@ def header(args, models, n_bpe):
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu
     version = importlib.metadata.version
     params = sum(p.numel() for p in models[0].parameters()) / 1e6
-    backend = kernels.pick_backend(torch.empty(0, device=dev))
+    backend = ops.pick_backend(torch.empty(0, device=dev))
     shape = "Qwen2.5-0.5B" if not args.smoke else "tiny"
     a = args.ppo
     print(f"# PPO step | {name} | torch {torch.__version__} | triton {version('triton')} | transformers "

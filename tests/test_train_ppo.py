@@ -12,9 +12,9 @@ import sys
 import pytest
 import torch
 
-import kernels
 import train_ppo
 import train_rm
+from nanopairwise import ops
 from nanopairwise.guards import NonFiniteError, UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,13 +110,13 @@ def test_divergence_guard_stops_before_saving(run_dir, tmp_path):
 def test_nan_in_the_ppo_loss_stops_before_the_step(run_dir, tmp_path, monkeypatch):
     """A NaN critic loss (injected) stops the update before any optimizer step, naming the step as
     logged, the quantity and the critic's flags; nothing is saved and the policy is untouched."""
-    ppo_loss = kernels.clipped_ppo_loss
+    ppo_loss = ops.ppo_loss
 
     def nan_value_loss(*a, **k):
         out = ppo_loss(*a, **k)
         return out._replace(loss=out.loss * float("nan"), v_loss=out.v_loss * float("nan"))
 
-    monkeypatch.setattr(kernels, "clipped_ppo_loss", nan_value_loss)
+    monkeypatch.setattr(ops, "ppo_loss", nan_value_loss)
     out = tmp_path / "nan"
     with pytest.raises(NonFiniteError, match=r"^step 1: critic loss \(v\) is nan, policy grad norm is nan, critic grad "
                                              r"norm is nan; stopped before the optimizer step, no checkpoint was "
