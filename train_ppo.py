@@ -61,11 +61,11 @@ import torch.distributed as dist
 
 import train_rm
 from nanopairwise import bootstrap, checkpoint, data, judge as J, lora, losses, ops, tasks, tracking
-from nanopairwise.common import (DTYPES, MetricsLogger, Progress, all_reduce_sum, atomic_dir_all_ranks,
-                                 atomic_torch_save, atomic_write_text, barrier, clock, compute_cleanup, compute_init,
-                                 dumps_json, full_state_dict, gathered, get_rank, get_world_size, mean_over_ranks,
-                                 parse_dtype, print0, set_seed, shard_model, unwrap,
-                                 wrap_data_parallel)
+from nanopairwise.common import (DTYPES, MetricsLogger, Progress, atomic_dir_all_ranks, atomic_torch_save,
+                                 atomic_write_text, clock, dumps_json, parse_dtype, set_seed)
+from nanopairwise.distributed import (all_reduce_sum, barrier, compute_cleanup, compute_init, full_state_dict, gathered,
+                                      get_rank, get_world_size, mean_over_ranks, print0, shard_model, unwrap,
+                                      wrap_data_parallel)
 from nanopairwise.guards import (UserError, check_divides, check_finite, check_flag, check_input_file,
                                  check_length, check_model_dir, check_out_dir, check_rows, claim_out_dir, cli_main)
 from nanopairwise.model import Block, Transformer

@@ -29,9 +29,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nanopairwise import bootstrap, checkpoint, data, judge as J, lora, tracking
-from nanopairwise.common import (DTYPES, MetricsLogger, Progress, all_reduce_sum, atomic_dir, atomic_torch_save,
-                                 atomic_write_text, compute_cleanup, compute_init, dumps_json, get_rng_state,
-                                 parse_dtype, print0, set_rng_state, set_seed)
+from nanopairwise.common import (DTYPES, MetricsLogger, Progress, atomic_dir, atomic_torch_save, atomic_write_text,
+                                 dumps_json, get_rng_state, parse_dtype, set_rng_state, set_seed)
+from nanopairwise.distributed import all_reduce_sum, compute_cleanup, compute_init, print0
 from nanopairwise.guards import (UserError, check_divides, check_finite, check_flag, check_input_file,
                                  check_length, check_model_dir, check_out_dir, check_rows, claim_out_dir, cli_main)
 from nanopairwise.model import Transformer

@@ -27,7 +27,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from nanopairwise import data, judge as J, tasks
-from nanopairwise.common import Progress, atomic_dir, atomic_write_text, print0
+from nanopairwise.common import Progress, atomic_dir, atomic_write_text
+from nanopairwise.distributed import print0
 from nanopairwise.losses import masked_mean
 from nanopairwise.model import ModelConfig, Transformer
 from nanopairwise.policy import PolicyLogprobs, encode_prompt, pack_prompt_response

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from nanopairwise.common import atomic_write_text, print0
+from nanopairwise.common import atomic_write_text
+from nanopairwise.distributed import print0
 from nanopairwise.guards import UserError
 
 

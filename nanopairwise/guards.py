@@ -71,7 +71,7 @@ def _torchelastic_error_file(msg: str):
 def on_rank0(fn, *args):
     """Run `fn(*args)` on rank 0 only (e.g. take the run lock); a UserError it raises is raised on
     every rank, so all stop together instead of the others waiting at the next collective."""
-    from nanopairwise.common import broadcast_object, get_rank
+    from nanopairwise.distributed import broadcast_object, get_rank
     error, result = None, None
     if get_rank() == 0:
         try:
@@ -192,7 +192,8 @@ def claim_out_dir(out_dir: str):
     """The run owns `out_dir` for its life: rank 0 takes the RunLock (a second run on it stops at
     once, naming this one's pid), then removes what a killed checkpoint write left behind (safe:
     with the lock held no live writer is there); the lock is released on the way out."""
-    from nanopairwise.common import barrier, get_rank, print0, remove_leftovers
+    from nanopairwise.common import remove_leftovers
+    from nanopairwise.distributed import barrier, get_rank, print0
     lock = on_rank0(lambda: RunLock(out_dir).acquire())
     try:
         if get_rank() == 0:
