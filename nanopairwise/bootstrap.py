@@ -28,7 +28,7 @@ import torch
 
 from nanopairwise import data, judge as J, tasks
 from nanopairwise.common import Progress, atomic_dir, atomic_write_text
-from nanopairwise.distributed import print0
+from nanopairwise.distributed import barrier, get_rank, print0
 from nanopairwise.losses import masked_mean
 from nanopairwise.model import ModelConfig, Transformer
 from nanopairwise.policy import PolicyLogprobs, encode_prompt, pack_prompt_response
@@ -72,6 +72,15 @@ def ensure_bootstrap(task_dir: str, seed: int = 0, config: BootstrapConfig = Non
         bootstrap(task_dir, seed, config or BootstrapConfig())
     finally:
         torch.set_num_threads(threads)
+
+
+def ensure_task(task_dir: str, seed: int = 0) -> dict:
+    """task_paths of the built-in task, bootstrapped first if missing: by rank 0 alone under torchrun,
+    the other ranks waiting at a barrier (train_rm.py and train_ppo.py start this way)."""
+    if get_rank() == 0:
+        ensure_bootstrap(task_dir, seed=seed)
+    barrier()
+    return task_paths(task_dir)
 
 
 def sft(model, tok, examples, cfg: BootstrapConfig, seed: int):

@@ -18,10 +18,33 @@ import numpy as np
 import torch
 
 from nanopairwise import tracking
-from nanopairwise.distributed import barrier, broadcast_object, get_rank, print0
+from nanopairwise.distributed import barrier, broadcast_object, get_rank, get_world_size, print0
 
 # ----------------------------------------------------------------------------------------------
 # seeding and dtype
+
+
+# Every random stream of a run is seeded from --seed and a named purpose, never from a shared
+# global generator, so that adding a draw in one place cannot shift another and a resumed run
+# re-seeds each stream exactly. Seed of (purpose, index) = seed * multiplier + offset + index: the
+# multipliers keep runs with seeds s and s + 1 from sharing a stream of one purpose (for indices
+# below the multiplier), the offsets keep one run's purposes apart. The numbers are those the
+# streams always had, so runs reproduce earlier runs bit for bit.
+SEED_PURPOSES = {                   # purpose: (multiplier, offset)      index
+    "data_order": (1000, 0),        # order of the training records       epoch
+    "rollout": (1_000_003, 0),      # PPO sampling, on the device         step * world_size + rank
+    "minibatches": (7919, 0),       # PPO minibatch shuffles              step * world_size + rank
+    "anchors": (1, 17),             # best-of-N anchor samples            0
+    "reward_norm_prompts": (1, 29),  # which prompts measure the BT norm  0
+    "reward_norm_rollouts": (1, 31),  # their samples                     rank
+    "eval": (1, 12345),             # held-out evaluation samples         rank
+}
+
+
+def derive_seed(seed: int, purpose: str, index: int = 0) -> int:
+    """The seed of one random stream: seed * multiplier + offset + index (SEED_PURPOSES)."""
+    multiplier, offset = SEED_PURPOSES[purpose]
+    return seed * multiplier + offset + index
 
 
 def set_seed(seed: int):

@@ -178,6 +178,23 @@ def check_finite(step: int, values: dict, hint: str, last_saved=None):
                              f"Look at {hint}")
 
 
+def check_divergence(step: int, what: str, value: float, flag: str, limit: float, hint: str, last_saved=None,
+                     device="cpu"):
+    """The divergence guard: a policy far from the reference (or from the rollout policy within an
+    update) has run away, whatever its reward says; stop before it is saved. `value` is maxed over
+    the ranks first, so every rank decides alike; `limit` is the value of `flag`, 0 turns it off."""
+    from nanopairwise.distributed import get_world_size
+    if get_world_size() > 1:
+        import torch.distributed as dist
+        value = torch.tensor(value, device=device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        value = value.item()
+    if limit and not value <= limit:
+        saved = f"the last checkpoint (step {last_saved}) is kept" if last_saved else "no checkpoint was written"
+        raise UserError(f"step {step}: {what} is {value:.4g}, above {flag} {limit:g}: the policy diverged; stopped "
+                        f"before saving, {saved}. Look at {hint} ({flag} 0 turns this guard off)")
+
+
 def nonfinite_tensors(state: dict) -> list:
     """Names of floating-point tensors of `state` holding a NaN or inf."""
     return [k for k, t in state.items() if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()]

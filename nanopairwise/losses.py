@@ -28,10 +28,6 @@ IGNORE_INDEX = -100  # a target equal to this gets log-prob 0, entropy 0, KL 0 a
 # masked reductions
 
 
-def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum()
-
-
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """sum(x * mask) / sum(mask); 0 when the mask is empty (never NaN)."""
     mask = mask.to(x.dtype)
@@ -52,8 +48,7 @@ def masked_moments(x: torch.Tensor, mask: torch.Tensor, distributed: bool = Fals
     return mean, (s2 / count - mean * mean).clamp(min=0.0)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
-                  distributed: bool = False, eps: float = 1e-8) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, distributed: bool = False, eps: float = 1e-8) -> torch.Tensor:
     """(x - mean) / std over the masked entries; masked-out entries come back as 0.
 
     With `distributed=True` the mean and variance are those of the union of every rank's
@@ -65,8 +60,6 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
     xf = x.float()
     mean, var = masked_moments(xf, m, distributed)
     out = (xf - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
     return (out * m).to(x.dtype)
 
 

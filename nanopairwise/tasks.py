@@ -349,8 +349,3 @@ def tokenizer_corpus(rng: random.Random, n_prompts: int = 2000, chat_template: s
         t = make_prompt(rng)
         texts += [render_chat(t.prompt_text, chat_template) + t.gold, corrupted_response(rng, t)]
     return texts
-
-
-# ----------------------------------------------------------------------------------------------
-# Bootstrap of the tiny policy (SFT on make_demonstration targets): written separately, below.
-# ----------------------------------------------------------------------------------------------
