@@ -54,6 +54,13 @@ class BootstrapConfig:
     rl_prompts_test: int = 256
     max_new_tokens: int = 24
 
+    @classmethod
+    def smoke(cls) -> "BootstrapConfig":
+        """A tiny task (a handful of SFT steps and records, ~5 s on a 2-core CPU) on the same code
+        path: the tests' task and scripts' --smoke, which check plumbing, not results."""
+        return cls(sft_steps=20, sft_prompts=500, pair_prompts_train=48, pair_prompts_test=16,
+                   rl_prompts_train=32, rl_prompts_test=8, max_new_tokens=12)
+
 
 def task_paths(task_dir: str) -> dict:
     names = dict(policy="policy", pairs_train="pairs_train.jsonl", pairs_test="pairs_test.jsonl",

@@ -1,6 +1,6 @@
 """Data: validated JSONL readers for preference pairs and RL prompts, and token batching helpers.
 
-Formats (DESIGN.md section 5), one JSON object per line, empty lines ignored:
+Formats (docs/DESIGN.md §5), one JSON object per line, empty lines ignored:
 
     preference pairs  {"prompt": P, "chosen": str, "rejected": str, "principle"?: str, ...}
     RL prompts        {"prompt": P, "anchor"?: str, "principle"?: str, ...}
@@ -13,7 +13,7 @@ A bad line is a `DataError` (a ValueError) that names `file:line`, the field and
 e.g. `pairs.jsonl:17: field 'chosen': expected a string, got int`. Nothing is skipped silently:
 with `skip_bad=True` bad lines are skipped, counted and reported (print0, and the optional
 `report` dict). Pairs whose chosen and rejected texts are equal carry no preference and are
-dropped, with a count ("ties in preference data: dropped", PAPER.md).
+dropped, with a count (our reading: the paper does not say; docs/DESIGN.md §1).
 
 Preference pairs in other shapes (TRL conversational, Anthropic HH, UltraFeedback-binarized,
 Parquet files) are read by nanopairwise/formats.py, to which `load_preference_pairs(path,

@@ -35,7 +35,7 @@ Workload: P = --prompts prompts of --prompt-len random tokens, each with an anch
 tokens (an anchor is a response), K = --samples-per-prompt samples of M = --new-tokens tokens.
 K is 1 by default, so the batch is the issue's 64 prompts x 256 new tokens = 64 sequences
 (train_ppo's own default is K = 4). The judge reads at most 256 tokens of each response
-(judge_pair_probs' default), so --new-tokens above 256 adds rollout, forward and update work only.
+(verdict_probs' default), so --new-tokens above 256 adds rollout, forward and update work only.
 
 Rows of the first table (median over --repeats steps, after one warm-up step where Triton
 compiles; a row's median is its own, so rows need not add up to the step's median exactly):
