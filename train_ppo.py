@@ -63,12 +63,11 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import train_rm
-from nanopairwise import bootstrap, checkpoint, data, lora, losses, ops, tracking
-from nanopairwise.common import (DTYPES, MetricsLogger, Progress, atomic_dir_all_ranks, atomic_torch_save,
-                                 atomic_write_text, clock, derive_seed, dumps_json, parse_dtype, set_seed)
-from nanopairwise.distributed import (all_reduce_sum, barrier, compute_cleanup, compute_init, full_state_dict, gathered,
-                                      get_rank, get_world_size, mean_over_ranks, print0, shard_model, unwrap,
-                                      wrap_data_parallel)
+from nanopairwise import bootstrap, checkpoint, data, lora, losses, ops, ppo_checkpoint, tracking
+from nanopairwise.common import (DTYPES, MetricsLogger, Progress, atomic_write_text, clock, derive_seed, dumps_json,
+                                 parse_dtype, set_seed)
+from nanopairwise.distributed import (all_reduce_sum, barrier, compute_cleanup, compute_init, gathered, get_world_size,
+                                      mean_over_ranks, print0, shard_model, unwrap, wrap_data_parallel)
 from nanopairwise.evaluation import evaluate_policy
 from nanopairwise.guards import (UserError, check_divergence, check_divides, check_finite, check_flag, check_input_file,
                                  check_length, check_model_dir, check_out_dir, check_rows, claim_out_dir, cli_main)
@@ -390,29 +389,6 @@ def ppo_update(experience, models, optimizers, args, run, generator, step=0, las
 
 
 # ----------------------------------------------------------------------------------------------
-# checkpoints: policy and critic in HF format, optimizer and trainer state beside them
-
-
-def save_checkpoint(path, policy, critic, optimizers, tok, state, args):
-    """Written atomically by all ranks: weights gathered to rank 0 (collective under FSDP), the
-    optimizers' state from rank 0 (DDP: replicated) or from every rank (FSDP: its shards)."""
-    policy_state, critic_state = full_state_dict(policy.lm), full_state_dict(critic)
-    rank = get_rank()
-    with atomic_dir_all_ranks(path) as tmp:
-        if rank == 0:
-            policy.lm.save_pretrained(os.path.join(tmp, "policy"), state=policy_state)
-            tok.save_pretrained(os.path.join(tmp, "policy"))
-            critic.save_pretrained(os.path.join(tmp, "critic"), state=critic_state)
-            atomic_torch_save(state, os.path.join(tmp, "trainer_state.pt"))
-        if rank == 0 or args.fsdp:
-            atomic_torch_save([o.state_dict() for o in optimizers], os.path.join(tmp, optimizer_file(args, rank)))
-
-
-def optimizer_file(args, rank):
-    return f"optimizers.rank{rank}.pt" if args.fsdp else "optimizers.pt"
-
-
-# ----------------------------------------------------------------------------------------------
 # main
 
 
@@ -421,7 +397,7 @@ def main(argv=None):
     args = get_args(argv)
     validate_args(args)
     owns_pg = not (dist.is_available() and dist.is_initialized())
-    ddp, rank, _, world_size, device = compute_init(args.device)
+    _, rank, _, world_size, device = compute_init(args.device)
     check_divides(args.prompts_per_step, "--prompts-per-step", world_size)
     check_out_dir(args.out_dir)
     with claim_out_dir(args.out_dir):                               # one run per --out-dir
@@ -436,15 +412,7 @@ def train(args, rank, world_size, device, owns_pg, t_start):
     ckpt = os.path.join(args.out_dir, "checkpoint")
     state = {"step": 0, "anchors": None, "reward_norm": None}
     if args.resume:
-        if not os.path.exists(os.path.join(ckpt, "trainer_state.pt")):
-            raise UserError(f"--resume: no checkpoint at {ckpt}")
-        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
-        if bool(state.get("policy_trainable")) != bool(args.lora_rank):
-            raise UserError(f"--resume: the checkpoint at {ckpt} was written {'with' if args.lora_rank == 0 else 'without'} "
-                            "--lora-rank; resume with the same --lora-* flags")
-        if args.fsdp and state["world_size"] != world_size:
-            raise UserError(f"--resume --fsdp: the checkpoint holds optimizer shards of {state['world_size']} "
-                            f"ranks; run on {state['world_size']} ranks")
+        state = ppo_checkpoint.load_state(ckpt, args.lora_rank, args.fsdp, world_size)
     # with LoRA the base weights are re-read from --policy and the adapters from the trainer state
     policy_dir = os.path.join(ckpt, "policy") if args.resume and not args.lora_rank else run.policy
     rm_dir = args.judge if args.reward == "pairwise" else args.bt_rm
@@ -481,7 +449,8 @@ def train(args, rank, world_size, device, owns_pg, t_start):
     if args.lora_rank:  # the reference is the policy with its adapters off: no second copy
         ref = lora.AdaptersOff(PolicyLogprobs(policy.lm, args.fused_head))  # same head path as the policy
         if args.resume:
-            lora.load_trainable_state_dict(policy, state["policy_trainable"], os.path.join(ckpt, "trainer_state.pt"))
+            lora.load_trainable_state_dict(policy, state["policy_trainable"],
+                                           os.path.join(ckpt, ppo_checkpoint.TRAINER_STATE))
     else:
         ref = policy.reference(load(run.policy))               # same head path (--fused-head) as policy
     judge = None
@@ -517,14 +486,12 @@ def train(args, rank, world_size, device, owns_pg, t_start):
                                     weight_decay=0.0),
                   torch.optim.AdamW(critic.parameters(), lr=run.critic_lr, betas=(0.9, 0.95), weight_decay=0.0)]
     if args.resume:
-        saved = torch.load(os.path.join(ckpt, optimizer_file(args, rank)), weights_only=False)
-        for opt, sd in zip(optimizers, saved):
-            opt.load_state_dict(sd)
+        ppo_checkpoint.load_optimizers(ckpt, optimizers, args.fsdp, rank)
 
     # ---- anchors (fixed for the run; stored in the checkpoint) --------------------------------
     step = state["step"]
-    for p, a in zip(train_prompts + eval_prompts, state["anchors"] or []):   # best-of-N ones too
-        p.anchor = a
+    for prompt, anchor in zip(train_prompts + eval_prompts, state["anchors"] or []):   # best-of-N ones too
+        prompt.anchor = anchor
     fill_anchors(train_prompts + eval_prompts, policy, judge, tok, run.judge_template, args.anchor_samples,
                  args.max_new_tokens, args.temperature, args.seed, device)
     models = Models(policy_dp, ref, critic_dp, rm)
@@ -589,7 +556,7 @@ def train(args, rank, world_size, device, owns_pg, t_start):
             trainer_state = {"step": step, "anchors": [p.anchor for p in train_prompts + eval_prompts],
                              "world_size": world_size, "history": history, "reward_norm": state.get("reward_norm"),
                              "policy_trainable": lora.trainable_state_dict(policy) if args.lora_rank else None}
-            save_checkpoint(ckpt, policy, critic, optimizers, tok, trainer_state, args)
+            ppo_checkpoint.save(ckpt, policy, critic, optimizers, tok, trainer_state, args.fsdp)
             last_saved = step
     run_eval("after")
     logger.close()
