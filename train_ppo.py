@@ -10,7 +10,8 @@ On the built-in task the main job bootstraps the task if missing (tokenizer, SFT
 prompts), trains the judge / BT reward model with train_rm.py if missing, runs PPO, and prints the
 held-out metrics before and after (oracle score, oracle and judge win rate against the anchor, KL).
 
-One PPO step (per rank, on its share of the global batch):
+One PPO step (per rank, on its share of the global batch; B = prompts x K rows, P prompt and R response
+tokens, the letters of docs/DESIGN.md §6):
   1. sample K responses for each prompt of the step with the KV-cache rollout engine
   2. score them: pairwise -> P(y > y*) from the judge in both orders against the prompt's anchor
      y*, then --reward-transform; bt -> the BT reward (r(x, y) - mu) / sigma; bt-anchor ->

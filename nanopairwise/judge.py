@@ -196,7 +196,7 @@ class PairwiseJudge(nn.Module):
 def judge_loss(logits: torch.Tensor, labels: torch.Tensor, yes_id: int, no_id: int):
     """Next-token cross-entropy on the verdict token: label 1 -> yes_id, 0 -> no_id.
 
-    logits (B, V) at the answer position; the log-prob goes through the fused kernel dispatch.
+    logits (B, V) at the answer position; the log-prob goes through ops.token_logprobs (kernel or reference).
     Returns (loss, p_yes_two_way (B,) detached) for logging.
     """
     targets = torch.where(labels.bool(), torch.full_like(labels, yes_id), torch.full_like(labels, no_id))

@@ -7,7 +7,7 @@ other way.
 
 Conventions: `mask` tensors are 1 (or True) where a token counts (a sampled response token) and
 0 on padding / prompt; all means over tokens are masked token-means (sum(x * mask) / sum(mask)).
-Shapes: N flattened tokens, V vocabulary, B batch, T time.
+Shapes: N flattened tokens, V vocabulary, B batch, T time (every letter: docs/DESIGN.md §6).
 
 Contents
 - token_logprobs_ref: log softmax(z / T)[target], entropy of softmax(z / T), KL estimate (token_kl)
