@@ -28,13 +28,16 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nanopairwise import bootstrap, checkpoint, data, judge as J, lora, tracking
-from nanopairwise.common import (DTYPES, MetricsLogger, Progress, all_reduce_sum, atomic_dir, atomic_torch_save,
-                                 atomic_write_text, compute_cleanup, compute_init, dumps_json, get_rng_state,
-                                 parse_dtype, print0, set_rng_state, set_seed)
+from nanopairwise import bootstrap, checkpoint, data, lora, tracking
+from nanopairwise.common import (DTYPES, MetricsLogger, Progress, atomic_dir, atomic_torch_save, atomic_write_text,
+                                 dumps_json, get_rng_state, parse_dtype, set_rng_state, set_seed)
+from nanopairwise.distributed import all_reduce_sum, compute_cleanup, compute_init, print0
 from nanopairwise.guards import (UserError, check_divides, check_finite, check_flag, check_input_file,
                                  check_length, check_model_dir, check_out_dir, check_rows, claim_out_dir, cli_main)
+from nanopairwise.judge import (JudgeTemplate, PairwiseJudge, encode_both_orders, encode_pair, encode_single, judge_loss,
+                                pair_metrics, position_consistency_loss, save_rm_config, verdict_token_ids, win_probs)
 from nanopairwise.model import Transformer
+from nanopairwise.scalar_head import ScalarHeadModel, bt_loss, bt_win_prob, scalar_scores
 from nanopairwise.tokenizer import Tokenizer
 
 
@@ -62,11 +65,10 @@ def get_args(argv=None):
                    help="format of --train-data / --eval-data (JSON lines or Parquet): pairs = nanopairwise's own, "
                         "trl = TRL conversational, hh = Anthropic HH text, ultrafeedback = UltraFeedback-binarized; "
                         "auto detects it from the fields of the first row and prints what it found")
-    p.add_argument("--default-principle", default="Prefer the response that follows the instruction best.",
-                   help="principle for pairs that carry none")
+    p.add_argument("--default-principle", default=data.DEFAULT_PRINCIPLE, help="principle for pairs that carry none")
     # judge format
     p.add_argument("--verdicts", default=" Yes, No", help="the two verdict strings 'yes,no'; each must be one token")
-    p.add_argument("--question", default=J.JudgeTemplate.question, help="the judge's question after the two answers")
+    p.add_argument("--question", default=JudgeTemplate.question, help="the judge's question after the two answers")
     p.add_argument("--max-response-tokens", type=int, default=256, help="responses are cut to this many tokens")
     # optimisation
     p.add_argument("--batch-size", type=int, default=32, help="preference pairs per step, over all ranks")
@@ -78,7 +80,7 @@ def get_args(argv=None):
                         "the built-in one, 1e-5 to fully fine-tune a pretrained LM, 2e-4 with --lora-rank)")
     p.add_argument("--warmup-steps", type=int, default=None,
                    help="linear warmup, then cosine decay to 10%% (default: 20 for a tiny model, else 10%% of the steps)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip (0 = off)")
     # judge position consistency
     p.add_argument("--consistency-coef", type=float, default=0.0,
@@ -86,11 +88,12 @@ def get_args(argv=None):
     # runtime
     p.add_argument("--dtype", default="float32", help="float32 or bfloat16 (weights and compute)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed: the data order, LoRA initialisation and the built-in task (if bootstrapped here)")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0 = only at the end)")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint")
     p.add_argument("--max-steps", type=int, default=0, help="stop after N steps (0 = run all epochs)")
-    p.add_argument("--eval-batch-size", type=int, default=64)
+    p.add_argument("--eval-batch-size", type=int, default=64, help="held-out pairs per forward at evaluation")
     # experiment tracking (nanopairwise/tracking.py)
     tracking.add_arguments(p)
     lora.add_lora_args(p)
@@ -100,7 +103,7 @@ def get_args(argv=None):
     verdicts = args.verdicts.split(",")
     if len(verdicts) != 2:
         p.error(f"--verdicts needs two comma-separated strings, got {args.verdicts!r}")
-    args.template = J.JudgeTemplate(question=args.question, yes=verdicts[0], no=verdicts[1])
+    args.template = JudgeTemplate(question=args.question, yes=verdicts[0], no=verdicts[1])
     return args
 
 
@@ -126,20 +129,19 @@ def check_lengths(pairs, args, tok, limit):
     file:line (an over-long input would otherwise reach the attention mask: out of memory)."""
     for p in pairs:
         if args.objective == "pairwise":
-            n = len(J.encode_pair(tok, args.template, p.principle, p.prompt, p.chosen, p.rejected,
+            n = len(encode_pair(tok, args.template, p.principle, p.prompt, p.chosen, p.rejected,
                                   args.max_response_tokens))
         else:
-            n = max(len(J.encode_single(tok, args.template, p.principle, p.prompt, y, args.max_response_tokens))
+            n = max(len(encode_single(tok, args.template, p.principle, p.prompt, y, args.max_response_tokens))
                     for y in (p.chosen, p.rejected))
         check_length(n, limit, p.source, "the reward model's input", "shorten the prompt or principle, "
                      "or lower --max-response-tokens")
 
 
 def load_pairs(path, args):
-    pairs = data.load_preference_pairs(path, skip_bad=args.skip_bad_lines, data_format=args.data_format)
-    for p in pairs:
-        p.principle = p.principle or args.default_principle
-    return pairs
+    """Preference pairs of --train-data / --eval-data as the flags ask (format, bad lines, principle)."""
+    return data.load_preference_pairs(path, skip_bad=args.skip_bad_lines, data_format=args.data_format,
+                                      default_principle=args.default_principle)
 
 
 def lr_at(step, total, args):
@@ -154,14 +156,10 @@ def batch_tensors(batch, args, tok, device):
     """Token tensors of one rank's share of pairs. pairwise: 2 sequences per pair (both orders)
     with verdict labels; bt: chosen rows then rejected rows."""
     if args.objective == "pairwise":
-        rows = [(p.principle, p.prompt, p.chosen, p.rejected) for p in batch]
-        seqs, labels = [], []
-        for pr, q, c, r in rows:
-            seqs.append(J.encode_pair(tok, args.template, pr, q, c, r, args.max_response_tokens)); labels.append(1)
-            seqs.append(J.encode_pair(tok, args.template, pr, q, r, c, args.max_response_tokens)); labels.append(0)
+        seqs, labels = encode_both_orders(tok, args.template, batch, args.max_response_tokens)
         ids, mask = data.pad_batch(seqs, tok.pad_token_id, side="right")
         return ids.to(device), mask.to(device), torch.tensor(labels, device=device)
-    seqs = [J.encode_single(tok, args.template, p.principle, p.prompt, y, args.max_response_tokens)
+    seqs = [encode_single(tok, args.template, p.principle, p.prompt, y, args.max_response_tokens)
             for y_key in ("chosen", "rejected") for p in batch for y in [getattr(p, y_key)]]
     ids, mask = data.pad_batch(seqs, tok.pad_token_id, side="right")
     return ids.to(device), mask.to(device), None
@@ -171,14 +169,13 @@ def loss_fn(model, ids, mask, labels, args, yes_no):
     """Returns (loss, accuracy on this batch) for either objective."""
     if args.objective == "pairwise":
         logits = model(ids, mask)                                                       # (2b, V)
-        loss, p_yes = J.judge_loss(logits, labels, *yes_no)
+        loss, p_yes = judge_loss(logits, labels, *yes_no)
         if args.consistency_coef:                                                       # rows 2i, 2i + 1: one pair
-            loss = loss + args.consistency_coef * J.position_consistency_loss(logits, *yes_no)
+            loss = loss + args.consistency_coef * position_consistency_loss(logits, *yes_no)
         return loss, ((p_yes > 0.5).long() == labels).float().mean()
     values = model(ids, mask)                                                           # (2b, T)
-    r = values[torch.arange(values.size(0), device=ids.device), J.last_index(mask)]
-    r_chosen, r_rejected = r.chunk(2)
-    return J.bt_loss(r_chosen, r_rejected), (r_chosen > r_rejected).float().mean()
+    r_chosen, r_rejected = data.gather_last(values, mask).chunk(2)                      # (b,) each
+    return bt_loss(r_chosen, r_rejected), (r_chosen > r_rejected).float().mean()
 
 
 def evaluate(raw_model, pairs, args, tok, yes_no):
@@ -187,13 +184,13 @@ def evaluate(raw_model, pairs, args, tok, yes_no):
     items = [(p.principle, p.prompt, p.chosen, p.rejected) for p in pairs]
     kw = dict(batch_size=args.eval_batch_size, max_response_tokens=args.max_response_tokens)
     if args.objective == "pairwise":
-        p_chosen, p_ab, p_ba = J.judge_win_probs(raw_model, tok, args.template, items, **kw)
+        p_chosen, p_ab, p_ba = win_probs(raw_model, tok, args.template, items, **kw)
     else:
-        r_c = J.scalar_scores(raw_model, tok, args.template, [(a, b, c) for a, b, c, _ in items], **kw)
-        r_r = J.scalar_scores(raw_model, tok, args.template, [(a, b, d) for a, b, _, d in items], **kw)
-        p_chosen, p_ab, p_ba = torch.sigmoid(r_c - r_r), None, None
+        r_c = scalar_scores(raw_model, tok, args.template, [(a, b, c) for a, b, c, _ in items], **kw)
+        r_r = scalar_scores(raw_model, tok, args.template, [(a, b, d) for a, b, _, d in items], **kw)
+        p_chosen, p_ab, p_ba = bt_win_prob(r_c, r_r), None, None
     meta = lambda k: torch.tensor([float(p.meta[k]) for p in pairs]) if all(k in p.meta for p in pairs) else None
-    metrics = J.pair_metrics(p_chosen, meta("p_true"), meta("chosen_score"), meta("rejected_score"), p_ab, p_ba)
+    metrics = pair_metrics(p_chosen, meta("p_true"), meta("chosen_score"), meta("rejected_score"), p_ab, p_ba)
     raw_model.train()
     return metrics
 
@@ -201,10 +198,10 @@ def evaluate(raw_model, pairs, args, tok, yes_no):
 def build_model(args, init_dir, dtype, device, yes_no):
     lm = Transformer.from_pretrained(init_dir, dtype=dtype, device=device)
     if args.objective == "pairwise":
-        return J.PairwiseJudge(lm, *yes_no)
-    if os.path.exists(os.path.join(init_dir, J.ScalarHeadModel.HEAD_FILE)):
-        return J.ScalarHeadModel.from_pretrained(init_dir, dtype=dtype, device=device)
-    return J.ScalarHeadModel(lm)
+        return PairwiseJudge(lm, *yes_no)
+    if os.path.exists(os.path.join(init_dir, ScalarHeadModel.HEAD_FILE)):
+        return ScalarHeadModel.from_pretrained(init_dir, dtype=dtype, device=device)
+    return ScalarHeadModel(lm)
 
 
 def save_checkpoint(path, raw_model, tok, state, args):
@@ -212,7 +209,7 @@ def save_checkpoint(path, raw_model, tok, state, args):
     with atomic_dir(path) as tmp:
         (raw_model if args.objective == "bt" else raw_model.lm).save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        J.save_rm_config(tmp, args.objective, args.template)
+        save_rm_config(tmp, args.objective, args.template)
         atomic_torch_save(state, os.path.join(tmp, "trainer_state.pt"))
 
 
@@ -224,11 +221,7 @@ def main(argv=None):
     check_divides(args.batch_size, "--batch-size", world_size)
     # ---- inputs checked before any model is loaded -----------------------------------------
     if args.train_data is None:
-        if rank == 0:
-            bootstrap.ensure_bootstrap(args.task_dir, seed=args.seed)
-        if ddp:
-            dist.barrier()
-        paths = bootstrap.task_paths(args.task_dir)
+        paths = bootstrap.ensure_task(args.task_dir, seed=args.seed)
         args.train_data = args.train_data or paths["pairs_train"]
         args.eval_data = args.eval_data or paths["pairs_test"]
         args.model = args.model or paths["policy"]
@@ -261,7 +254,7 @@ def train(args, ddp, rank, world_size, device, owns_pg, ckpt_dir):
     if args.resume and not os.path.exists(os.path.join(ckpt_dir, "trainer_state.pt")):
         raise UserError(f"--resume: no checkpoint at {ckpt_dir}")
     tok = Tokenizer.from_pretrained(init_dir if os.path.exists(os.path.join(init_dir, "tokenizer.json")) else args.model)
-    yes_no = J.verdict_token_ids(tok, args.template)
+    yes_no = verdict_token_ids(tok, args.template)
     check_lengths(train_pairs + eval_pairs, args, tok, checkpoint.read_config(init_dir)["max_position_embeddings"])
     # ---- model ------------------------------------------------------------------------------
     raw_model = build_model(args, init_dir, dtype, device, yes_no)
@@ -301,19 +294,12 @@ def train(args, ddp, rank, world_size, device, owns_pg, ckpt_dir):
     last_saved = step or None
 
     # ---- training loop --------------------------------------------------------------------
-    def data_order(epoch):
-        # the same permutation on every rank, a function of (seed, epoch) only: resume is exact
-        return torch.randperm(len(train_pairs), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
-
-    per_rank = args.batch_size // world_size
     t_last = time.time()
     progress = Progress(total_steps - step, f"{args.objective} RM")
     first_step = step
     while step < total_steps:
-        epoch, pos = divmod(step, steps_per_epoch)
-        order = data_order(epoch)
-        idx = order[pos * args.batch_size + rank * per_rank: pos * args.batch_size + (rank + 1) * per_rank]
-        batch = [train_pairs[i] for i in idx.tolist()]
+        batch = [train_pairs[i] for i in data.rank_batch(len(train_pairs), args.batch_size, step, args.seed, rank,
+                                                         world_size)]
         ids, mask, labels = batch_tensors(batch, args, tok, device)
         lr = lr_at(step, total_steps, args)
         for g in optimizer.param_groups:

@@ -60,6 +60,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.inputs import KernelInputError, check_token_inputs
 from nanopairwise import losses
 
 DLOGITS_CHUNK_BYTES = 512 * 2**20  # backward: d-logits of one vocabulary chunk fit in this
@@ -281,32 +282,16 @@ class LinearLogprobs(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None
 
 
-def _check_inputs(hidden, weight, targets, temperature, ref_logprobs, ignore_index):
-    if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[1] \
-            or targets.shape != hidden.shape[:1]:
-        raise ValueError(f"linear_token_logprobs: need hidden (N, C), weight (V, C), targets (N,); got "
-                         f"{tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(targets.shape)}")
-    if hidden.dtype != weight.dtype or hidden.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"hidden and weight must share one of fp32/fp16/bf16; got {hidden.dtype}, {weight.dtype}")
-    if targets.dtype.is_floating_point or targets.dtype == torch.bool:
-        raise TypeError(f"targets must be integer token ids, got {targets.dtype}")
-    if len({hidden.device, weight.device, targets.device}) != 1:
-        raise ValueError("hidden, weight and targets must be on one device")
-    if ref_logprobs is not None and ref_logprobs.shape != targets.shape:
-        raise ValueError(f"ref_logprobs must be (N,), got {tuple(ref_logprobs.shape)}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    bad = (targets != ignore_index) & ((targets < 0) | (targets >= weight.shape[0]))
-    if bad.any():  # one host sync; an unchecked id would silently give log-prob -logZ
-        raise ValueError(f"target ids out of [0, {weight.shape[0]}) at rows {bad.nonzero()[:5, 0].tolist()}")
-
-
 def linear_token_logprobs(hidden, weight, targets, temperature=1.0, ref_logprobs=None, entropy=False,
                           kl_estimator="k3", ignore_index=losses.IGNORE_INDEX, *, vocab_splits=None,
                           vocab_chunk=None) -> losses.TokenLogprobs:
     """losses.linear_token_logprobs_ref without (N, V) logits. vocab_splits (forward parallelism)
     and vocab_chunk (backward d-logits columns) are tuning knobs; None picks them."""
-    _check_inputs(hidden, weight, targets, temperature, ref_logprobs, ignore_index)
+    if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[1] or targets.shape != hidden.shape[:1]:
+        raise KernelInputError(f"linear_token_logprobs: need hidden (N, C), weight (V, C), targets (N,); got "
+                               f"{tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(targets.shape)}")
+    check_token_inputs("linear_token_logprobs", {"hidden": hidden, "weight": weight}, targets, weight.shape[0],
+                       temperature, ref_logprobs, ignore_index)
     if hidden.shape[0] == 0:  # nothing to launch; the reference returns the empty outputs
         return losses.linear_token_logprobs_ref(hidden, weight, targets, temperature, ref_logprobs,
                                                 entropy, kl_estimator, ignore_index)

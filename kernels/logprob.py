@@ -40,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.inputs import KernelInputError, check_token_inputs
 from nanopairwise.losses import IGNORE_INDEX, TokenLogprobs, token_kl
 
 NEG_INF = tl.constexpr(float("-inf"))  # a jit function may read a module global only if it is a constexpr
@@ -208,27 +209,16 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     logits (N, V) fp32 / bf16 / fp16 on CUDA (or on the CPU under TRITON_INTERPRET=1), targets
     (N,) integer, ref_logprobs (N,) or None. Returns fp32 (N,) log-probs (<= 0), entropy and
     KL (None unless asked for). Gradients flow to logits and, if it requires grad, ref_logprobs.
-    Inputs are checked here, including the target range: that costs one device sync, and an
-    out-of-range target would otherwise read another row's memory and return a wrong answer.
+    Inputs are checked here (kernels/inputs.py), including the target range: that costs one
+    device sync, and an out-of-range target would otherwise read another row's memory.
     """
     if logits.ndim != 2 or targets.shape != logits.shape[:1]:
-        raise ValueError(f"token_logprobs: logits must be (N, V) and targets (N,); got "
-                         f"{tuple(logits.shape)} and {tuple(targets.shape)}")
-    if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"token_logprobs: logits must be fp32, bf16 or fp16, got {logits.dtype}")
-    if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.device != logits.device:
-        raise ValueError(f"token_logprobs: targets must be integer on {logits.device}, "
-                         f"got {targets.dtype} on {targets.device}")
-    if not temperature > 0.0:
-        raise ValueError(f"token_logprobs: temperature must be > 0, got {temperature}")
-    if ref_logprobs is not None and ref_logprobs.shape != targets.shape:
-        raise ValueError(f"token_logprobs: ref_logprobs must be {tuple(targets.shape)}, "
-                         f"got {tuple(ref_logprobs.shape)}")
-    V = logits.shape[1]
+        raise KernelInputError(f"token_logprobs: logits must be (N, V) and targets (N,); got "
+                               f"{tuple(logits.shape)} and {tuple(targets.shape)}")
+    check_token_inputs("token_logprobs", {"logits": logits}, targets, logits.shape[1], temperature, ref_logprobs,
+                       ignore_index)
     targets = targets.to(torch.int64).contiguous()
     valid = targets != ignore_index                                      # (N,)
-    if (valid & ((targets < 0) | (targets >= V))).any():
-        raise ValueError(f"token_logprobs: targets must be in [0, {V}) or {ignore_index}")
     if logits.stride(1) != 1:
         logits = logits.contiguous()   # a copy; row-strided views (e.g. x[:, :V]) need none
     logprobs, ent = TokenLogprobsFunction.apply(logits, targets, float(temperature), bool(entropy),

@@ -13,7 +13,7 @@ with mask weights m_i (1 = the token counts) and M = max(sum_i m_i, 1):
   clipfrac = sum m [pg2 > pg1] / M,  approx_kl = sum m (expm1(lr) - lr) / M,  ratio_mean = sum m r / M,
   ratio_max = max of r over m > 0 (0 if none),  vf_clipfrac = sum m [vl2 > vl1] / M.
 Each program reduces one block of tokens to 8 partial sums and a partial max, written to a
-(P, 9) buffer; a tiny torch sum/max over P finishes it (deterministic, no atomics, no host sync).
+(P, N_PARTIALS) buffer; a tiny torch sum/max over P finishes it (deterministic, no atomics, no host sync).
 `loss` is assembled from the three scalars by autograd, so the backward receives the upstream
 gradients g_pg, g_kl, g_v of pg_loss, kl_loss, v_loss (loss's share already added in).
 
@@ -56,6 +56,7 @@ from nanopairwise import losses
 KL_KINDS = {None: 0, "k1": 1, "k2": 2, "k3": 3}   # KL_KIND constexpr: 0 = no KL term
 BLOCK = 1024                                       # tokens per program
 N_PARTIALS = 9   # per block: mask sum, pg, kl, v, clip count, approx-kl, ratio, vf clip count, ratio max
+PARTIALS_ROW = tl.constexpr(N_PARTIALS)            # the same, readable inside a jit function (a constexpr)
 
 
 @triton.jit
@@ -130,7 +131,7 @@ def _ppo_loss_fwd_kernel(
     v_ptr,                    # (N,) values; the three value pointers are not read unless HAS_VALUE
     old_v_ptr,                # (N,) old_values
     ret_ptr,                  # (N,) returns
-    partial_ptr,              # (P, 9) fp32 out: this block's sums (see N_PARTIALS) and ratio max
+    partial_ptr,              # (P, N_PARTIALS) fp32 out: this block's sums and ratio max
     N,                        # number of tokens
     ratio_lo,                 # 1 - clip_low
     ratio_hi,                 # 1 + clip_high
@@ -147,7 +148,7 @@ def _ppo_loss_fwd_kernel(
         lp_ptr, old_lp_ptr, adv_ptr, mask_ptr, ref_lp_ptr, v_ptr, old_v_ptr, ret_ptr, offs, in_bounds,
         ratio_lo, ratio_hi, value_clip, KL_KIND, HAS_VALUE)
     # 2. masked partial sums, one fp32 per quantity, and the max ratio over counted tokens
-    out = partial_ptr + pid * 9
+    out = partial_ptr + pid * PARTIALS_ROW
     tl.store(out + 0, tl.sum(m, axis=0))
     tl.store(out + 1, tl.sum(tl.maximum(pg1, pg2) * m, axis=0))
     tl.store(out + 2, tl.sum(kl * m, axis=0))

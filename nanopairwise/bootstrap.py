@@ -27,7 +27,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from nanopairwise import data, judge as J, tasks
-from nanopairwise.common import Progress, atomic_dir, atomic_write_text, print0
+from nanopairwise.common import Progress, atomic_dir, atomic_write_text
+from nanopairwise.distributed import barrier, get_rank, print0
 from nanopairwise.losses import masked_mean
 from nanopairwise.model import ModelConfig, Transformer
 from nanopairwise.policy import PolicyLogprobs, encode_prompt, pack_prompt_response
@@ -53,6 +54,13 @@ class BootstrapConfig:
     rl_prompts_test: int = 256
     max_new_tokens: int = 24
 
+    @classmethod
+    def smoke(cls) -> "BootstrapConfig":
+        """A tiny task (a handful of SFT steps and records, ~5 s on a 2-core CPU) on the same code
+        path: the tests' task and scripts' --smoke, which check plumbing, not results."""
+        return cls(sft_steps=20, sft_prompts=500, pair_prompts_train=48, pair_prompts_test=16,
+                   rl_prompts_train=32, rl_prompts_test=8, max_new_tokens=12)
+
 
 def task_paths(task_dir: str) -> dict:
     names = dict(policy="policy", pairs_train="pairs_train.jsonl", pairs_test="pairs_test.jsonl",
@@ -71,6 +79,15 @@ def ensure_bootstrap(task_dir: str, seed: int = 0, config: BootstrapConfig = Non
         bootstrap(task_dir, seed, config or BootstrapConfig())
     finally:
         torch.set_num_threads(threads)
+
+
+def ensure_task(task_dir: str, seed: int = 0) -> dict:
+    """task_paths of the built-in task, bootstrapped first if missing: by rank 0 alone under torchrun,
+    the other ranks waiting at a barrier (train_rm.py and train_ppo.py start this way)."""
+    if get_rank() == 0:
+        ensure_bootstrap(task_dir, seed=seed)
+    barrier()
+    return task_paths(task_dir)
 
 
 def sft(model, tok, examples, cfg: BootstrapConfig, seed: int):

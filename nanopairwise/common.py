@@ -1,7 +1,7 @@
-"""Shared machinery for the scripts: distributed setup, seeding, logging, atomic checkpoint IO.
+"""Shared machinery for the scripts: seeding, dtypes, atomic checkpoint IO, the metrics logger.
 
-Nothing here is RL math (that lives in losses.py / judge.py); this is the plumbing every script
-needs, written once. Modelled on nanochat's `compute_init()` / `print0` pattern.
+Nothing here is RL math (that lives in losses.py, judge.py, scalar_head.py) and nothing here is
+distributed setup (distributed.py); this is the plumbing every script needs, written once.
 """
 
 import contextlib
@@ -16,172 +16,35 @@ import uuid
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from nanopairwise import tracking
-
-# ----------------------------------------------------------------------------------------------
-# distributed
-
-
-def is_ddp() -> bool:
-    """True when launched by torchrun (it sets RANK / WORLD_SIZE)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def get_rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def get_world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def print0(*args, **kwargs):
-    """print on rank 0 only (flushes, so torchrun logs interleave sensibly)."""
-    if get_rank() == 0:
-        print(*args, **kwargs, flush=True)
-
-
-def autodetect_device(device: str = "auto") -> torch.device:
-    if device != "auto":
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def compute_init(device: str = "auto"):
-    """Initialise (optional) DDP and pick the device.
-
-    Returns (ddp, rank, local_rank, world_size, device). Under torchrun the backend is NCCL on
-    CUDA and gloo on CPU; each rank takes `cuda:LOCAL_RANK`.
-    """
-    ddp = is_ddp()
-    dev = autodetect_device(device)
-    rank, local_rank, world_size = 0, 0, 1
-    if ddp:
-        rank = int(os.environ["RANK"])
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        world_size = int(os.environ["WORLD_SIZE"])
-        if dev.type == "cuda":
-            dev = torch.device("cuda", local_rank)
-            torch.cuda.set_device(dev)
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    if dev.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
-        # 2-core CI machines: one intra-op thread per process keeps torchrun from oversubscribing
-        # (an explicit OMP_NUM_THREADS wins: scripts/compare.py --jobs sets it per worker).
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    return ddp, rank, local_rank, world_size, dev
-
-
-def compute_cleanup():
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over ranks (identity when not distributed). Returns a new tensor."""
-    x = x.clone()
-    if get_world_size() > 1:
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
-    return x
-
-
-def mean_over_ranks(stats: dict, device, sum_keys=()) -> dict:
-    """A dict of numbers averaged over ranks (keys in `sum_keys` summed), in one all-reduce:
-    every rank must pass the same keys in the same order. Identity when not distributed."""
-    if get_world_size() == 1:
-        return stats
-    keys = list(stats)
-    t = all_reduce_sum(torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=device))
-    return {k: v if k in sum_keys else v / get_world_size() for k, v in zip(keys, t.tolist())}
-
-
-def broadcast_object(obj, src: int = 0):
-    """`obj` of rank `src` on every rank (identity when not distributed)."""
-    if get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
-def barrier():
-    if get_world_size() > 1:
-        dist.barrier()
-
-
-# ----------------------------------------------------------------------------------------------
-# data parallelism: DDP (replicated weights) or FSDP2 (sharded weights, torch.distributed.fsdp)
-
-
-def _fsdp_modules(module):
-    from torch.distributed.fsdp import FSDPModule
-    return [m for m in module.modules() if isinstance(m, FSDPModule)]
-
-
-def shard_model(module: torch.nn.Module, block_type: type) -> torch.nn.Module:
-    """FSDP2: `fully_shard` every `block_type` submodule (a transformer block), then the root.
-
-    Each rank keeps 1/world of every parameter; a block's weights are all-gathered for its
-    forward and backward and freed after, gradients are reduce-scattered. Works for frozen
-    models too (reference, reward model). Call before creating the optimizer.
-    """
-    from torch.distributed.fsdp import fully_shard
-    for m in module.modules():
-        if isinstance(m, block_type):
-            fully_shard(m)
-    fully_shard(module)
-    # FSDP2 names its root at the first forward through it, but generation and the judge's verdict
-    # logits call the blocks without the root's forward: settle the root now (private API; torch
-    # has no public one, and a dummy forward would need each model's arguments)
-    module._get_fsdp_state()._lazy_init()
-    return module
-
-
-def wrap_data_parallel(module: torch.nn.Module, fsdp: bool, block_type: type, device: torch.device):
-    """The module as trained under torchrun: FSDP2-sharded, DDP-wrapped, or as is (one process)."""
-    if get_world_size() == 1:
-        return module
-    if fsdp:
-        return shard_model(module, block_type)
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    return DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    """The model inside a DDP wrapper (FSDP2 modules are their own model)."""
-    return getattr(module, "module", module)
-
-
-@contextlib.contextmanager
-def gathered(module: torch.nn.Module):
-    """Full weights for code that does not go through forward() (token-by-token generation, the
-    judge's two verdict logits): every FSDP2 unit is all-gathered once and kept until exit, so
-    a decoding step does not all-gather the model again. Without FSDP this does nothing."""
-    units = _fsdp_modules(module)
-    for m in units:
-        m.set_reshard_after_forward(False)
-        m.unshard()
-    try:
-        yield module
-    finally:
-        for m in units:
-            m.reshard()
-            m.set_reshard_after_forward(True)
-
-
-def full_state_dict(module: torch.nn.Module) -> dict:
-    """name -> full tensor for a module that may hold FSDP2 shards: under FSDP gathered to rank 0
-    on the CPU ({} elsewhere; collective, every rank must call it), else its own state dict."""
-    if not _fsdp_modules(module):
-        return {k: v.detach() for k, v in module.state_dict().items()}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
+from nanopairwise.distributed import barrier, broadcast_object, get_rank, get_world_size, print0
 
 # ----------------------------------------------------------------------------------------------
 # seeding and dtype
+
+
+# Every random stream of a run is seeded from --seed and a named purpose, never from a shared
+# global generator, so that adding a draw in one place cannot shift another and a resumed run
+# re-seeds each stream exactly. Seed of (purpose, index) = seed * multiplier + offset + index: the
+# multipliers keep runs with seeds s and s + 1 from sharing a stream of one purpose (for indices
+# below the multiplier), the offsets keep one run's purposes apart. The numbers are those the
+# streams always had, so runs reproduce earlier runs bit for bit.
+SEED_PURPOSES = {                   # purpose: (multiplier, offset)      index
+    "data_order": (1000, 0),        # order of the training records       epoch
+    "rollout": (1_000_003, 0),      # PPO sampling, on the device         step * world_size + rank
+    "minibatches": (7919, 0),       # PPO minibatch shuffles              step * world_size + rank
+    "anchors": (1, 17),             # best-of-N anchor samples            0
+    "reward_norm_prompts": (1, 29),  # which prompts measure the BT norm  0
+    "reward_norm_rollouts": (1, 31),  # their samples                     rank
+    "eval": (1, 12345),             # held-out evaluation samples         rank
+}
+
+
+def derive_seed(seed: int, purpose: str, index: int = 0) -> int:
+    """The seed of one random stream: seed * multiplier + offset + index (SEED_PURPOSES)."""
+    multiplier, offset = SEED_PURPOSES[purpose]
+    return seed * multiplier + offset + index
 
 
 def set_seed(seed: int):
@@ -312,8 +175,8 @@ class MetricsLogger:
     dashboard; `config` (the run's arguments) goes to W&B.
     """
 
-    def __init__(self, out_dir=None, enabled=True, report_to="none", config=None):
-        self.enabled = enabled and get_rank() == 0
+    def __init__(self, out_dir=None, report_to="none", config=None):
+        self.enabled = get_rank() == 0
         self.path = self.tracker = None
         if self.enabled and out_dir is not None:
             os.makedirs(out_dir, exist_ok=True)

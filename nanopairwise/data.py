@@ -1,6 +1,6 @@
 """Data: validated JSONL readers for preference pairs and RL prompts, and token batching helpers.
 
-Formats (DESIGN.md section 5), one JSON object per line, empty lines ignored:
+Formats (docs/DESIGN.md §5), one JSON object per line, empty lines ignored:
 
     preference pairs  {"prompt": P, "chosen": str, "rejected": str, "principle"?: str, ...}
     RL prompts        {"prompt": P, "anchor"?: str, "principle"?: str, ...}
@@ -13,7 +13,7 @@ A bad line is a `DataError` (a ValueError) that names `file:line`, the field and
 e.g. `pairs.jsonl:17: field 'chosen': expected a string, got int`. Nothing is skipped silently:
 with `skip_bad=True` bad lines are skipped, counted and reported (print0, and the optional
 `report` dict). Pairs whose chosen and rejected texts are equal carry no preference and are
-dropped, with a count ("ties in preference data: dropped", PAPER.md).
+dropped, with a count (our reading: the paper does not say; docs/DESIGN.md §1).
 
 Preference pairs in other shapes (TRL conversational, Anthropic HH, UltraFeedback-binarized,
 Parquet files) are read by nanopairwise/formats.py, to which `load_preference_pairs(path,
@@ -26,8 +26,12 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from nanopairwise.common import atomic_write_text, print0
+from nanopairwise.common import atomic_write_text, derive_seed
+from nanopairwise.distributed import print0
 from nanopairwise.guards import UserError
+
+
+DEFAULT_PRINCIPLE = "Prefer the response that follows the instruction best."  # for records that carry none
 
 
 class DataError(UserError, ValueError):
@@ -184,8 +188,10 @@ def read_rows(path: str, entries, validate=None, skip_bad: bool = False, report:
     return rows
 
 
-def load_preference_pairs(path: str, skip_bad: bool = False, report: dict = None, data_format: str = "pairs") -> list:
-    """Read preference pairs; ties are dropped and counted in `report["ties"]`.
+def load_preference_pairs(path: str, skip_bad: bool = False, report: dict = None, data_format: str = "pairs",
+                          default_principle: str = None) -> list:
+    """Read preference pairs; ties are dropped and counted in `report["ties"]`; a pair without a
+    principle gets `default_principle` (None: left None).
 
     `data_format` other than "pairs", or a Parquet file, goes through nanopairwise/formats.py
     (TRL conversational, Anthropic HH, UltraFeedback-binarized; "auto" detects). A tie is a pair
@@ -200,7 +206,7 @@ def load_preference_pairs(path: str, skip_bad: bool = False, report: dict = None
     report.update(ties=len(pairs) - len(kept), kept=len(kept))
     if report["ties"]:
         print0(f"{path}: dropped {report['ties']} tie(s) (chosen == rejected or equal scores) of {len(pairs)} pairs")
-    return kept
+    return _with_principle(kept, default_principle)
 
 
 def _is_tie(p: PreferencePair) -> bool:
@@ -208,12 +214,19 @@ def _is_tie(p: PreferencePair) -> bool:
     return p.chosen == p.rejected or (None not in scores and scores[0] == scores[1])
 
 
-def load_rl_prompts(path: str, skip_bad: bool = False, report: dict = None) -> list:
+def load_rl_prompts(path: str, skip_bad: bool = False, report: dict = None, default_principle: str = None) -> list:
+    """Read RL prompts; a prompt without a principle gets `default_principle` (None: left None)."""
     report = {} if report is None else report
     prompts = _with_source([RLPrompt.from_row(r) for r in read_jsonl(path, check_rl_row, skip_bad, report)],
                            path, report)
     report.update(kept=len(prompts))
-    return prompts
+    return _with_principle(prompts, default_principle)
+
+
+def _with_principle(records, default_principle):
+    for r in records:
+        r.principle = r.principle or default_principle
+    return records
 
 
 def _with_source(records, path, report):
@@ -256,6 +269,43 @@ def pad_batch(seqs, pad_id: int, side: str = "right"):
         ids[b, cols] = torch.as_tensor(list(s), dtype=torch.long)
         mask[b, cols] = 1
     return ids, mask
+
+
+def score_batches(score, encode, items, pad_id: int, batch_size: int, device) -> torch.Tensor:
+    """One number per item, `batch_size` items per forward: (n,) fp32 on the CPU. Each item becomes
+    token ids by `encode(item)`; a batch is right-padded and `score(ids (b, T), mask (b, T))`, on
+    `device`, returns its (b,) numbers (the judge's verdict probability, the BT model's score)."""
+    out = []
+    for i in range(0, len(items), batch_size):
+        ids, mask = pad_batch([encode(it) for it in items[i:i + batch_size]], pad_id, side="right")
+        out.append(score(ids.to(device), mask.to(device)).cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def last_index(mask: torch.Tensor) -> torch.Tensor:
+    """(B,) index of the last real token of each right-padded row of mask (B, T) (0 for an empty row)."""
+    return mask.long().sum(1).clamp(min=1) - 1
+
+
+def gather_last(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x (B, T, ...) at each right-padded row's last real token: (B, ...). Where a causal model
+    has read the whole input: the judge's verdict logits, the BT reward model's score."""
+    rows = torch.arange(x.size(0), device=x.device)
+    return x[rows, last_index(mask.to(x.device))]
+
+
+def rank_batch(n: int, batch_size: int, step: int, seed: int, rank: int, world_size: int) -> list:
+    """Indices (into n records) of this rank's share of global batch `step`.
+
+    The data order is one permutation of range(n) per epoch, the same on every rank and a function
+    of (seed, epoch) only, so a resumed run continues exactly; epoch e holds n // batch_size batches
+    (the remainder is not used that epoch), and rank r takes the r-th of world_size equal slices.
+    """
+    epoch, pos = divmod(step, n // batch_size)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, "data_order", epoch)))
+    per_rank = batch_size // world_size
+    start = pos * batch_size + rank * per_rank
+    return order[start:start + per_rank].tolist()
 
 
 def iterate_minibatches(n: int, batch_size: int, generator: torch.Generator = None, shuffle: bool = True,

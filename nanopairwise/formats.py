@@ -33,7 +33,7 @@ for Parquet, as nanopairwise/data.py does for its own format.
 import re
 
 from nanopairwise import data as D
-from nanopairwise.common import print0
+from nanopairwise.distributed import print0
 from nanopairwise.guards import UserError
 
 FORMATS = ("auto", "pairs", "trl", "hh", "ultrafeedback")

@@ -71,7 +71,7 @@ def _torchelastic_error_file(msg: str):
 def on_rank0(fn, *args):
     """Run `fn(*args)` on rank 0 only (e.g. take the run lock); a UserError it raises is raised on
     every rank, so all stop together instead of the others waiting at the next collective."""
-    from nanopairwise.common import broadcast_object, get_rank
+    from nanopairwise.distributed import broadcast_object, get_rank
     error, result = None, None
     if get_rank() == 0:
         try:
@@ -178,6 +178,23 @@ def check_finite(step: int, values: dict, hint: str, last_saved=None):
                              f"Look at {hint}")
 
 
+def check_divergence(step: int, what: str, value: float, flag: str, limit: float, hint: str, last_saved=None,
+                     device="cpu"):
+    """The divergence guard: a policy far from the reference (or from the rollout policy within an
+    update) has run away, whatever its reward says; stop before it is saved. `value` is maxed over
+    the ranks first, so every rank decides alike; `limit` is the value of `flag`, 0 turns it off."""
+    from nanopairwise.distributed import get_world_size
+    if get_world_size() > 1:
+        import torch.distributed as dist
+        value = torch.tensor(value, device=device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        value = value.item()
+    if limit and not value <= limit:
+        saved = f"the last checkpoint (step {last_saved}) is kept" if last_saved else "no checkpoint was written"
+        raise UserError(f"step {step}: {what} is {value:.4g}, above {flag} {limit:g}: the policy diverged; stopped "
+                        f"before saving, {saved}. Look at {hint} ({flag} 0 turns this guard off)")
+
+
 def nonfinite_tensors(state: dict) -> list:
     """Names of floating-point tensors of `state` holding a NaN or inf."""
     return [k for k, t in state.items() if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()]
@@ -192,7 +209,8 @@ def claim_out_dir(out_dir: str):
     """The run owns `out_dir` for its life: rank 0 takes the RunLock (a second run on it stops at
     once, naming this one's pid), then removes what a killed checkpoint write left behind (safe:
     with the lock held no live writer is there); the lock is released on the way out."""
-    from nanopairwise.common import barrier, get_rank, print0, remove_leftovers
+    from nanopairwise.common import remove_leftovers
+    from nanopairwise.distributed import barrier, get_rank, print0
     lock = on_rank0(lambda: RunLock(out_dir).acquire())
     try:
         if get_rank() == 0:

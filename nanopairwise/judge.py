@@ -1,6 +1,6 @@
-"""The generative pairwise judge of Pairwise-RL, and the Bradley-Terry scalar RM baseline.
+"""The generative pairwise judge of Pairwise-RL: its template, model, loss, scoring and metrics.
 
-Pairwise judge (DESIGN.md §1, arXiv 2504.04950). A causal LM reads the principle, the prompt and
+Pairwise judge (docs/DESIGN.md §1, arXiv 2504.04950). A causal LM reads the principle, the prompt and
 responses A and B, each shown as the policy's own chat turn (JudgeTemplate), then the question
 "Is the first answer better than the second? Answer Yes or No.", and predicts the next token,
 one of two verdict tokens (default " Yes" / " No"; each must be one token of the tokenizer,
@@ -14,12 +14,12 @@ verdict logits:
     p(a, b)  = softmax([z_yes, z_no])[0] = sigmoid(z_yes - z_no)       one order
     P(a > b) = (p(a, b) + 1 - p(b, a)) / 2                              order-symmetrised
 
-so P(a > b) + P(b > a) = 1 exactly, and an identical pair scores exactly 0.5.
+so P(a > b) + P(b > a) = 1 exactly, and an identical pair scores exactly 0.5. In code:
+`verdict_probs` gives p(a, b) (one order), `symmetrize` the formula, `win_probs` both at once.
 
-Bradley-Terry baseline. The same trunk with a scalar head on the last token (the end-of-turn token)
-of the principle, the prompt's user turn and the response y, trained with -log sigmoid(r(x, y_w) - r(x, y_l));
-its pair probability is sigmoid(r_a - r_b). `ScalarHeadModel` is also the PPO critic (per-token
-values), so it returns a value at every position.
+The template here also lays out the inputs of the scalar-head models (nanopairwise/scalar_head.py:
+the Bradley-Terry reward model of the baseline and the PPO critic), so the four layouts agree
+token for token (JudgeTemplate).
 
 Metrics (`pair_metrics`) on held-out pairs: accuracy against the labels and against the oracle's
 true ordering, position consistency, ECE (10 bins) and Brier score of the pair probability
@@ -29,16 +29,15 @@ against the oracle's true preference probability.
 import json
 import os
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
-from nanopairwise import checkpoint
+from nanopairwise import ops
 from nanopairwise.common import atomic_write_text
-from nanopairwise.data import pad_batch
+from nanopairwise.data import gather_last, score_batches
 from nanopairwise.guards import UserError
 
 # ----------------------------------------------------------------------------------------------
@@ -154,21 +153,21 @@ def encode_single(tokenizer, template: JudgeTemplate, principle, prompt, respons
             + [tokenizer.end_of_turn_id])
 
 
-def both_orders(pairs: Sequence[dict]):
-    """Yield (principle, prompt, a, b, label) twice per pair: chosen-first with label 1 (Yes) and
-    rejected-first with label 0 (No). `pairs` are dicts with principle/prompt/chosen/rejected."""
+def encode_both_orders(tokenizer, template: JudgeTemplate, pairs, max_response_tokens=256):
+    """Judge inputs of preference pairs (objects with .principle, .prompt, .chosen, .rejected), each
+    in both orders on adjacent rows: 2i chosen first (label 1, the yes verdict), 2i + 1 rejected
+    first (label 0). Returns (token id lists, labels); position_consistency_loss reads the rows
+    in these pairs."""
+    seqs, labels = [], []
     for p in pairs:
-        yield p["principle"], p["prompt"], p["chosen"], p["rejected"], 1
-        yield p["principle"], p["prompt"], p["rejected"], p["chosen"], 0
+        for a, b, label in ((p.chosen, p.rejected, 1), (p.rejected, p.chosen, 0)):
+            seqs.append(encode_pair(tokenizer, template, p.principle, p.prompt, a, b, max_response_tokens))
+            labels.append(label)
+    return seqs, labels
 
 
 # ----------------------------------------------------------------------------------------------
-# models
-
-
-def last_index(mask: torch.Tensor) -> torch.Tensor:
-    """(B,) index of the last real token of each right-padded row."""
-    return mask.long().sum(1).clamp(min=1) - 1
+# the judge and its loss
 
 
 class PairwiseJudge(nn.Module):
@@ -182,16 +181,14 @@ class PairwiseJudge(nn.Module):
 
     def forward(self, input_ids, attention_mask):
         hidden = self.lm.trunk(input_ids, attention_mask=attention_mask)                # (B, T, C)
-        rows = torch.arange(hidden.size(0), device=hidden.device)
-        h_last = hidden[rows, last_index(attention_mask)]                               # (B, C)
+        h_last = gather_last(hidden, attention_mask)                                    # (B, C)
         return F.linear(h_last, self.lm.lm_head_weight)                                 # (B, V)
 
     @torch.no_grad()
     def verdict_logits(self, input_ids, attention_mask):
         """(B, 2) fp32 [z_yes, z_no] without forming the full vocabulary row."""
-        hidden = self.lm.trunk(input_ids, attention_mask=attention_mask)
-        rows = torch.arange(hidden.size(0), device=hidden.device)
-        h_last = hidden[rows, last_index(attention_mask)].float()                      # (B, C)
+        hidden = self.lm.trunk(input_ids, attention_mask=attention_mask)                # (B, T, C)
+        h_last = gather_last(hidden, attention_mask).float()                            # (B, C)
         w = self.lm.lm_head_weight[[self.yes_id, self.no_id]].float()                   # (2, C)
         return h_last @ w.t()
 
@@ -199,11 +196,11 @@ class PairwiseJudge(nn.Module):
 def judge_loss(logits: torch.Tensor, labels: torch.Tensor, yes_id: int, no_id: int):
     """Next-token cross-entropy on the verdict token: label 1 -> yes_id, 0 -> no_id.
 
-    logits (B, V) at the answer position; the log-prob goes through the fused kernel dispatch.
+    logits (B, V) at the answer position; the log-prob goes through ops.token_logprobs (kernel or reference).
     Returns (loss, p_yes_two_way (B,) detached) for logging.
     """
     targets = torch.where(labels.bool(), torch.full_like(labels, yes_id), torch.full_like(labels, no_id))
-    lp = kernels.token_logprobs(logits, targets.long()).logprobs                        # (B,)
+    lp = ops.token_logprobs(logits, targets.long()).logprobs                        # (B,)
     with torch.no_grad():
         p_yes = torch.sigmoid(logits[:, yes_id].float() - logits[:, no_id].float())
     return -lp.mean(), p_yes
@@ -218,164 +215,45 @@ def position_consistency_loss(logits: torch.Tensor, yes_id: int, no_id: int) -> 
     return (torch.sigmoid(d[0::2]) - torch.sigmoid(-d[1::2])).pow(2).mean()
 
 
-class ScalarHeadModel(nn.Module):
-    """Trunk + linear scalar head: a value at every position, (B, T) fp32.
-
-    Used as the BT reward model (score at the last token) and as the PPO critic (value of each
-    prefix). The head is new (zero-initialised, so training starts from a constant prediction).
-    An untied LM head is unused here and frozen, so DDP does not wait for its gradient (it stays
-    in the checkpoint, which therefore still loads as a causal LM).
-    """
-
-    HEAD_FILE = "score_head.safetensors"
-
-    def __init__(self, lm: nn.Module):
-        super().__init__()
-        self.lm = lm
-        if not lm.config.tie_word_embeddings:
-            lm.lm_head.requires_grad_(False)
-        width = lm.lm_head_weight.shape[1]
-        self.score_head = nn.Linear(width, 1, dtype=lm.lm_head_weight.dtype, device=lm.lm_head_weight.device)
-        nn.init.zeros_(self.score_head.weight)
-        nn.init.zeros_(self.score_head.bias)
-
-    def forward(self, input_ids, attention_mask):
-        hidden = self.lm.trunk(input_ids, attention_mask=attention_mask)                # (B, T, C)
-        return self.score_head(hidden).squeeze(-1).float()                             # (B, T)
-
-    def save_pretrained(self, path: str, state: dict = None):
-        """HF checkpoint of the trunk (loads as a causal LM) plus the head in its own file.
-        `state` (this module's state-dict names -> tensors) replaces its own weights, e.g. when
-        gathered from FSDP shards."""
-        from safetensors.torch import save_file
-        state = self.state_dict() if state is None else state
-        self.lm.save_pretrained(path, state={k.removeprefix("lm."): v for k, v in state.items() if k.startswith("lm.")})
-        head = {k.removeprefix("score_head."): v.detach().contiguous().cpu()
-                for k, v in state.items() if k.startswith("score_head.")}
-        checkpoint.refuse_nonfinite(path, head)
-        save_file(head, os.path.join(path, self.HEAD_FILE))
-
-    @torch.no_grad()
-    def normalize_head_(self, mean: float, std: float):
-        """Make the head output (v - mean) / std: w <- w / std, b <- (b - mean) / std (a critic
-        started from a BT RM then predicts the normalised reward, nanopairwise/losses.py
-        normalize_scores)."""
-        std = max(std, 1e-8)
-        self.score_head.weight.div_(std)
-        self.score_head.bias.sub_(mean).div_(std)
-
-    @classmethod
-    def from_pretrained(cls, path: str, dtype=None, device=None, new_head: bool = False):
-        """Load trunk (and head unless `new_head`, e.g. a critic initialised from a judge)."""
-        from safetensors.torch import load_file
-        from nanopairwise.model import Transformer
-        model = cls(Transformer.from_pretrained(path, dtype=dtype, device=device))
-        head_path = os.path.join(path, cls.HEAD_FILE)
-        if not new_head:
-            if not os.path.exists(head_path):
-                raise FileNotFoundError(f"{head_path}: no scalar head here; is {path} a BT reward model?")
-            model.score_head.load_state_dict(load_file(head_path, device=str(model.score_head.weight.device)))
-        return model
-
-
-def critic_inputs(tokenizer, template: JudgeTemplate, prompts, response_ids, response_mask, pairwise: bool):
-    """Critic sequences for sampled responses: a left-padded prefix, then the response tokens.
-
-    prompts: objects with .principle, .prompt, .anchor, one per row of response_ids (B, R).
-    The pairwise critic's prefix holds the anchor as the first answer (template.pair_ids);
-    the standard critic's does not (template.prefix_ids). Returns (ids (B, P + R), mask,
-    P): the value of response token t is read at position P - 1 + t (critic_values).
-    """
-    prefixes = [template.pair_ids(tokenizer, p.principle, p.prompt, tokenizer.encode(p.anchor)) if pairwise
-                else template.prefix_ids(tokenizer, p.principle, p.prompt) for p in prompts]
-    pre_ids, pre_mask = pad_batch(prefixes, tokenizer.pad_token_id, side="left")                   # (B, P)
-    device = response_ids.device
-    ids = torch.cat([pre_ids.to(device), response_ids], 1)
-    mask = torch.cat([pre_mask.to(device), response_mask.long()], 1)
-    return ids, mask, pre_ids.size(1)
-
-
-def critic_values(critic: "ScalarHeadModel", ids, mask, prefix_len: int, R: int) -> torch.Tensor:
-    """(B, R) values: at position P - 1 + t the critic has read the prefix and response tokens < t."""
-    return critic(ids, mask)[:, prefix_len - 1:prefix_len - 1 + R]
-
-
-def bt_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
-    """Bradley-Terry: -log sigmoid(r_w - r_l), mean over pairs."""
-    return -F.logsigmoid(r_chosen - r_rejected).mean()
-
-
 # ----------------------------------------------------------------------------------------------
 # scoring
 
 
-def symmetric_win_prob(p_ab: torch.Tensor, p_ba: torch.Tensor) -> torch.Tensor:
+def symmetrize(p_ab: torch.Tensor, p_ba: torch.Tensor) -> torch.Tensor:
     """P(a > b) from the judge's two orders: (p(a, b) + 1 - p(b, a)) / 2."""
     return 0.5 * (p_ab + 1.0 - p_ba)
 
 
 @torch.no_grad()
-def judge_pair_probs(judge: PairwiseJudge, tokenizer, template, items, batch_size=64,
-                     max_response_tokens=256, device=None):
-    """p(a, b) for each (principle, prompt, a, b) item in one order: (n,) fp32 on CPU."""
-    device = device or judge.lm.lm_head_weight.device
-    out = []
-    for i in range(0, len(items), batch_size):
-        seqs = [encode_pair(tokenizer, template, *it, max_response_tokens=max_response_tokens)
-                for it in items[i:i + batch_size]]
-        ids, mask = pad_batch(seqs, tokenizer.pad_token_id, side="right")
-        z = judge.verdict_logits(ids.to(device), mask.to(device))                      # (b, 2)
-        out.append(torch.sigmoid(z[:, 0] - z[:, 1]).cpu())
-    return torch.cat(out) if out else torch.zeros(0)
-
-
-@torch.no_grad()
-def judge_win_probs(judge, tokenizer, template, items, symmetric=True, **kw):
-    """Win probability of a over b for each (principle, prompt, a, b), both orders by default.
-
-    Returns (p_sym, p_ab, p_ba); with symmetric=False only one order is scored (half the cost)
-    and p_sym = p_ab, p_ba = None.
-    """
-    p_ab = judge_pair_probs(judge, tokenizer, template, items, **kw)
-    if not symmetric:
-        return p_ab, p_ab, None
-    swapped = [(pr, q, b, a) for pr, q, a, b in items]
-    p_ba = judge_pair_probs(judge, tokenizer, template, swapped, **kw)
-    return symmetric_win_prob(p_ab, p_ba), p_ab, p_ba
-
-
-@torch.no_grad()
-def scalar_scores(model: ScalarHeadModel, tokenizer, template, items, batch_size=64,
+def verdict_probs(judge: PairwiseJudge, tokenizer, template, items, batch_size=64,
                   max_response_tokens=256, device=None):
-    """BT reward r(x, y) for each (principle, prompt, response): (n,) fp32 on CPU."""
-    device = device or model.score_head.weight.device
-    out = []
-    for i in range(0, len(items), batch_size):
-        seqs = [encode_single(tokenizer, template, *it, max_response_tokens=max_response_tokens)
-                for it in items[i:i + batch_size]]
-        ids, mask = pad_batch(seqs, tokenizer.pad_token_id, side="right")
-        values = model(ids.to(device), mask.to(device))                                # (b, T)
-        rows = torch.arange(values.size(0), device=values.device)
-        out.append(values[rows, last_index(mask.to(device))].cpu())
-    return torch.cat(out) if out else torch.zeros(0)
+    """p(a, b) = sigmoid(z_yes - z_no), the judge's verdict for each (principle, prompt, a, b)
+    item in the order given: (n,) fp32 on CPU."""
+    encode = lambda it: encode_pair(tokenizer, template, *it, max_response_tokens=max_response_tokens)
+
+    def score(ids, mask):
+        z = judge.verdict_logits(ids, mask)                                             # (b, 2)
+        return torch.sigmoid(z[:, 0] - z[:, 1])
+    return score_batches(score, encode, items, tokenizer.pad_token_id, batch_size,
+                         device or judge.lm.lm_head_weight.device)
 
 
-def bt_win_prob(r_a: torch.Tensor, r_b: torch.Tensor) -> torch.Tensor:
-    """Bradley-Terry P(a > b) = sigmoid(r_a - r_b); P(b > a) = 1 - P(a > b) exactly."""
-    return torch.sigmoid(r_a.float() - r_b.float())
+class WinProbs(NamedTuple):
+    win: torch.Tensor              # (n,) P(a > b): symmetrize(p_ab, p_ba), or p_ab with one order
+    p_ab: torch.Tensor             # (n,) the verdict with a shown first
+    p_ba: Optional[torch.Tensor]   # (n,) the verdict with b shown first; None with one order
 
 
 @torch.no_grad()
-def bt_anchor_win_probs(model: ScalarHeadModel, tokenizer, template, items, cache: dict, **kw):
-    """The BT model's win probability of y against the anchor y*, sigmoid(r(x, y) - r(x, y*)),
-    for each (principle, prompt, y, anchor) item: (n,) fp32 on CPU. Pairwise-RL's bounded,
-    anchor-relative reward shape from a scalar RM. r(x, y*) is scored once per (principle,
-    prompt, anchor) and kept in `cache` (a dict the caller holds for the run)."""
-    todo = {(pr, str(q), a): (pr, q, a) for pr, q, _, a in items if (pr, str(q), a) not in cache}  # q: str or messages
-    cache.update(zip(todo, scalar_scores(model, tokenizer, template, list(todo.values()), **kw).tolist()))
-    r_y = scalar_scores(model, tokenizer, template, [(pr, q, y) for pr, q, y, _ in items], **kw)
-    r_anchor = torch.tensor([cache[(pr, str(q), a)] for pr, q, _, a in items])
-    return bt_win_prob(r_y, r_anchor)
+def win_probs(judge, tokenizer, template, items, symmetric=True, **kw) -> WinProbs:
+    """Win probability of a over b for each (principle, prompt, a, b), both orders by default;
+    with symmetric=False only one order is scored (half the cost) and win = p_ab."""
+    p_ab = verdict_probs(judge, tokenizer, template, items, **kw)
+    if not symmetric:
+        return WinProbs(p_ab, p_ab, None)
+    swapped = [(pr, q, b, a) for pr, q, a, b in items]
+    p_ba = verdict_probs(judge, tokenizer, template, swapped, **kw)
+    return WinProbs(symmetrize(p_ab, p_ba), p_ab, p_ba)
 
 
 # ----------------------------------------------------------------------------------------------

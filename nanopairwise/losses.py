@@ -1,13 +1,13 @@
 """Reference math for RLHF, in plain PyTorch and fp32: the spec every kernel is tested against.
 
 Each function here is written for clarity, not speed. `kernels/<op>.py` implements the same
-function fused in Triton and must match it forward and backward; `kernels/__init__.py` picks
+function fused in Triton and must match it forward and backward; `nanopairwise/ops.py` picks
 one or the other at run time. Nothing in the training scripts computes these quantities any
 other way.
 
 Conventions: `mask` tensors are 1 (or True) where a token counts (a sampled response token) and
 0 on padding / prompt; all means over tokens are masked token-means (sum(x * mask) / sum(mask)).
-Shapes: N flattened tokens, V vocabulary, B batch, T time.
+Shapes: N flattened tokens, V vocabulary, B batch, T time (every letter: docs/DESIGN.md §6).
 
 Contents
 - token_logprobs_ref: log softmax(z / T)[target], entropy of softmax(z / T), KL estimate (token_kl)
@@ -26,10 +26,6 @@ IGNORE_INDEX = -100  # a target equal to this gets log-prob 0, entropy 0, KL 0 a
 
 # ----------------------------------------------------------------------------------------------
 # masked reductions
-
-
-def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum()
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -52,8 +48,7 @@ def masked_moments(x: torch.Tensor, mask: torch.Tensor, distributed: bool = Fals
     return mean, (s2 / count - mean * mean).clamp(min=0.0)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
-                  distributed: bool = False, eps: float = 1e-8) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, distributed: bool = False, eps: float = 1e-8) -> torch.Tensor:
     """(x - mean) / std over the masked entries; masked-out entries come back as 0.
 
     With `distributed=True` the mean and variance are those of the union of every rank's
@@ -65,8 +60,6 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
     xf = x.float()
     mean, var = masked_moments(xf, m, distributed)
     out = (xf - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
     return (out * m).to(x.dtype)
 
 

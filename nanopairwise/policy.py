@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+from nanopairwise import ops
 from nanopairwise.losses import IGNORE_INDEX, TokenLogprobs
 
 
@@ -32,11 +32,11 @@ class PolicyLogprobs(nn.Module):
         ref = ref_logprobs.reshape(-1) if ref_logprobs is not None else None
         h = hidden.reshape(B * R, -1)                                                         # (N, C)
         if self.fused_head:
-            out = kernels.linear_token_logprobs(h, self.lm.lm_head_weight, targets, temperature, ref,
+            out = ops.linear_token_logprobs(h, self.lm.lm_head_weight, targets, temperature, ref,
                                                 entropy, kl_estimator)
         else:
             logits = F.linear(h, self.lm.lm_head_weight)                                     # (N, V)
-            out = kernels.token_logprobs(logits, targets, temperature, ref, entropy, kl_estimator)
+            out = ops.token_logprobs(logits, targets, temperature, ref, entropy, kl_estimator)
         return TokenLogprobs(*(x.view(B, R) if x is not None else None for x in out))
 
     def reference(self, lm: nn.Module) -> "PolicyLogprobs":

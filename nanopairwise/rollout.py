@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from nanopairwise.data import pad_batch
+
 
 @dataclass
 class Rollout:
@@ -48,15 +50,10 @@ class Rollout:
 
 
 def left_pad(prompts: list, pad_token_id: int, device=None):
-    """list of B id lists -> (ids (B, P), mask (B, P)), right-aligned (left padding)."""
+    """list of B id lists, none empty -> (ids (B, P), mask (B, P)), right-aligned (left padding)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
-    P = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), P), pad_token_id, dtype=torch.long)
-    mask = torch.zeros(len(prompts), P, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p):] = torch.as_tensor(p, dtype=torch.long)
-        mask[i, P - len(p):] = 1
+    ids, mask = pad_batch(prompts, pad_token_id, side="left")                          # (B, P)
     return ids.to(device), mask.to(device)
 
 

@@ -1,6 +1,6 @@
 """The built-in principle-following task: prompt generator, hidden oracle, noisy "human" labels.
 
-Why it exists (DESIGN.md section 4): with no hub access, the project needs a task where ground
+Why it exists (docs/DESIGN.md §4): with no hub access, the project needs a task where ground
 truth is known, so judge accuracy, calibration and PPO gains are measured against an oracle rather
 than against the judge itself. The task is built to show the miscalibration Pairwise-RL targets:
 prompts differ in difficulty (so absolute response quality differs by prompt) and label noise
@@ -274,7 +274,7 @@ def make_demonstration(rng: random.Random, prompt: TaskPrompt, p_gold: float = N
 
 
 # ----------------------------------------------------------------------------------------------
-# JSONL record builders (DESIGN.md section 5 formats, extra fields kept as meta by data.py)
+# JSONL record builders (docs/DESIGN.md §5 formats, extra fields kept as meta by data.py)
 
 
 def make_pair(rng: random.Random, prompt: TaskPrompt, response_a: str, response_b: str, source: str = "given"):
@@ -349,8 +349,3 @@ def tokenizer_corpus(rng: random.Random, n_prompts: int = 2000, chat_template: s
         t = make_prompt(rng)
         texts += [render_chat(t.prompt_text, chat_template) + t.gold, corrupted_response(rng, t)]
     return texts
-
-
-# ----------------------------------------------------------------------------------------------
-# Bootstrap of the tiny policy (SFT on make_demonstration targets): written separately, below.
-# ----------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ Workload: P = --prompts prompts of --prompt-len random tokens, each with an anch
 tokens (an anchor is a response), K = --samples-per-prompt samples of M = --new-tokens tokens.
 K is 1 by default, so the batch is the issue's 64 prompts x 256 new tokens = 64 sequences
 (train_ppo's own default is K = 4). The judge reads at most 256 tokens of each response
-(judge_pair_probs' default), so --new-tokens above 256 adds rollout, forward and update work only.
+(verdict_probs' default), so --new-tokens above 256 adds rollout, forward and update work only.
 
 Rows of the first table (median over --repeats steps, after one warm-up step where Triton
 compiles; a row's median is its own, so rows need not add up to the step's median exactly):
@@ -72,13 +72,13 @@ import sys
 
 import torch
 
-import kernels
 import train_ppo
 from bench_generate import QWEN25_05B, TINY  # this script's own directory is on sys.path
-from nanopairwise import data, judge as J
-from nanopairwise.common import clock, parse_dtype
+from nanopairwise import data, judge as J, ops, scalar_head as SH
+from nanopairwise.common import clock, derive_seed, parse_dtype
 from nanopairwise.model import ModelConfig, Transformer
 from nanopairwise.policy import PolicyLogprobs
+from nanopairwise.reward import RewardConfig
 from nanopairwise.rollout import Rollout  # noqa: E402
 from nanopairwise.tokenizer import Tokenizer, render_chat, train_bpe  # noqa: E402
 
@@ -126,7 +126,9 @@ def get_args(argv=None):
                                    "--prompts-per-step", str(args.prompts), "--max-new-tokens", str(args.new_tokens),
                                    "--ppo-epochs", str(args.ppo_epochs), "--minibatches", str(args.minibatches),
                                    "--seed", str(args.seed)])
-    args.ppo.rm_template = args.ppo.judge_template = J.JudgeTemplate()
+    template = J.JudgeTemplate()                                              # the judge's, also the critic's
+    args.run = train_ppo.RunState(policy=None, prompts=None, eval_prompts=None, judge_template=template,
+                                  reward=RewardConfig("pairwise", template, args.ppo.reward_transform, args.ppo.symmetric))
     return args
 
 
@@ -171,14 +173,14 @@ def build_models(args, tok):
     policy_lm, judge_lm = random_lm(), random_lm()
     policy = PolicyLogprobs(policy_lm, args.fused_head)
     ref = policy.reference(copy.deepcopy(policy_lm))
-    critic = J.ScalarHeadModel(copy.deepcopy(judge_lm))                      # fresh zero head
-    judge = J.PairwiseJudge(judge_lm, *J.verdict_token_ids(tok, args.ppo.judge_template))
+    critic = SH.ScalarHeadModel(copy.deepcopy(judge_lm))                      # fresh zero head
+    judge = J.PairwiseJudge(judge_lm, *J.verdict_token_ids(tok, args.run.judge_template))
     judge.eval().requires_grad_(False)
-    a = args.ppo
-    train_ppo.resolve_lrs(a, policy_lm, critic.lm)
-    optimizers = [torch.optim.AdamW(policy.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.0),
-                  torch.optim.AdamW(critic.parameters(), lr=a.critic_lr, betas=(0.9, 0.95), weight_decay=0.0)]
-    return (policy, ref, critic, judge), optimizers
+    run = args.run
+    run.lr, run.critic_lr = train_ppo.resolve_lrs(args.ppo, policy_lm, critic.lm)
+    optimizers = [torch.optim.AdamW(policy.parameters(), lr=run.lr, betas=(0.9, 0.95), weight_decay=0.0),
+                  torch.optim.AdamW(critic.parameters(), lr=run.critic_lr, betas=(0.9, 0.95), weight_decay=0.0)]
+    return train_ppo.Models(policy, ref, critic, judge), optimizers
 
 
 def bench_prompts(tok, n_bpe, args):
@@ -195,27 +197,27 @@ def bench_prompts(tok, n_bpe, args):
 
 
 def ppo_step(prompts, models, optimizers, tok, args, step):
-    """One step as in train_ppo.main: (experience, c_pre, seconds per phase, stats)."""
+    """One step as in train_ppo.main (one rank): (experience, seconds per phase, stats)."""
     device, a = args.device, args.ppo
-    gen = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step)
-    cpu_gen = torch.Generator().manual_seed(args.seed * 7919 + step)
+    rollout_generator = torch.Generator(device=device).manual_seed(derive_seed(args.seed, "rollout", step))
+    minibatch_generator = torch.Generator().manual_seed(derive_seed(args.seed, "minibatches", step))
     t0 = clock(device)
-    exp, c_pre, stats = train_ppo.make_experience(prompts, models, tok, a, device, gen)
+    exp, stats = train_ppo.make_experience(prompts, models, tok, a, args.run, device, rollout_generator)
     t_update = clock(device)
-    stats.update(train_ppo.ppo_update(exp, c_pre, models, optimizers, a, cpu_gen))
+    stats.update(train_ppo.ppo_update(exp, models, optimizers, a, args.run, minibatch_generator))
     t_end = clock(device)
     s = {"rollout": stats["perf/rollout_s"], "judge": stats["perf/score_s"], "forward": stats["perf/forward_s"],
          "update": t_end - t_update, "step": t_end - t0}
     s["other"] = (t_update - t0) - s["rollout"] - s["judge"] - s["forward"]
-    return exp, c_pre, s, stats
+    return exp, s, stats
 
 
 def rollout_of(exp, R):
     """The step's rollout back from its experience (prompt | response split of the sequences)."""
-    ids, attn = exp["ids"], exp["attn"]
+    ids, attn = exp.input_ids, exp.attention_mask
     P = ids.size(1) - R
     ended = torch.zeros(ids.size(0), dtype=torch.bool, device=ids.device)
-    return Rollout(ids[:, :P], attn[:, :P], ids[:, P:], exp["response_mask"], exp["old_logprobs"], ended)
+    return Rollout(ids[:, :P], attn[:, :P], ids[:, P:], exp.response_mask, exp.old_logprobs, ended)
 
 
 def judge_items(prompts, exp, tok, args):
@@ -228,12 +230,12 @@ def judge_items(prompts, exp, tok, args):
 def check_warmup(exp, stats, args) -> list:
     """Failures of the warm-up step (an empty list: all good); prints what it checked."""
     M, fails = args.new_tokens, []
-    m = exp["response_mask"].bool()
+    m = exp.response_mask.bool()
     full = bool(m.all()) and m.size(1) == M and stats["rollout/eos_rate"] == 0
     print(f"check: every row generated {M} tokens without eos: {'ok' if full else 'FAILED'}")
     if not full:
         fails.append("rollout length")
-    diff = (exp["old_logprobs"] - exp["ref_logprobs"])[m].abs().max().item()
+    diff = (exp.old_logprobs - exp.ref_logprobs)[m].abs().max().item()
     ok = diff <= TOL[args.dtype]
     print(f"check: max |old - ref log-prob| before any update = {diff:.2e} (tol {TOL[args.dtype]:.0e}): "
           f"{'ok' if ok else 'FAILED'}")
@@ -249,9 +251,9 @@ def check_warmup(exp, stats, args) -> list:
 
 def token_counts(exp, items, tok, args):
     """Real tokens each phase reads (see the docstring's table)."""
-    policy_tokens, critic_tokens = int(exp["attn"].sum()), int(exp["c_mask"].sum())
+    policy_tokens, critic_tokens = int(exp.attention_mask.sum()), int(exp.critic_mask.sum())
     a = args.ppo
-    per_order = sum(len(J.encode_pair(tok, a.rm_template, *it)) for it in items)   # swapping a, b keeps the length
+    per_order = sum(len(J.encode_pair(tok, args.run.reward.template, *it)) for it in items)   # swapping a, b keeps the length
     generated = args.rows * args.new_tokens
     return {"rollout": generated, "judge": per_order * (2 if a.symmetric else 1),
             "forward": 2 * policy_tokens + critic_tokens, "update": a.ppo_epochs * (policy_tokens + critic_tokens),
@@ -259,18 +261,18 @@ def token_counts(exp, items, tok, args):
 
 
 @torch.no_grad()
-def time_forwards(prompts, exp, c_pre, models, tok, args):
+def time_forwards(prompts, exp, models, tok, args):
     """Each forward of the judge and forward phases alone: {name: median seconds}."""
     policy, ref, critic, judge = models
-    a, R, device = args.ppo, args.new_tokens, args.device
+    a, R, device, template = args.ppo, args.new_tokens, args.device, args.run.reward.template
     items = judge_items(prompts, exp, tok, args)
     swapped = [(pr, q, b, y) for pr, q, y, b in items]
     calls = {
-        "judge, order (y, anchor)": lambda: J.judge_pair_probs(judge, tok, a.rm_template, items),
-        "judge, order (anchor, y)": lambda: J.judge_pair_probs(judge, tok, a.rm_template, swapped),
-        "old log-probs": lambda: policy(exp["ids"], exp["attn"], exp["response_mask"], a.temperature),
-        "ref log-probs": lambda: ref(exp["ids"], exp["attn"], exp["response_mask"], a.temperature),
-        "critic values": lambda: J.critic_values(critic, exp["c_ids"], exp["c_mask"], c_pre, R),
+        "judge, order (y, anchor)": lambda: J.verdict_probs(judge, tok, template, items),
+        "judge, order (anchor, y)": lambda: J.verdict_probs(judge, tok, template, swapped),
+        "old log-probs": lambda: policy(exp.input_ids, exp.attention_mask, exp.response_mask, a.temperature),
+        "ref log-probs": lambda: ref(exp.input_ids, exp.attention_mask, exp.response_mask, a.temperature),
+        "critic values": lambda: SH.critic_values(critic, exp.critic_ids, exp.critic_mask, exp.critic_prefix_len, R),
     }
     policy.eval()                                                             # as in make_experience
     out = {}
@@ -296,7 +298,7 @@ def header(args, models, n_bpe):
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu
     version = importlib.metadata.version
     params = sum(p.numel() for p in models[0].parameters()) / 1e6
-    backend = kernels.pick_backend(torch.empty(0, device=dev))
+    backend = ops.pick_backend(torch.empty(0, device=dev))
     shape = "Qwen2.5-0.5B" if not args.smoke else "tiny"
     a = args.ppo
     print(f"# PPO step | {name} | torch {torch.__version__} | triton {version('triton')} | transformers "
@@ -311,13 +313,13 @@ def header(args, models, n_bpe):
 
 def main(argv=None):
     args = get_args(argv)
-    tok, n_bpe = build_tokenizer(args.ppo.judge_template, args.shape["vocab_size"], args.ppo.default_principle)
+    tok, n_bpe = build_tokenizer(args.run.judge_template, args.shape["vocab_size"], args.ppo.default_principle)
     models, optimizers = build_models(args, tok)
     prompts = bench_prompts(tok, n_bpe, args)
     header(args, models, n_bpe)
 
     # warm-up step: Triton compiles, and the checks run before anything is timed
-    exp, c_pre, _, stats = ppo_step(prompts, models, optimizers, tok, args, step=0)
+    exp, _, stats = ppo_step(prompts, models, optimizers, tok, args, step=0)
     if check_warmup(exp, stats, args):
         print("FAILED: not timing a step that does not do the stated work")
         return 1
@@ -325,7 +327,7 @@ def main(argv=None):
         torch.cuda.reset_peak_memory_stats(args.device)
     runs = []
     for i in range(args.repeats):
-        exp, c_pre, s, _ = ppo_step(prompts, models, optimizers, tok, args, step=1 + i)
+        exp, s, _ = ppo_step(prompts, models, optimizers, tok, args, step=1 + i)
         runs.append(s)
     seconds = {k: statistics.median(r[k] for r in runs) for k in PHASES}
     peak = torch.cuda.max_memory_allocated(args.device) / 2**30 if args.device.type == "cuda" else None
@@ -338,7 +340,7 @@ def main(argv=None):
         cols = ("-", "-") if n is None else (f"{n:,}", f"{n / seconds[k]:,.0f}")
         print(f"| {k} | {seconds[k]:.3f} | {100 * seconds[k] / seconds['step']:.1f} | {cols[0]} | {cols[1]} |")
 
-    alone = time_forwards(prompts, exp, c_pre, models, tok, args)
+    alone = time_forwards(prompts, exp, models, tok, args)
     forward_tokens = {"judge, order (y, anchor)": per_order, "judge, order (anchor, y)": per_order,
                       "old log-probs": policy_tokens, "ref log-probs": policy_tokens, "critic values": critic_tokens}
     print("\n| forward alone | s (p50) | tokens | tok/s |\n|---|---:|---:|---:|")

@@ -53,8 +53,6 @@ METHODS = {"Pairwise-RL (generative judge + pairwise PPO)": ("judge", "ppo_pairw
 REWARDS = ("pairwise", "bt", "bt-anchor")  # train_ppo.py --reward, one PPO run each
 
 README_START, README_END = "<!-- compare:start -->", "<!-- compare:end -->"
-SMOKE_TASK = dict(sft_steps=20, sft_prompts=500, pair_prompts_train=48, pair_prompts_test=16,
-                  rl_prompts_train=32, rl_prompts_test=8, max_new_tokens=12)
 SMOKE_RM = ["--max-steps", "2", "--batch-size", "8"]
 SMOKE_PPO = ["--steps", "2", "--prompts-per-step", "4", "--samples-per-prompt", "2", "--max-new-tokens", "8",
              "--eval-size", "4", "--ppo-epochs", "1"]
@@ -100,7 +98,7 @@ def run_seed(seed, args) -> dict:
     run = os.path.join(args.run_dir, f"seed{seed}")
     task = os.path.join(run, "task")
     if not os.path.exists(task_paths(task)["info"]):
-        bootstrap(task, seed, BootstrapConfig(**SMOKE_TASK) if args.smoke else BootstrapConfig())
+        bootstrap(task, seed, BootstrapConfig.smoke() if args.smoke else BootstrapConfig())
     out = {}
     for objective, name in (("pairwise", "judge"), ("bt", "bt")):
         path = os.path.join(run, name)

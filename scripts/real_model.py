@@ -38,7 +38,7 @@ from nanopairwise.model import Transformer
 from nanopairwise.policy import encode_prompt
 from nanopairwise.tokenizer import Tokenizer
 
-SMOKE = dict(task=compare.SMOKE_TASK, eval_pairs=8, sft_steps=2, sft_batch=2, rm_steps=2, rm_batch=2,
+SMOKE = dict(eval_pairs=8, sft_steps=2, sft_batch=2, rm_steps=2, rm_batch=2,
              ppo=["--steps", "1", "--prompts-per-step", "2", "--samples-per-prompt", "2", "--max-new-tokens", "8",
                   "--eval-size", "2", "--ppo-epochs", "1", "--minibatches", "1", "--eval-every", "0"])
 
@@ -113,7 +113,7 @@ def main(argv=None):
     phase("model", os.path.join(base, "model.safetensors"), lambda: gguf.fetch_smollm2(base))
     task = os.path.join(run, "task")
     paths = B.task_paths(task)
-    cfg = B.BootstrapConfig(**SMOKE["task"]) if args.smoke else B.BootstrapConfig()
+    cfg = B.BootstrapConfig.smoke() if args.smoke else B.BootstrapConfig()
     phase("task", paths["info"], lambda: B.bootstrap(task, args.seed, cfg))
     eval_pairs = os.path.join(run, "pairs_eval.jsonl")
     if not os.path.exists(eval_pairs):

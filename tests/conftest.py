@@ -20,18 +20,13 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 import pytest  # noqa: E402
 
-# A tiny built-in task for the script tests (train_rm.py, train_ppo.py): the same code path as the
-# real bootstrap, with a handful of SFT steps and records, in about 5 s on a 2-core CPU.
-TINY_BOOTSTRAP = dict(sft_steps=20, sft_prompts=500, pair_prompts_train=48, pair_prompts_test=16,
-                      rl_prompts_train=32, rl_prompts_test=8, max_new_tokens=12)
-
-
 @pytest.fixture(scope="session")
 def tiny_task(tmp_path_factory):
-    """A bootstrapped tiny task directory (policy, pairs, RL prompts), shared by the session."""
+    """A bootstrapped tiny task directory (policy, pairs, RL prompts), shared by the session: the
+    same code path as the real bootstrap (BootstrapConfig.smoke, as compare.py --smoke)."""
     from nanopairwise.bootstrap import BootstrapConfig, bootstrap
     task_dir = str(tmp_path_factory.mktemp("task") / "task")
-    bootstrap(task_dir, seed=0, cfg=BootstrapConfig(**TINY_BOOTSTRAP))
+    bootstrap(task_dir, seed=0, cfg=BootstrapConfig.smoke())
     return task_dir
 
 

@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import torch
 
@@ -63,21 +64,21 @@ def _tiny_args(*extra):
 def test_tokenizer_round_trips_filler_and_keeps_eos_outside_the_model():
     args = _tiny_args()
     V = args.shape["vocab_size"]
-    tok, n_bpe = bench.build_tokenizer(args.ppo.judge_template, V, args.ppo.default_principle)
+    tok, n_bpe = bench.build_tokenizer(args.run.judge_template, V, args.ppo.default_principle)
     assert tok.eos_token_id == V and tok.pad_token_id < n_bpe < V
-    yes, no = bench.J.verdict_token_ids(tok, args.ppo.judge_template)        # raises unless single tokens
+    yes, no = bench.J.verdict_token_ids(tok, args.run.judge_template)        # raises unless single tokens
     assert max(yes, no) < n_bpe
     ids = list(range(n_bpe, V, 7))
     assert tok.encode(tok.decode(ids)) == ids                                 # filler ids survive decode/encode
     prompts = bench.bench_prompts(tok, n_bpe, args)
     p = prompts[0]
     assert len(prompts) == 4 and len(tok.encode(p.prompt)) == 8 and len(tok.encode(p.anchor)) == 8
-    assert max(bench.J.encode_pair(tok, args.ppo.judge_template, p.principle, p.prompt, "x", p.anchor)) < V  # no eos
+    assert max(bench.J.encode_pair(tok, args.run.judge_template, p.principle, p.prompt, "x", p.anchor)) < V  # no eos
 
 
 def test_models_as_train_ppo_builds_them():
     args = _tiny_args("--fused-head")
-    tok, _ = bench.build_tokenizer(args.ppo.judge_template, args.shape["vocab_size"], args.ppo.default_principle)
+    tok, _ = bench.build_tokenizer(args.run.judge_template, args.shape["vocab_size"], args.ppo.default_principle)
     (policy, ref, critic, judge), optimizers = bench.build_models(args, tok)
     assert policy.fused_head and ref.fused_head                               # as in train_ppo.main
     for (name, p), q in zip(policy.lm.state_dict().items(), ref.lm.state_dict().values()):
@@ -87,14 +88,14 @@ def test_models_as_train_ppo_builds_them():
         assert torch.equal(p, q) and q.requires_grad
     assert not critic.score_head.weight.any() and not critic.score_head.bias.any()   # fresh zero head
     assert not torch.equal(policy.lm.lm_head_weight, judge.lm.lm_head_weight)         # two random models
-    assert [g["lr"] for o in optimizers for g in o.param_groups] == [args.ppo.lr, args.ppo.critic_lr]
+    assert [g["lr"] for o in optimizers for g in o.param_groups] == [args.run.lr, args.run.critic_lr]
 
 
 def _good_step(args):
     B, M = args.rows, args.new_tokens
     g = torch.Generator().manual_seed(0)
     lp = -torch.rand(B, M, generator=g)
-    exp = dict(response_mask=torch.ones(B, M, dtype=torch.long), old_logprobs=lp, ref_logprobs=lp.clone())
+    exp = SimpleNamespace(response_mask=torch.ones(B, M, dtype=torch.long), old_logprobs=lp, ref_logprobs=lp.clone())
     stats = {"rollout/eos_rate": 0.0, "rollout/win_rate": 0.4, "reward/score": -0.1, "loss/pg": 0.01, "loss/v": 0.2}
     return exp, stats
 
@@ -105,16 +106,16 @@ def test_warmup_checks_pass_a_good_step_and_fail_each_bad_one(capsys):
     assert bench.check_warmup(exp, stats, args) == []
     bad = []
     exp, stats = _good_step(args)
-    exp["response_mask"][1, -3:] = 0                                          # a row stopped early
+    exp.response_mask[1, -3:] = 0                                          # a row stopped early
     bad.append((exp, stats, "rollout length"))
     exp, stats = _good_step(args)
-    exp["response_mask"] = exp["response_mask"][:, :-1]                       # fewer than M tokens
+    exp.response_mask = exp.response_mask[:, :-1]                       # fewer than M tokens
     bad.append((exp, stats, "rollout length"))
     exp, stats = _good_step(args)
     stats["rollout/eos_rate"] = 0.125
     bad.append((exp, stats, "rollout length"))
     exp, stats = _good_step(args)
-    exp["ref_logprobs"][2, 5] += 10 * bench.TOL[torch.float32]               # reference is not the policy
+    exp.ref_logprobs[2, 5] += 10 * bench.TOL[torch.float32]               # reference is not the policy
     bad.append((exp, stats, "reference log-probs"))
     exp, stats = _good_step(args)
     stats["rollout/win_rate"] = 1.5
@@ -123,8 +124,8 @@ def test_warmup_checks_pass_a_good_step_and_fail_each_bad_one(capsys):
     stats["loss/v"] = math.nan
     bad.append((exp, stats, "scores / losses"))
     for exp, stats, want in bad:
-        if exp["response_mask"].size(1) < args.new_tokens:
-            exp["old_logprobs"], exp["ref_logprobs"] = (exp[k][:, :exp["response_mask"].size(1)]
-                                                        for k in ("old_logprobs", "ref_logprobs"))
+        if exp.response_mask.size(1) < args.new_tokens:
+            exp.old_logprobs, exp.ref_logprobs = (getattr(exp, k)[:, :exp.response_mask.size(1)]
+                                                  for k in ("old_logprobs", "ref_logprobs"))
         assert bench.check_warmup(exp, stats, args) == [want]
     assert capsys.readouterr().out.count("FAILED") == len(bad)

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from nanopairwise import judge as J
+from nanopairwise import judge as J, scalar_head as SH
 from nanopairwise import losses as L
 from nanopairwise.data import pad_batch
 from nanopairwise.model import ModelConfig, Transformer
@@ -117,12 +117,12 @@ def test_judge_loss_is_verdict_cross_entropy():
 
 def test_symmetric_win_probability(tok, judge):
     items = [("P.", "q", "1 2 3", "3 2 1"), ("P.", "q", "7", "7 7"), ("P.", "q", "1 2", "1 2")]
-    p, p_ab, p_ba = J.judge_win_probs(judge, tok, TEMPLATE, items, batch_size=2)
-    q, _, _ = J.judge_win_probs(judge, tok, TEMPLATE, [(a, b, y, x) for a, b, x, y in items])
+    p, p_ab, p_ba = J.win_probs(judge, tok, TEMPLATE, items, batch_size=2)
+    q, _, _ = J.win_probs(judge, tok, TEMPLATE, [(a, b, y, x) for a, b, x, y in items])
     torch.testing.assert_close(p + q, torch.ones(3), atol=1e-6, rtol=0)
     assert p[2].item() == 0.5                                      # identical responses tie exactly
     assert not torch.allclose(p_ab, 1 - p_ba)                      # the raw orders differ (position bias)
-    one, p_one, none = J.judge_win_probs(judge, tok, TEMPLATE, items, symmetric=False, batch_size=2)
+    one, p_one, none = J.win_probs(judge, tok, TEMPLATE, items, symmetric=False, batch_size=2)
     assert none is None and torch.equal(one, p_one) and torch.equal(p_one, p_ab)
     z = judge.verdict_logits(*pad_batch([J.encode_pair(tok, TEMPLATE, *items[0])], tok.pad_token_id))
     full = judge(*pad_batch([J.encode_pair(tok, TEMPLATE, *items[0])], tok.pad_token_id))
@@ -130,13 +130,13 @@ def test_symmetric_win_probability(tok, judge):
 
 
 def test_bt_loss_and_scalar_head(tok):
-    torch.testing.assert_close(J.bt_loss(torch.tensor([2.0, 0.0]), torch.tensor([0.0, 0.0])),
+    torch.testing.assert_close(SH.bt_loss(torch.tensor([2.0, 0.0]), torch.tensor([0.0, 0.0])),
                                torch.tensor((math.log1p(math.exp(-2.0)) + math.log(2.0)) / 2))
     cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=4, tie_word_embeddings=False)
-    rm = J.ScalarHeadModel(Transformer(cfg))
+    rm = SH.ScalarHeadModel(Transformer(cfg))
     assert not rm.lm.lm_head.weight.requires_grad                  # unused by a scalar head: frozen for DDP
-    scores = J.scalar_scores(rm, tok, TEMPLATE, [("P.", "q", "1 2 3")])
+    scores = SH.scalar_scores(rm, tok, TEMPLATE, [("P.", "q", "1 2 3")])
     assert scores.tolist() == [0.0]                                # the fresh head starts at zero
 
 
@@ -145,19 +145,19 @@ def test_bt_anchor_win_prob_is_sigmoid_of_the_score_gap_and_symmetric(tok):
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=4)
-    rm = J.ScalarHeadModel(Transformer(cfg)).eval()
+    rm = SH.ScalarHeadModel(Transformer(cfg)).eval()
     torch.nn.init.normal_(rm.score_head.weight, std=1.0)           # a non-zero head: scores differ by response
     items = [("P.", "q", "1 2 3", "3 2 1"), ("P.", "q", "7", "3 2 1"), ("P.", "r", "7 7", "1")]
     cache = {}
-    p = J.bt_anchor_win_probs(rm, tok, TEMPLATE, items, cache)
-    r_y = J.scalar_scores(rm, tok, TEMPLATE, [(a, b, y) for a, b, y, _ in items])
-    r_star = J.scalar_scores(rm, tok, TEMPLATE, [(a, b, s) for a, b, _, s in items])
+    p = SH.bt_anchor_win_probs(rm, tok, TEMPLATE, items, cache)
+    r_y = SH.scalar_scores(rm, tok, TEMPLATE, [(a, b, y) for a, b, y, _ in items])
+    r_star = SH.scalar_scores(rm, tok, TEMPLATE, [(a, b, s) for a, b, _, s in items])
     torch.testing.assert_close(p, torch.sigmoid(r_y - r_star), atol=1e-6, rtol=0)
     assert len(cache) == 2 and not torch.allclose(p, torch.full_like(p, 0.5))   # two distinct anchors, scored once
-    swapped = J.bt_anchor_win_probs(rm, tok, TEMPLATE, [(a, b, s, y) for a, b, y, s in items], {})
+    swapped = SH.bt_anchor_win_probs(rm, tok, TEMPLATE, [(a, b, s, y) for a, b, y, s in items], {})
     torch.testing.assert_close(p + swapped, torch.ones(3), atol=1e-6, rtol=0)
     cache[("P.", "q", "3 2 1")] = 100.0                            # the cached anchor score is the one used
-    assert J.bt_anchor_win_probs(rm, tok, TEMPLATE, items[:1], cache).item() < 1e-6
+    assert SH.bt_anchor_win_probs(rm, tok, TEMPLATE, items[:1], cache).item() < 1e-6
 
 
 def test_normalize_scores_and_head():
@@ -170,7 +170,7 @@ def test_normalize_scores_and_head():
     torch.testing.assert_close((z.mean(), z.std(unbiased=False)), (torch.tensor(0.0), torch.tensor(1.0)))
     assert L.normalize_scores(r, None) is r
     cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
-    rm = J.ScalarHeadModel(Transformer(cfg))
+    rm = SH.ScalarHeadModel(Transformer(cfg))
     torch.nn.init.normal_(rm.score_head.weight)
     ids, mask = torch.randint(0, 64, (2, 5)), torch.ones(2, 5, dtype=torch.long)
     raw = rm(ids, mask)

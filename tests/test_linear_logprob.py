@@ -28,8 +28,8 @@ import os
 import pytest
 import torch
 
-import kernels
 from kernels.linear_logprob import linear_token_logprobs
+from nanopairwise import ops
 from nanopairwise.losses import IGNORE_INDEX, kl_estimate, linear_token_logprobs_ref
 from nanopairwise.model import ModelConfig, Transformer
 from nanopairwise.policy import PolicyLogprobs
@@ -138,14 +138,14 @@ def test_large_logits_near_certain_targets():
 
 
 def test_dispatch_optional_outputs_and_determinism():
-    """Through kernels.linear_token_logprobs(backend='triton'); no entropy / ref -> None fields;
+    """Through ops.linear_token_logprobs(backend='triton'); no entropy / ref -> None fields;
     bitwise the same twice (no atomics anywhere)."""
     hidden, weight, targets, _ = make_inputs(23, 24, 101, torch.float32, seed=5)
     upstream = torch.randn(23, generator=torch.Generator().manual_seed(6))
     runs = []
     for backend in ("triton", "triton", "ref"):
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        out = kernels.linear_token_logprobs(h, w, targets, 0.8, backend=backend)
+        out = ops.linear_token_logprobs(h, w, targets, 0.8, backend=backend)
         assert out.entropy is None and out.kl is None
         runs.append((out.logprobs, *torch.autograd.grad((upstream * out.logprobs).sum(), (h, w))))
     for a, b in zip(runs[0], runs[1]):

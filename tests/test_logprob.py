@@ -13,8 +13,8 @@ import os
 import pytest
 import torch
 
-import kernels
 from kernels.logprob import token_logprobs
+from nanopairwise import ops
 from nanopairwise.losses import IGNORE_INDEX, token_logprobs_ref
 
 # tolerance table, keyed by the logits' dtype; "out" = log-prob / entropy / KL, "grad" = d/dlogits
@@ -182,8 +182,8 @@ def test_dispatch_runs_the_kernel(device):
     logits, targets, ref_logprobs = make_case(37, 1000, torch.bfloat16, device, seed=6)
     upstream = random_upstream(37, device)
     kw = dict(temperature=0.7, entropy=True, kl_estimator="k3")
-    got = run(kernels.token_logprobs, logits, targets, ref_logprobs, upstream, backend="triton", **kw)
-    want = run(kernels.token_logprobs, logits, targets, ref_logprobs, upstream, backend="ref", **kw)
+    got = run(ops.token_logprobs, logits, targets, ref_logprobs, upstream, backend="triton", **kw)
+    want = run(ops.token_logprobs, logits, targets, ref_logprobs, upstream, backend="ref", **kw)
     assert "TokenLogprobsFunction" in type(got[0].logprobs.grad_fn).__name__
     assert "TokenLogprobsFunction" not in type(want[0].logprobs.grad_fn).__name__
     check_parity(got, want, TOL[torch.bfloat16])

@@ -15,9 +15,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-import kernels
 from kernels.ppo_loss import ppo_loss
-from nanopairwise import losses
+from nanopairwise import losses, ops
 
 # Tolerance table, keyed by the dtype of the inputs.
 # Forward: both sides cast the same input values to fp32 and do fp32 math, so bf16 inputs need no
@@ -191,14 +190,14 @@ def test_mask_dtypes_and_fractional_weights(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_dispatch_triton_matches_ref(device):
-    """Through kernels.clipped_ppo_loss, twice each way: a second Triton call must still dispatch."""
+    """Through ops.ppo_loss, twice each way: a second Triton call must still dispatch."""
     inp = make_inputs((4, 33), torch.bfloat16, device, seed=4)
     upstream = [0.9, 0.2, -0.6, 1.4]
     kwargs = dict(clip_low=0.1, clip_high=0.3, kl_coef=0.1, kl_estimator="k2")
-    fused = run(lambda **a: kernels.clipped_ppo_loss(**a, backend="triton"), inp, upstream, **kwargs)
-    ref = run(lambda **a: kernels.clipped_ppo_loss(**a, backend="ref"), inp, upstream, **kwargs)
+    fused = run(lambda **a: ops.ppo_loss(**a, backend="triton"), inp, upstream, **kwargs)
+    ref = run(lambda **a: ops.ppo_loss(**a, backend="ref"), inp, upstream, **kwargs)
     assert_parity(fused, ref, torch.bfloat16, inp["mask"])
-    again = run(lambda **a: kernels.clipped_ppo_loss(**a, backend="triton"), inp, upstream, **kwargs)
+    again = run(lambda **a: ops.ppo_loss(**a, backend="triton"), inp, upstream, **kwargs)
     assert_parity(again, ref, torch.bfloat16, inp["mask"])
 
 

@@ -12,9 +12,9 @@ import sys
 import pytest
 import torch
 
-import kernels
 import train_ppo
 import train_rm
+from nanopairwise import ops
 from nanopairwise.guards import NonFiniteError, UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,11 +73,11 @@ def test_resume_after_a_crash_gives_the_same_next_steps(run_dir, tmp_path, monke
     straight = train_ppo.main(args + ["--out-dir", str(tmp_path / "straight")])
     make_experience = train_ppo.make_experience
 
-    def crash_at_step_2(step_prompts, models, tok, a, device, gen):
+    def crash_at_step_2(*a):
         if crash_at_step_2.calls == 1:
             raise Crash()
         crash_at_step_2.calls += 1
-        return make_experience(step_prompts, models, tok, a, device, gen)
+        return make_experience(*a)
 
     crash_at_step_2.calls = 0
     monkeypatch.setattr(train_ppo, "make_experience", crash_at_step_2)
@@ -110,13 +110,13 @@ def test_divergence_guard_stops_before_saving(run_dir, tmp_path):
 def test_nan_in_the_ppo_loss_stops_before_the_step(run_dir, tmp_path, monkeypatch):
     """A NaN critic loss (injected) stops the update before any optimizer step, naming the step as
     logged, the quantity and the critic's flags; nothing is saved and the policy is untouched."""
-    ppo_loss = kernels.clipped_ppo_loss
+    ppo_loss = ops.ppo_loss
 
     def nan_value_loss(*a, **k):
         out = ppo_loss(*a, **k)
         return out._replace(loss=out.loss * float("nan"), v_loss=out.v_loss * float("nan"))
 
-    monkeypatch.setattr(kernels, "clipped_ppo_loss", nan_value_loss)
+    monkeypatch.setattr(ops, "ppo_loss", nan_value_loss)
     out = tmp_path / "nan"
     with pytest.raises(NonFiniteError, match=r"^step 1: critic loss \(v\) is nan, policy grad norm is nan, critic grad "
                                              r"norm is nan; stopped before the optimizer step, no checkpoint was "
@@ -148,7 +148,7 @@ def test_bt_normalisation_is_stored_and_reused_on_resume(run_dir, tmp_path, monk
     seen = []
     score = train_ppo.score_responses
     monkeypatch.setattr(train_ppo, "score_responses",
-                        lambda *a: seen.append(a[-1].reward_norm) or score(*a))
+                        lambda *a: seen.append(a[-1].norm) or score(*a))
     history = train_ppo.main(args + ["--steps", "2", "--resume"])
     assert seen and all(s == norm for s in seen)
     again = torch.load(os.path.join(out, "checkpoint", "trainer_state.pt"), weights_only=False)
@@ -164,10 +164,10 @@ def test_critic_warmup_leaves_the_policy_unchanged(run_dir, tmp_path, monkeypatc
     snapshots = []
     update = train_ppo.ppo_update
 
-    def spy(exp, c_pre, models, optimizers, args, gen, *guard, warmup=False):
+    def spy(experience, models, optimizers, *rest, warmup=False):
         if not snapshots:
             snapshots.append([[p.detach().clone() for p in m.parameters()] for m in (models[0], models[2])])
-        out = update(exp, c_pre, models, optimizers, args, gen, *guard, warmup=warmup)
+        out = update(experience, models, optimizers, *rest, warmup=warmup)
         snapshots.append([[p.detach().clone() for p in m.parameters()] for m in (models[0], models[2])])
         return out
 

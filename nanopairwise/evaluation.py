@@ -1,0 +1,58 @@
+"""Held-out evaluation of a PPO policy: what train_ppo.py reports before, during and after training.
+
+One sample per held-out prompt at the training temperature, with a fixed seed per rank, so two
+policies (or the same policy before and after) are compared on the same draws. Measured against
+ground truth where the prompts carry the built-in task's oracle fields (docs/DESIGN.md §4):
+
+    kl               sum over the response of log pi(y_t) - log pi_ref(y_t) (k1; its mean is KL(pi || ref))
+    length           response tokens (EOS included)
+    eos_rate         fraction of responses that ended with EOS before --max-new-tokens
+    judge_win_rate   the judge's symmetric P(y > y*) against the prompt's anchor (with a judge)
+    oracle_score     the oracle's score of y in [0, 1]
+    oracle_win_rate  P(oracle(y) > oracle(y*)), a tie counting half (a gold anchor can only be tied)
+"""
+
+import torch
+
+from nanopairwise import data, tasks
+from nanopairwise.common import derive_seed
+from nanopairwise.distributed import all_reduce_sum, gathered, get_rank, get_world_size
+from nanopairwise.judge import win_probs
+from nanopairwise.policy import encode_prompt
+from nanopairwise.rollout import generate
+
+
+@torch.no_grad()
+def evaluate_policy(policy, ref, judge, prompts, tok, judge_template, max_new_tokens: int, temperature: float,
+                    top_p: float, seed: int, device) -> dict:
+    """The metrics above, means over `prompts`, each rank scoring its share (every rank calls
+    this: FSDP forwards are collective; sums are all-reduced). policy / ref: PolicyLogprobs;
+    judge: PairwiseJudge or None."""
+    policy.eval()
+    mine = data.shard_for_rank(prompts, get_rank(), get_world_size())
+    generator = torch.Generator(device=device).manual_seed(derive_seed(seed, "eval", get_rank()))
+    with gathered(policy):                                           # generation bypasses forward()
+        rollout = generate(policy.lm, [encode_prompt(tok, p.prompt) for p in mine], max_new_tokens,
+                           tok.stop_token_ids, tok.pad_token_id, temperature=temperature, top_p=top_p,
+                           generator=generator)
+    texts = rollout.texts(tok)
+    input_ids, attention_mask = rollout.sequences()                  # (B, P + R)
+    logprobs = policy(input_ids, attention_mask, rollout.response_mask, temperature).logprobs      # (B, R)
+    ref_logprobs = ref(input_ids, attention_mask, rollout.response_mask, temperature).logprobs     # (B, R)
+    response_mask = rollout.response_mask.float()                    # (B, R)
+    sums = {"kl": ((logprobs - ref_logprobs) * response_mask).sum(1), "length": response_mask.sum(1),
+            "eos_rate": rollout.ended.float()}
+    if judge is not None:
+        items = [(p.principle, p.prompt, y, p.anchor) for p, y in zip(mine, texts)]
+        with gathered(judge):
+            sums["judge_win_rate"] = win_probs(judge, tok, judge_template, items).win
+    if all("principle_name" in p.meta for p in prompts):
+        score = torch.tensor([tasks.oracle_score(p.meta["principle_name"], p.meta["numbers"], y)
+                              for p, y in zip(mine, texts)])
+        anchor_score = torch.tensor([tasks.oracle_score(p.meta["principle_name"], p.meta["numbers"], p.anchor)
+                                     for p in mine])
+        sums.update(oracle_score=score,
+                    oracle_win_rate=(score > anchor_score).float() + 0.5 * (score == anchor_score).float())
+    totals = all_reduce_sum(torch.stack([v.float().sum().to(device) for v in sums.values()]))
+    policy.train()
+    return {k: (t / len(prompts)).item() for k, t in zip(sums, totals)}
