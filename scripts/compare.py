@@ -21,7 +21,8 @@ between the compare markers of README.md, with the machine and the date. The fig
 reward, KL, oracle score and win rate over PPO steps, RM loss, RM reliability diagram; needs
 matplotlib) goes next to it, RUN_DIR/compare.png, and unless --no-readme to docs/compare.png, shown
 under the README table. --plot-only redraws it from the run directories alone (every stage
-finished), and puts RUN_DIR/results.md (the same runs' table) and the figure into the README.
+finished), and puts the same runs' table (re-rendered from RUN_DIR/results.json, with the header
+line of RUN_DIR/results.md) and the figure into the README.
 """
 
 import argparse
@@ -115,19 +116,28 @@ def run_seed(seed, args) -> dict:
     return out
 
 
-def mean_std(values) -> str:
+def mean_std(values, signed: bool = False) -> str:
     """'mean ± std' over the seeds; a metric that is null in some runs (NaN/inf, written as JSON null)
     is averaged over the others and says so, 'n/a' where it is null everywhere."""
     known = [v for v in values if v is not None]
     if len(known) < len(values):
-        return f"{mean_std(known)} ({len(known)} of {len(values)} runs)" if known else "n/a"
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+        return f"{mean_std(known, signed)} ({len(known)} of {len(values)} runs)" if known else "n/a"
+    mean = f"{statistics.mean(values):{'+' if signed else ''}.3f}"
+    return mean if len(values) == 1 else f"{mean} ± {statistics.stdev(values):.3f}"
 
 
 def table(results: dict, seconds: float, command: str = "python scripts/compare.py") -> str:
-    """Markdown table of the per-seed results (mean ± sample std over seeds)."""
+    """The header line (seeds, machine, date, time, command), then body(results)."""
+    cpu = platform.processor() or platform.machine()
+    head = (f"Seeds {', '.join(map(str, sorted(results)))} (mean ± std), {os.cpu_count()}-core CPU ({cpu}), torch "
+            f"{torch.__version__}, {datetime.date.today()}, {seconds / 60:.0f} min; produced by `{command}`.")
+    return head + "\n\n" + body(results)
+
+
+def body(results: dict) -> str:
+    """Markdown table of the per-seed results (mean ± sample std over seeds), then the per-seed
+    differences between Pairwise-RL and each other arm, which share a seed's task, SFT policy and
+    held-out prompts (paired differences carry a claim better than overlapping means)."""
     seeds = sorted(results)
     col = lambda f: mean_std([f(results[s]) for s in seeds])
     rows = []
@@ -138,13 +148,21 @@ def table(results: dict, seconds: float, command: str = "python scripts/compare.
             f"{col(lambda r: r[ppo]['before']['oracle_score'])} → {col(lambda r: r[ppo]['after']['oracle_score'])}",
             f"{col(lambda r: r[ppo]['before']['oracle_win_rate'])} → {col(lambda r: r[ppo]['after']['oracle_win_rate'])}",
             col(lambda r: r[ppo]["after"]["kl"])]) + " |")
-    cpu = platform.processor() or platform.machine()
-    head = (f"Seeds {', '.join(map(str, seeds))} (mean ± std), {os.cpu_count()}-core CPU ({cpu}), torch "
-            f"{torch.__version__}, {datetime.date.today()}, {seconds / 60:.0f} min; produced by "
-            f"`{command}`.\n\n"
-            "| method | RM oracle accuracy | RM ECE | RM position consistency | oracle score before → after "
-            "| oracle win rate vs anchor before → after | KL to reference |\n|---|---|---|---|---|---|---|")
-    return head + "\n" + "\n".join(rows) + "\n"
+    main_rm, main_ppo = next(iter(METHODS.values()))
+    diffs = []
+    for label, (rm, ppo) in list(METHODS.items())[1:]:
+        cells = [label.split(" (")[0]]
+        for key in ("oracle_score", "oracle_win_rate"):
+            d = [results[s][main_ppo]["after"][key] - results[s][ppo]["after"][key] for s in seeds
+                 if results[s][main_ppo]["after"].get(key) is not None and results[s][ppo]["after"].get(key) is not None]
+            cells += [mean_std(d, signed=True) if d else "n/a", f"{sum(round(x, 6) > 0 for x in d)} of {len(d)}"]  # not float noise
+        diffs.append("| " + " | ".join(cells) + " |")
+    return ("| method | RM oracle accuracy | RM ECE | RM position consistency | oracle score before → after "
+            "| oracle win rate vs anchor before → after | KL to reference |\n|---|---|---|---|---|---|---|\n"
+            + "\n".join(rows) + "\n\nPer seed, Pairwise-RL after PPO minus each other arm after PPO (mean ± std of "
+            "the paired differences, and on how many seeds Pairwise-RL is higher):\n\n"
+            "| Pairwise-RL minus | oracle score | seeds higher | oracle win rate | seeds higher |\n|---|---|---|---|---|\n"
+            + "\n".join(diffs) + "\n")
 
 
 def write_readme(text: str, path=os.path.join(ROOT, "README.md")):
@@ -178,7 +196,12 @@ def main(argv=None):
     if args.plot_only:
         outs = draw(args)
         if not args.no_readme and os.path.exists(results_md):  # the table of the same runs, with the figure
-            write_readme(open(results_md, encoding="utf-8").read() + FIGURE_MD)
+            text = open(results_md, encoding="utf-8").read()
+            results_json = os.path.join(args.run_dir, "results.json")
+            if os.path.exists(results_json):  # re-rendered from the numbers; header (time, command) as it was
+                results = {int(k): v for k, v in json.load(open(results_json)).items()}
+                text = text.split("\n\n", 1)[0] + "\n\n" + body(results)
+            write_readme(text + FIGURE_MD)
         return outs
     t0 = time.time()
     results = run_seeds(args)

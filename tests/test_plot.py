@@ -95,3 +95,26 @@ def test_compare_plot_only_redraws_without_training(tmp_path, monkeypatch):
                                   f"{compare.README_END}\nrest\n")
     with pytest.raises(SystemExit, match="no finished runs"):
         compare.main(["--run-dir", str(tmp_path), "--seeds", "0", "2", "--plot-only", "--no-readme"])
+
+
+def test_plot_only_rerenders_the_table_from_results_json_with_paired_differences(tmp_path, monkeypatch):
+    """The README table comes from results.json (header line kept from results.md); the paired rows
+    are Pairwise-RL minus each arm, seed by seed: here +0.03 and +0.01 over bt, -0.02 and 0.00 over bt-anchor."""
+    pytest.importorskip("matplotlib")
+    monkeypatch.setattr(compare, "draw", lambda args: [])
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{compare.README_START}\n{compare.README_END}\n")
+    monkeypatch.setattr(compare.write_readme, "__defaults__", (str(readme),))
+    rm = {"oracle_accuracy": 0.7, "ece": 0.2, "position_consistency": 0.6}
+    ppo = lambda after, win: {"before": {"oracle_score": 0.70, "oracle_win_rate": 0.2},
+                              "after": {"oracle_score": after, "oracle_win_rate": win, "kl": None}}
+    results = {seed: {"judge": rm, "bt": rm, "ppo_pairwise": ppo(0.80 + d, 0.25), "ppo_bt": ppo(0.77 + d + e, 0.20),
+                      "ppo_bt-anchor": ppo(0.82 + d - e, 0.25)} for seed, d, e in ((0, 0.0, 0.0), (1, 0.05, 0.02))}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    (tmp_path / "results.md").write_text("Seeds 0, 1 (mean ± std), the header line.\n\nan old table\n")
+    compare.main(["--run-dir", str(tmp_path), "--seeds", "0", "1", "--plot-only"])
+    text = readme.read_text()
+    assert "the header line." in text and "an old table" not in text
+    assert "| Bradley-Terry RM + standard PPO | +0.020 ± 0.014 | 2 of 2 | +0.050 ± 0.000 | 2 of 2 |" in text
+    assert "| BT anchor win prob | -0.010 ± 0.014 | 0 of 2 | +0.000 ± 0.000 | 0 of 2 |" in text
+    assert "| n/a |" in text                                          # KL null in every run
