@@ -31,6 +31,7 @@ import json
 import multiprocessing
 import os
 import platform
+import re
 import shlex
 import statistics
 import sys
@@ -195,13 +196,21 @@ def main(argv=None):
     results_md = os.path.join(args.run_dir, "results.md")
     if args.plot_only:
         outs = draw(args)
-        if not args.no_readme and os.path.exists(results_md):  # the table of the same runs, with the figure
+        if os.path.exists(results_md):  # the table of the same runs (printed; with the figure into the README)
             text = open(results_md, encoding="utf-8").read()
             results_json = os.path.join(args.run_dir, "results.json")
-            if os.path.exists(results_json):  # re-rendered from the numbers; header (time, command) as it was
+            if os.path.exists(results_json):  # re-rendered from the numbers of --seeds; time and command as they were
                 results = {int(k): v for k, v in json.load(open(results_json)).items()}
-                text = text.split("\n\n", 1)[0] + "\n\n" + body(results)
-            write_readme(text + FIGURE_MD)
+                if set(args.seeds) - set(results):
+                    raise SystemExit(f"--plot-only: {results_json} has no results for seeds "
+                                     f"{sorted(set(args.seeds) - set(results))}; run scripts/compare.py with them")
+                head = text.split("\n\n", 1)[0]
+                if sorted(results) != sorted(args.seeds):
+                    head = re.sub(r"^Seeds [\d, ]+", f"Seeds {', '.join(map(str, args.seeds))} (of the runs below) ", head)
+                text = head + "\n\n" + body({s: results[s] for s in args.seeds})
+            print("\n" + text)
+            if not args.no_readme:
+                write_readme(text + FIGURE_MD)
         return outs
     t0 = time.time()
     results = run_seeds(args)
