@@ -72,7 +72,8 @@ from nanopairwise.distributed import (all_reduce_sum, barrier, compute_cleanup, 
 from nanopairwise.evaluation import evaluate_policy
 from nanopairwise.guards import (UserError, check_divergence, check_divides, check_finite, check_flag, check_input_file,
                                  check_length, check_model_dir, check_out_dir, check_rows, claim_out_dir, cli_main)
-from nanopairwise.judge import JudgeTemplate, PairwiseJudge, encode_pair, load_rm_config, verdict_token_ids
+from nanopairwise.judge import (JudgeTemplate, PairwiseJudge, encode_pair, encode_single, load_rm_config,
+                                verdict_token_ids)
 from nanopairwise.model import Block, Transformer
 from nanopairwise.policy import PolicyLogprobs, encode_prompt
 from nanopairwise.reward import RewardConfig, fill_anchors, measure_reward_norm, score_responses
@@ -250,6 +251,11 @@ def check_lengths(prompts, tok, args, run, policy_dir, rm_dir):
         critic = (template.pair_ids(tok, p.principle, p.prompt, tok.encode(anchor)) if args.critic == "pairwise"
                   else template.prefix_ids(tok, p.principle, p.prompt))   # as critic_inputs builds it
         check_length(len(critic) + anchor_len + R, rm_max, p.source, "the critic's input", hint)
+        if args.reward != "pairwise":         # the BT model scores prefix + response + end of turn, and the anchor
+            single = lambda y: len(encode_single(tok, template, p.principle, p.prompt, y))
+            check_length(single("") + R, rm_max, p.source, "the reward model's input", hint)
+            if args.reward == "bt-anchor" and p.anchor:
+                check_length(single(p.anchor), rm_max, p.source, "the reward model's input (anchor)", hint)
 
 
 # ----------------------------------------------------------------------------------------------

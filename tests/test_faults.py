@@ -181,6 +181,15 @@ def test_train_ppo_inputs(tiny_task, tmp_path, ppo_dirs, no_model_loads):
     long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "q", "anchor": "a"}] * 4 + [{"prompt": "y " * 50_000}])
     with pytest.raises(UserError, match=r"long.jsonl:5: prompt \+ response is [\d,]+ tokens, more than the 512"):
         train_ppo.main(["--prompts", long, *ppo_dirs, *PPO_FAST])
+    # bt-anchor without a judge: the BT model reads principle + prompt + anchor (cut to 256 tokens) on its
+    # own; with a 300-token principle the critic's input (principle + prompt + 8-token response) fits, that does not
+    long_anchor = write_jsonl(tmp_path / "long_anchor.jsonl", [{"prompt": "q", "anchor": "a"}] * 4
+                              + [{"prompt": "q", "anchor": "y " * 1000, "principle": "y " * 150}])
+    bt_anchor = ["--reward", "bt-anchor", "--bt-rm", ppo_dirs[ppo_dirs.index("--judge") + 1], "--judge",
+                 str(tmp_path / "no_judge")]
+    with pytest.raises(UserError, match=r"long_anchor.jsonl:5: the reward model's input \(anchor\) is [\d,]+ tokens, "
+                                        r"more than the 512"):
+        train_ppo.main(["--prompts", long_anchor, *ppo_dirs, *PPO_FAST, *bt_anchor])
     blank = tmp_path / "blank.jsonl"
     blank.write_text("\n")
     with pytest.raises(UserError, match=r"--eval-prompts \S+blank.jsonl: 0 usable prompts"):
