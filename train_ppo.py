@@ -42,7 +42,7 @@ Our reading of the paper (its public text fixes few details); each is a flag:
      starts at zero, so the first advantages use V = 0 for the pairwise critic).
 Divergence guard (--max-kl, --max-ratio; 0 = off): the run stops with a message when the rollouts'
 mean sequence KL to the reference, or the updated policy's (k2, checked before every checkpoint),
-exceeds --max-kl (default 10 nats; the built-in main job ends near 0.3), or a token's ratio
+exceeds --max-kl (default 10 nats; the built-in main job ends near 0.4), or a token's ratio
 pi/pi_old exceeds --max-ratio. Bad inputs, NaNs and faults: docs/FAULTS.md.
 The baseline (--reward bt) is standard RLHF PPO: BT scalar reward normalised by its mean mu and std
 sigma over rollouts of the initial policy (measured once, kept in the checkpoint; the truncation
@@ -151,7 +151,7 @@ def get_args(argv=None):
     # divergence guard: stop (before saving) when the policy runs away from the reference
     p.add_argument("--max-kl", type=float, default=10.0,
                    help="stop when the rollouts' mean sequence KL to the reference exceeds this (0 = off); "
-                        "the built-in main job stays near 0.3, the BT baseline near 1")
+                        "the built-in main job ends near 0.4, the BT baseline near 1")
     p.add_argument("--max-ratio", type=float, default=100.0,
                    help="stop when the PPO ratio pi/pi_old of a token exceeds this in an update (0 = off)")
     # experiment tracking (nanopairwise/tracking.py)
@@ -506,7 +506,7 @@ def train(args, rank, world_size, device, owns_pg, t_start):
            f"{len(train_prompts):,} prompts | {args.prompts_per_step}x{args.samples_per_prompt} samples/step | "
            f"{args.steps} steps | lr {run.lr:g}, critic {run.critic_lr:g} | {world_size} rank(s) on {device}"
            f"{' (FSDP2)' if args.fsdp else ''} | out {args.out_dir}")
-    logger = MetricsLogger(args.out_dir, report_to=args.report_to, config=vars(args))
+    logger = MetricsLogger(args.out_dir, report_to=args.report_to, config=vars(args) | {"lr": run.lr, "critic_lr": run.critic_lr})
     if args.resume:
         logger.truncate(step)                                        # the crashed run's later rows go
     history = dict(state.get("history", {}))                         # a resumed run keeps "before"

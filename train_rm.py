@@ -73,8 +73,8 @@ def get_args(argv=None):
     # optimisation
     p.add_argument("--batch-size", type=int, default=32, help="preference pairs per step, over all ranks")
     p.add_argument("--epochs", type=float, default=None,
-                   help="passes over the training pairs (default: 12 for the built-in task's tiny judge, else 4; "
-                        "see DEFAULT_EPOCHS)")
+                   help="passes over the training pairs (default: 12 for the judge of a tiny model, < 20M parameters, "
+                        "else 4: DEFAULT_EPOCHS; --resume: the resumed run's)")
     p.add_argument("--lr", type=float, default=None,
                    help="peak AdamW learning rate (default by regime, lora.DEFAULT_LR: 1e-3 for a tiny model as "
                         "the built-in one, 1e-5 to fully fine-tune a pretrained LM, 2e-4 with --lora-rank)")
@@ -263,8 +263,9 @@ def train(args, ddp, rank, world_size, device, owns_pg, ckpt_dir):
     optimizer = torch.optim.AdamW([q for q in raw_model.parameters() if q.requires_grad], lr=0.0,  # lr set per step
                                   weight_decay=args.weight_decay, betas=(0.9, 0.95))
     regime = lora.regime(raw_model.lm)
-    if args.epochs is None:
-        args.epochs = DEFAULT_EPOCHS.get((regime, args.objective), 4.0)
+    state = torch.load(os.path.join(ckpt_dir, "trainer_state.pt"), weights_only=False) if args.resume else {}
+    if args.epochs is None:                      # a resumed run keeps the schedule it was started with
+        args.epochs = state.get("args", {}).get("epochs") or DEFAULT_EPOCHS.get((regime, args.objective), 4.0)
     steps_per_epoch = len(train_pairs) // args.batch_size
     total_steps = max(1, int(steps_per_epoch * args.epochs))
     if args.max_steps:
@@ -274,7 +275,6 @@ def train(args, ddp, rank, world_size, device, owns_pg, ckpt_dir):
         args.warmup_steps = 20 if regime == "tiny" else max(1, total_steps // 10)
     step = 0
     if args.resume:
-        state = torch.load(os.path.join(ckpt_dir, "trainer_state.pt"), weights_only=False)
         if bool(state.get("trainable")) != bool(args.lora_rank):
             raise UserError(f"--resume: the checkpoint at {ckpt_dir} was written {'with' if args.lora_rank == 0 else 'without'} "
                             "--lora-rank; resume with the same --lora-* flags")

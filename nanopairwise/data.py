@@ -224,8 +224,9 @@ def load_rl_prompts(path: str, skip_bad: bool = False, report: dict = None, defa
 
 
 def _with_principle(records, default_principle):
-    for r in records:
-        r.principle = r.principle or default_principle
+    if default_principle is not None:                   # None: keep each record's own ("" included)
+        for r in records:
+            r.principle = r.principle or default_principle
     return records
 
 

@@ -64,10 +64,12 @@ def compute_init(device: str = "auto"):
             torch.cuda.set_device(dev)
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    if dev.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
-        # 2-core CI machines: one intra-op thread per process keeps torchrun from oversubscribing
-        # (an explicit OMP_NUM_THREADS wins: scripts/compare.py --jobs sets it per worker).
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    if dev.type == "cpu":
+        # the cores shared by the processes: one intra-op thread each on a 2-core CI machine under
+        # torchrun (not torchrun's own OMP_NUM_THREADS=1, which would leave a 16-core machine idle);
+        # NANOPAIRWISE_NUM_THREADS overrides it (scripts/compare.py --jobs sets it per worker).
+        threads = os.environ.get("NANOPAIRWISE_NUM_THREADS")
+        torch.set_num_threads(int(threads) if threads else max(1, (os.cpu_count() or 1) // world_size))
     return ddp, rank, local_rank, world_size, dev
 
 

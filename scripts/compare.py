@@ -62,7 +62,8 @@ SMOKE_PPO = ["--steps", "2", "--prompts-per-step", "4", "--samples-per-prompt", 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="seeds to run (default 0 1 2); --plot-only: default every seed of RUN_DIR/results.json")
     p.add_argument("--run-dir", default="runs/compare", help="one subdirectory per seed")
     p.add_argument("--no-readme", action="store_true", help="do not rewrite the README table")
     p.add_argument("--smoke", action="store_true", help="tiny task and runs (plumbing only; implies --no-readme)")
@@ -74,6 +75,10 @@ def get_args(argv=None):
                    help="only redraw the figure from the finished run directories under --run-dir (no training)")
     args = p.parse_args(argv)
     args.no_readme = args.no_readme or args.smoke
+    if args.seeds is None:
+        results_json = os.path.join(args.run_dir, "results.json")
+        args.seeds = (sorted(int(k) for k in json.load(open(results_json))) if args.plot_only and
+                      os.path.exists(results_json) else [0, 1, 2])
     if args.jobs < 1:
         p.error(f"--jobs must be >= 1, got {args.jobs}")
     return args
@@ -81,7 +86,7 @@ def get_args(argv=None):
 
 def _worker_threads(threads: int):
     """Pool initializer: this worker's torch (and every train_*.py it runs) uses `threads` threads."""
-    os.environ["OMP_NUM_THREADS"] = str(threads)  # compute_init() keeps an explicit setting
+    os.environ["NANOPAIRWISE_NUM_THREADS"] = str(threads)  # what compute_init() in train_*.py then sets
     torch.set_num_threads(threads)
 
 

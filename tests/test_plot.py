@@ -98,7 +98,7 @@ def test_compare_plot_only_redraws_without_training(tmp_path, monkeypatch):
 
 
 def test_plot_only_rerenders_the_table_from_results_json_with_paired_differences(tmp_path, monkeypatch):
-    """The README table comes from results.json (header line kept from results.md); the paired rows
+    """The README table comes from results.json (header line kept from results.md; its seeds by default); the paired rows
     are Pairwise-RL minus each arm, seed by seed: here +0.03 and +0.01 over bt, -0.02 and 0.00 over bt-anchor."""
     pytest.importorskip("matplotlib")
     monkeypatch.setattr(compare, "draw", lambda args: [])
@@ -112,7 +112,7 @@ def test_plot_only_rerenders_the_table_from_results_json_with_paired_differences
                       "ppo_bt-anchor": ppo(0.82 + d - e, 0.25)} for seed, d, e in ((0, 0.0, 0.0), (1, 0.05, 0.02))}
     (tmp_path / "results.json").write_text(json.dumps(results))
     (tmp_path / "results.md").write_text("Seeds 0, 1 (mean ± std), the header line.\n\nan old table\n")
-    compare.main(["--run-dir", str(tmp_path), "--seeds", "0", "1", "--plot-only"])
+    compare.main(["--run-dir", str(tmp_path), "--plot-only"])        # --seeds: every seed of results.json
     text = readme.read_text()
     assert "the header line." in text and "an old table" not in text
     assert "| Bradley-Terry RM + standard PPO | +0.020 ± 0.014 | 2 of 2 | +0.050 ± 0.000 | 2 of 2 |" in text

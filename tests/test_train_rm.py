@@ -76,6 +76,17 @@ def test_resume_after_a_crash_is_exact(tiny_task, tmp_path, monkeypatch, objecti
         assert all(torch.equal(a[k], start[k]) for k in a if "proj" not in k)
 
 
+def test_resume_keeps_the_epochs_the_run_started_with(tiny_task, tmp_path, capsys):
+    """--epochs left out on --resume: the schedule of the run being resumed (its stored epochs), not
+    today's default (DEFAULT_EPOCHS: 12 for this tiny judge), which would lengthen it and change the lr."""
+    args = ["--task-dir", tiny_task, "--out-dir", str(tmp_path / "o"), *FAST]
+    train_rm.main(args + ["--epochs", "0.25"])                      # 96 pairs / 8 = 12 steps an epoch: 3 steps
+    assert "| 3 steps of 8 pairs |" in capsys.readouterr().out
+    train_rm.main(args + ["--resume"])                              # already at step 3 of 3: nothing to train
+    assert "| 3 steps of 8 pairs |" in capsys.readouterr().out
+    assert [r["step"] for r in read_metrics(str(tmp_path / "o")) if "loss/rm" in r] == [1, 2, 3]
+
+
 def test_bad_jsonl_is_named_with_file_and_line(tiny_task, tmp_path):
     bad = tmp_path / "pairs.jsonl"
     bad.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": 3, "rejected": "b"}\n')
