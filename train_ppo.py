@@ -333,12 +333,13 @@ def make_experience(step_prompts, models, tok, args, run, device, generator):
     policy.train()
     experience = Experience(input_ids, attention_mask, rollout.response_mask, old_logprobs, ref_logprobs, values,
                             advantages, returns, critic_ids, critic_mask, critic_prefix_len)
-    stats = {"reward/score": scores.mean().item(), "rollout/kl": kl.sum(1).mean().item(),
-             "rollout/length": response_mask.sum(1).mean().item(), "rollout/eos_rate": rollout.ended.float().mean().item(),
-             "perf/rollout_s": t1 - t0, "perf/score_s": t2 - t1, "perf/forward_s": t3 - t2,
-             "tokens": int(response_mask.sum().item())}
+    means = {"reward/score": scores.mean(), "rollout/kl": kl.sum(1).mean(), "rollout/length": response_mask.sum(1).mean(),
+             "rollout/eos_rate": rollout.ended.float().mean(), "tokens": response_mask.sum()}
     if win is not None:
-        stats["rollout/win_rate"] = win.mean().item()
+        means["rollout/win_rate"] = win.mean().to(device)
+    stats = dict(zip(means, torch.stack([v.float() for v in means.values()]).tolist()))   # one host sync
+    stats.update({"tokens": int(stats["tokens"]), "perf/rollout_s": t1 - t0, "perf/score_s": t2 - t1,
+                  "perf/forward_s": t3 - t2})
     return experience, stats
 
 
@@ -391,8 +392,9 @@ def ppo_update(experience, models, optimizers, args, run, generator, step=0, las
                    "ppo/ratio_mean": terms.ratio_mean, "ppo/vf_clipfrac": terms.vf_clipfrac}
             for k, v in row.items():
                 sums.setdefault(k, []).append(v.detach().float())     # no host sync per minibatch
-    # the largest ratio of the update (the divergence guard reads it), the mean of everything else
-    return {k: (torch.stack(v).max() if k == "ppo/ratio_max" else torch.stack(v).mean()).item() for k, v in sums.items()}
+    # the largest ratio of the update (the divergence guard reads it), the mean of everything else; one host sync
+    reduced = [torch.stack(v).max() if k == "ppo/ratio_max" else torch.stack(v).mean() for k, v in sums.items()]
+    return dict(zip(sums, torch.stack(reduced).tolist()))
 
 
 # ----------------------------------------------------------------------------------------------
