@@ -140,6 +140,17 @@ def table(results: dict, seconds: float, command: str = "python scripts/compare.
     return head + "\n\n" + body(results)
 
 
+def header_command(argv: list) -> str:
+    """The command line for the table's header without paths of the machine that ran it: --run-dir
+    relative to the repository when inside it, else left out (a reader reruns with the default)."""
+    words = [w for arg in argv for w in (arg.split("=", 1) if arg.startswith("--run-dir=") else [arg])]
+    if "--run-dir" in words[:-1]:
+        i = words.index("--run-dir")
+        rel = os.path.relpath(os.path.abspath(words[i + 1]), ROOT)
+        words[i:i + 2] = [] if rel.startswith("..") else ["--run-dir", rel]
+    return shlex.join(["python", "scripts/compare.py", *words])
+
+
 def body(results: dict) -> str:
     """Markdown table of the per-seed results (mean ± sample std over seeds), then the per-seed
     differences between Pairwise-RL and each other arm, which share a seed's task, SFT policy and
@@ -219,7 +230,7 @@ def main(argv=None):
         return outs
     t0 = time.time()
     results = run_seeds(args)
-    text = table(results, time.time() - t0, shlex.join(["python", "scripts/compare.py"] + (argv if argv is not None else sys.argv[1:])))
+    text = table(results, time.time() - t0, header_command(argv if argv is not None else sys.argv[1:]))
     os.makedirs(args.run_dir, exist_ok=True)
     atomic_write_text(os.path.join(args.run_dir, "results.json"), json.dumps(results, indent=2))
     atomic_write_text(results_md, text)
