@@ -220,7 +220,9 @@ def main(argv=None):
                 if set(args.seeds) - set(results):
                     raise SystemExit(f"--plot-only: {results_json} has no results for seeds "
                                      f"{sorted(set(args.seeds) - set(results))}; run scripts/compare.py with them")
-                head = text.split("\n\n", 1)[0]
+                head = re.sub(r"produced by `python scripts/compare.py(.*)`",   # written before paths were left out
+                              lambda m: f"produced by `{header_command(shlex.split(m.group(1)))}`",
+                              text.split("\n\n", 1)[0])
                 if sorted(results) != sorted(args.seeds):
                     head = re.sub(r"^Seeds [\d, ]+", f"Seeds {', '.join(map(str, args.seeds))} (of the runs below) ", head)
                 text = head + "\n\n" + body({s: results[s] for s in args.seeds})
