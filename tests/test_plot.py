@@ -99,7 +99,8 @@ def test_compare_plot_only_redraws_without_training(tmp_path, monkeypatch):
 
 def test_plot_only_rerenders_the_table_from_results_json_with_paired_differences(tmp_path, monkeypatch):
     """The README table comes from results.json (header line kept from results.md, less machine
-    paths; its seeds by default); the paired rows are Pairwise-RL minus each arm, seed by seed: here +0.03 and +0.01 over bt, -0.02 and 0.00 over bt-anchor."""
+    paths; its seeds by default); the paired rows are Pairwise-RL minus each arm, seed by seed:
+    here +0.03 and +0.01 over bt, -0.02 and 0.00 over bt-anchor."""
     pytest.importorskip("matplotlib")
     monkeypatch.setattr(compare, "draw", lambda args: [])
     readme = tmp_path / "README.md"
