@@ -1,11 +1,11 @@
-"""train_ppo.py end to end on the tiny built-in task (tests/conftest.py::tiny_task): the one-command
-pipeline under 2-process torchrun (DDP and FSDP2, gloo), exact resume after a crash, the BT
-baseline (its reward normalisation kept for --resume), bt-anchor with critic warm-up, and refusals. Models and prompts are tiny, so these check plumbing, not learning.
+"""train_ppo.py end to end on the tiny built-in task (tests/conftest.py::run_dir): the one-command
+pipeline under 2-process torchrun (DDP and FSDP2, gloo; two nodes: tests/test_two_nodes.py), exact
+resume after a crash, the BT baseline (its reward normalisation kept for --resume), bt-anchor with
+critic warm-up, and refusals. Models and prompts are tiny, so these check plumbing, not learning.
 """
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -13,25 +13,12 @@ import pytest
 import torch
 
 import train_ppo
-import train_rm
 from nanopairwise import ops
 from nanopairwise.guards import NonFiniteError, UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--steps", "3", "--prompts-per-step", "4", "--samples-per-prompt", "2", "--max-new-tokens", "8",
         "--eval-size", "4", "--ppo-epochs", "1", "--minibatches", "2", "--anchor-samples", "2"]
-RM_FAST = ["--max-steps", "2", "--batch-size", "8", "--eval-batch-size", "32", "--warmup-steps", "1"]
-
-
-@pytest.fixture(scope="module")
-def run_dir(tiny_task, tmp_path_factory):
-    """RUN_DIR with the tiny task and a briefly trained judge and BT reward model in it."""
-    run = tmp_path_factory.mktemp("run")
-    shutil.copytree(tiny_task, run / "task")
-    for objective, name in (("pairwise", "judge"), ("bt", "bt")):
-        train_rm.main(["--objective", objective, "--task-dir", str(run / "task"), "--out-dir", str(run / name),
-                       *RM_FAST])
-    return run
 
 
 def metrics(out_dir):
