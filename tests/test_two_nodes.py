@@ -1,6 +1,6 @@
-"""train_ppo.py on two nodes, as a cluster runs it: two torchrun launchers (`--nnodes 2
---nproc-per-node 1`, c10d rendezvous on localhost, gloo) on this one machine, at smoke sizes, then
-the same two launchers again with --resume. Each rank records what it did
+"""train_ppo.py on two nodes, as a cluster runs it (the README's command): two torchrun
+launchers (`--nnodes=2 --nproc_per_node=1`, c10d rendezvous on localhost, gloo) on one machine,
+smoke sizes, then the same two launchers again with --resume. Each rank records what it did
 (tests/fixtures/train_ppo_recorded.py): both nodes ran, each drew its own half of every step's
 prompts, the logged statistics are the all-reduced ones and equal on both ranks, the checkpoint is
 written once (rank 0, one atomic directory swap per save, nothing left over), and --resume
@@ -35,9 +35,9 @@ def two_nodes(args, record_dir, timeout=300) -> str:
     port = free_port()
     env = dict(os.environ, RECORD_DIR=str(record_dir), TRITON_INTERPRET="0",   # the reference path, as on a CPU
                PYTHONPATH=os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", f"two-nodes-{port}",
-           "--rdzv-conf", "join_timeout=120", SCRIPT, *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",   # the README's command
+           "--rdzv_backend=c10d", f"--rdzv_endpoint=localhost:{port}", f"--rdzv_id=two-nodes-{port}",
+           "--rdzv_conf=join_timeout=120", SCRIPT, *args]
     nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
              for _ in range(2)]
     try:
