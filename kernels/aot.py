@@ -9,13 +9,16 @@ same wheel (triton/backends/nvidia/bin) reads the cubin's registers, stack (spil
 shared memory; the dynamic shared memory Triton allocates is in the kernel's metadata.
 
 What is compiled. `launches()` lists one Launch per (kernel, CUDA launch configuration, dtype,
-reachable constexpr flags). Tiles and warps come from the functions the launchers call
-(logprob._launch_config, linear_logprob._tiles and _dot_precision, ppo_loss.BLOCK), so this list
+reachable constexpr flags, size classes). Tiles and warps come from the functions the launchers
+call (logprob._launch_config, logits_tile.tiles and kernel_width, ppo_loss.BLOCK), so this list
 cannot drift from what runs. Arguments are small CPU tensors standing in for the real ones:
 Triton's own runtime binder (the code `kernel[grid](...)` runs) turns them into the signature and
-specialisation attributes, so pointers 16-byte aligned and integers divisible by 16 get the
-`tt.divisibility` hints a GPU run would give them (`aligned=True`), or sizes do not (`aligned=False`:
-odd token counts and vocabularies, the slower path a GPU run also compiles; see _sizes).
+specialisation attributes, so 16-byte aligned pointers and integers divisible by 16 get the
+`tt.divisibility` hints a GPU run would give them. Each size argument takes each class it can
+take, independently of the others (SIZES): two fixed corners (all divisible by 16; odd tokens
+and vocabulary at C = 896) missed that the fused head spilled at any width not divisible by 16,
+with an odd vocabulary or chunk in 16-bit and even alone in the fp32 backward. `distinct()`
+keeps one launch per compiled kernel, i.e. per distinct binder key.
 
 Occupancy (the CUDA occupancy calculator's rules, cc 8.0 to 10.0): registers are allocated per
 warp in units of 256 (per thread, rounded up to a multiple of 8), 64 K per SM; each block also
@@ -36,7 +39,7 @@ import tempfile
 import torch
 import triton
 
-from kernels import linear_logprob, logprob, ppo_loss
+from kernels import linear_logprob, logits_tile, logprob, ppo_loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,14 +80,15 @@ def _t(dtype):
 # constant), unless the kernel says do_not_specialize. A GPU run compiles one kernel per class
 # combination it meets, so the gate compiles every combination the launchers can pass: SIZES gives
 # each size argument its reachable classes (a value of each), KERNEL_SIZES which size arguments
-# each kernel takes. Not here: V = 1 (no vocabulary), and the arguments the launchers fix,
-# v_per_split and v0 (multiples of BLOCK_V: "16k" always) and pointers (16-byte aligned, see _t).
+# each kernel takes. Not here: V = 1 (no vocabulary), and what the launchers fix: v_per_split and
+# v0 (multiples of BLOCK_V: "16k" always), the fused head's width (logits_tile.kernel_width: C
+# "odd" reaches it padded), pointers (16-byte aligned, see _t), ignore_index (-100, the default).
 SIZES = {
     "N": {"16k": 4096, "odd": 4095, "1": 1},              # tokens: any count, one included
     "V": {"16k": 151936, "odd": 151935},                   # vocabulary: Qwen2.5's; GPT-2's is odd
     "C": {"16k": 896, "odd": 900},                         # width: real models' are multiples of 64
     "stride": {"16k": 151936, "odd": 151937},              # logits row stride >= V (x[:, :V] views)
-    "S": {"1": 1, "16k": 16, "odd": 5},                    # vocabulary splits of the fused forward
+    "S": {"16k": 16, "odd": 5, "1": 1},                    # vocabulary splits of the fused forward
     "V_c": {"16k": 8192, "odd": 4863, "1": 1},             # fused backward chunk (the last: V mod chunk)
 }
 KERNEL_SIZES = {"logprob": ("stride", "V"), "linear_logprob_fwd": ("N", "V", "C", "S"),
@@ -132,18 +136,18 @@ def launches(mixed="all"):
                     lambda z: (x, z["stride"], i64, _t(dtype), f32, oe, f32, f32, oe, z["V"], 0.7, -100),
                     cx, opt)
         # 2. kernels/linear_logprob.py: forward and backward at the CUDA tiles
-        tiles = linear_logprob._tiles(torch.device("cuda"), dtype)
-        cx = tuple((k, v) for k, v in tiles.items() if k.startswith("BLOCK_")) + (
-            ("DOT_PRECISION", linear_logprob._dot_precision(dtype)),)
+        tiles = logits_tile.tiles(torch.device("cuda"), dtype)
+        cx = tuple((k, v) for k, v in tiles.items() if not k.startswith("num_"))
         opt = tuple((k, v) for k, v in tiles.items() if k.startswith("num_"))
         flags = " ".join(f"{k}={v}" for k, v in cx)
         v_per_split, v0 = 37888, 8192   # multiples of BLOCK_V, as the launcher makes them
+        width = logits_tile.kernel_width   # the launcher pads C to this
         add("linear_logprob._linear_logprob_fwd_kernel", name, flags, "linear_logprob_fwd", True,
-            lambda z: (x, _t(dtype), i64, f32, f32, f32, z["N"], z["V"], z["C"], z["C"], z["C"],
-                       v_per_split, z["S"], 0.7), cx, opt)
+            lambda z: (x, _t(dtype), i64, f32, f32, f32, z["N"], z["V"], width(z["C"]), v_per_split, z["S"], 0.7),
+            cx, opt)
         add("linear_logprob._linear_logprob_bwd_kernel", name, flags, "linear_logprob_bwd", True,
-            lambda z: (x, _t(dtype), i64, f32, f32, f32, f32, _t(dtype), z["N"], z["V_c"], z["C"],
-                       v0, z["C"], z["C"], 0.7), cx, opt)
+            lambda z: (x, _t(dtype), i64, f32, f32, f32, f32, _t(dtype), z["N"], z["V_c"], width(z["C"]), v0, 0.7),
+            cx, opt)
         # 3. kernels/ppo_loss.py: every KL kind x value loss on or off in fp32 (what the log-prob
         #    kernels return); bf16 / fp16 with all terms off and all on. Inputs share one dtype: the
         #    kernels cast each load to fp32, so dtypes change only the load instructions.
