@@ -14,7 +14,8 @@ with its own 64-bit address and mask, and the 16-bit forward and backward needed
 and spilled 8-16 B per thread on sm_80 (kernels/aot.py compiled every size class). So the
 kernels take contiguous operands, rows C apart (no stride arguments), and C divisible by 16: the
 launcher pads hidden and weight with zero columns to kernel_width(C) otherwise, which adds
-nothing to either product (no real model needs it: widths are multiples of 64). The other size
+nothing to either product, at the cost of padded copies of both (V·C·e more bytes held until the
+backward; no real model pays it: widths are multiples of 64). The other size
 arguments (tokens, vocabulary, splits) only mask rows or columns that are not the loads'
 contiguous dimension, so the kernels do not specialise on them (do_not_specialize): fewer
 variants to compile on a GPU, and every one of them compiled by the gate.
