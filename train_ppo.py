@@ -64,14 +64,16 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import train_rm
-from nanopairwise import bootstrap, checkpoint, data, lora, losses, ops, ppo_checkpoint, tracking
-from nanopairwise.common import (DTYPES, MetricsLogger, Progress, atomic_write_text, clock, derive_seed, dumps_json,
+from nanopairwise import batching, bootstrap, checkpoint, data, lora, losses, ops, ppo_checkpoint, tracking
+from nanopairwise.common import (DTYPES, Progress, atomic_write_text, clock, derive_seed, dumps_json,
                                  parse_dtype, set_seed)
 from nanopairwise.distributed import (all_reduce_sum, barrier, compute_cleanup, compute_init, gathered, get_world_size,
                                       mean_over_ranks, print0, shard_model, unwrap, wrap_data_parallel)
 from nanopairwise.evaluation import evaluate_policy
 from nanopairwise.guards import (UserError, check_divergence, check_divides, check_finite, check_flag, check_input_file,
-                                 check_length, check_model_dir, check_out_dir, check_rows, claim_out_dir, cli_main)
+                                 check_length, check_model_dir, check_out_dir, check_rows, cli_main)
+from nanopairwise.rundir import claim_out_dir
+from nanopairwise.tracking import MetricsLogger
 from nanopairwise.judge import (JudgeTemplate, PairwiseJudge, encode_pair, encode_single, load_rm_config,
                                 verdict_token_ids)
 from nanopairwise.model import Block, Transformer
@@ -353,7 +355,7 @@ def ppo_update(experience, models, optimizers, args, run, generator, step=0, las
     minibatch_size = max(1, B // args.minibatches)
     sums = {}
     for _ in range(args.ppo_epochs):
-        for rows in data.iterate_minibatches(B, minibatch_size, generator, drop_last=True):
+        for rows in batching.iterate_minibatches(B, minibatch_size, generator, drop_last=True):
             minibatch = experience.select(rows.to(experience.input_ids.device))
             response_mask = minibatch.response_mask.float()                             # (b, R)
             # 5a. new log-probs (and entropy) of the sampled tokens, new values: (b, R)
@@ -527,7 +529,7 @@ def train(args, rank, world_size, device, owns_pg, t_start):
     while step < args.steps:
         t0 = time.time()
         # this rank's prompts and random streams: functions of (seed, step, rank), so resume is exact
-        step_prompts = [train_prompts[i] for i in data.rank_batch(len(train_prompts), args.prompts_per_step, step,
+        step_prompts = [train_prompts[i] for i in batching.rank_batch(len(train_prompts), args.prompts_per_step, step,
                                                                   args.seed, rank, world_size)]
         stream = step * world_size + rank
         rollout_generator = torch.Generator(device=device).manual_seed(derive_seed(args.seed, "rollout", stream))

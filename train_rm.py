@@ -28,12 +28,14 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nanopairwise import bootstrap, checkpoint, data, lora, tracking
-from nanopairwise.common import (DTYPES, MetricsLogger, Progress, atomic_dir, atomic_torch_save, atomic_write_text,
+from nanopairwise import batching, bootstrap, checkpoint, data, formats, lora, tracking
+from nanopairwise.common import (DTYPES, Progress, atomic_dir, atomic_torch_save, atomic_write_text,
                                  dumps_json, get_rng_state, parse_dtype, set_rng_state, set_seed)
 from nanopairwise.distributed import all_reduce_sum, compute_cleanup, compute_init, print0
 from nanopairwise.guards import (UserError, check_divides, check_finite, check_flag, check_input_file,
-                                 check_length, check_model_dir, check_out_dir, check_rows, claim_out_dir, cli_main)
+                                 check_length, check_model_dir, check_out_dir, check_rows, cli_main)
+from nanopairwise.rundir import claim_out_dir
+from nanopairwise.tracking import MetricsLogger
 from nanopairwise.judge import (JudgeTemplate, PairwiseJudge, encode_both_orders, encode_pair, encode_single, judge_loss,
                                 pair_metrics, position_consistency_loss, save_rm_config, verdict_token_ids, win_probs)
 from nanopairwise.model import Transformer
@@ -140,7 +142,7 @@ def check_lengths(pairs, args, tok, limit):
 
 def load_pairs(path, args):
     """Preference pairs of --train-data / --eval-data as the flags ask (format, bad lines, principle)."""
-    return data.load_preference_pairs(path, skip_bad=args.skip_bad_lines, data_format=args.data_format,
+    return formats.load_preference_pairs(path, skip_bad=args.skip_bad_lines, data_format=args.data_format,
                                       default_principle=args.default_principle)
 
 
@@ -157,11 +159,11 @@ def batch_tensors(batch, args, tok, device):
     with verdict labels; bt: chosen rows then rejected rows."""
     if args.objective == "pairwise":
         seqs, labels = encode_both_orders(tok, args.template, batch, args.max_response_tokens)
-        ids, mask = data.pad_batch(seqs, tok.pad_token_id, side="right")
+        ids, mask = batching.pad_batch(seqs, tok.pad_token_id, side="right")
         return ids.to(device), mask.to(device), torch.tensor(labels, device=device)
     seqs = [encode_single(tok, args.template, p.principle, p.prompt, y, args.max_response_tokens)
             for y_key in ("chosen", "rejected") for p in batch for y in [getattr(p, y_key)]]
-    ids, mask = data.pad_batch(seqs, tok.pad_token_id, side="right")
+    ids, mask = batching.pad_batch(seqs, tok.pad_token_id, side="right")
     return ids.to(device), mask.to(device), None
 
 
@@ -174,7 +176,7 @@ def loss_fn(model, ids, mask, labels, args, yes_no):
             loss = loss + args.consistency_coef * position_consistency_loss(logits, *yes_no)
         return loss, ((p_yes > 0.5).long() == labels).float().mean()
     values = model(ids, mask)                                                           # (2b, T)
-    r_chosen, r_rejected = data.gather_last(values, mask).chunk(2)                      # (b,) each
+    r_chosen, r_rejected = batching.gather_last(values, mask).chunk(2)                      # (b,) each
     return bt_loss(r_chosen, r_rejected), (r_chosen > r_rejected).float().mean()
 
 
@@ -298,7 +300,7 @@ def train(args, ddp, rank, world_size, device, owns_pg, ckpt_dir):
     progress = Progress(total_steps - step, f"{args.objective} RM")
     first_step = step
     while step < total_steps:
-        batch = [train_pairs[i] for i in data.rank_batch(len(train_pairs), args.batch_size, step, args.seed, rank,
+        batch = [train_pairs[i] for i in batching.rank_batch(len(train_pairs), args.batch_size, step, args.seed, rank,
                                                          world_size)]
         ids, mask, labels = batch_tensors(batch, args, tok, device)
         lr = lr_at(step, total_steps, args)

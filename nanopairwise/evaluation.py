@@ -14,7 +14,7 @@ ground truth where the prompts carry the built-in task's oracle fields (docs/DES
 
 import torch
 
-from nanopairwise import data, tasks
+from nanopairwise import batching, tasks
 from nanopairwise.common import derive_seed
 from nanopairwise.distributed import all_reduce_sum, gathered, get_rank, get_world_size
 from nanopairwise.judge import win_probs
@@ -29,7 +29,7 @@ def evaluate_policy(policy, ref, judge, prompts, tok, judge_template, max_new_to
     this: FSDP forwards are collective; sums are all-reduced). policy / ref: PolicyLogprobs;
     judge: PairwiseJudge or None."""
     policy.eval()
-    mine = data.shard_for_rank(prompts, get_rank(), get_world_size())
+    mine = batching.shard_for_rank(prompts, get_rank(), get_world_size())
     generator = torch.Generator(device=device).manual_seed(derive_seed(seed, "eval", get_rank()))
     with gathered(policy):                                           # generation bypasses forward()
         rollout = generate(policy.lm, [encode_prompt(tok, p.prompt) for p in mine], max_new_tokens,

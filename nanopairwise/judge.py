@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from nanopairwise import ops
 from nanopairwise.common import atomic_write_text
-from nanopairwise.data import gather_last, score_batches
+from nanopairwise.batching import gather_last, score_batches
 from nanopairwise.guards import UserError
 
 # ----------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanopairwise import ops
+from nanopairwise.batching import pad_batch
 from nanopairwise.losses import IGNORE_INDEX, TokenLogprobs
 
 
@@ -59,7 +60,6 @@ def pack_prompt_response(prompts, responses, pad_id: int):
     """Training layout of (prompt, response) token lists, the same as a rollout's:
     (input_ids (B, P + R), attention_mask (B, P + R), response_mask (B, R)) with prompts
     left-padded to P and responses right-padded to R."""
-    from nanopairwise.data import pad_batch
     p_ids, p_mask = pad_batch(prompts, pad_id, side="left")
     r_ids, r_mask = pad_batch(responses, pad_id, side="right")
     return torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask], 1), r_mask

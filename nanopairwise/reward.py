@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanopairwise import data, losses
+from nanopairwise import batching, losses
 from nanopairwise.common import derive_seed
 from nanopairwise.distributed import gathered, get_rank, get_world_size
 from nanopairwise.guards import UserError
@@ -89,7 +89,7 @@ def measure_reward_norm(initial_lm, rm, rm_dir: str, tok, prompts, reward: Rewar
         raise UserError(f"--reward-norm-prompts {n_prompts}: fewer than one prompt per rank "
                         f"({world}); raise it, or pass 0 for raw BT scores")
     pick = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(derive_seed(seed, "reward_norm_prompts")))
-    rows = [prompts[i] for i in data.shard_for_rank(pick[:n].tolist(), get_rank(), world) for _ in range(K)]
+    rows = [prompts[i] for i in batching.shard_for_rank(pick[:n].tolist(), get_rank(), world) for _ in range(K)]
     generator = torch.Generator(device=device).manual_seed(derive_seed(seed, "reward_norm_rollouts", get_rank()))
     rollout = generate(initial_lm, [encode_prompt(tok, p.prompt) for p in rows], max_new_tokens, tok.stop_token_ids,
                        tok.pad_token_id, temperature=temperature, top_p=top_p, generator=generator)

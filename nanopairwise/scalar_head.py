@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanopairwise import checkpoint
-from nanopairwise.data import gather_last, pad_batch, score_batches
+from nanopairwise.batching import gather_last, pad_batch, score_batches
 from nanopairwise.judge import JudgeTemplate, encode_single
 
 # ----------------------------------------------------------------------------------------------

@@ -23,8 +23,9 @@ import torch
 import train_ppo
 import train_rm
 from nanopairwise import model as model_module
-from nanopairwise.common import MetricsLogger, remove_leftovers
-from nanopairwise.guards import NonFiniteError, RunLock, UserError
+from nanopairwise.guards import NonFiniteError, UserError
+from nanopairwise.rundir import RunLock, remove_leftovers
+from nanopairwise.tracking import MetricsLogger
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAIR = {"prompt": "q", "chosen": "a", "rejected": "b"}
@@ -215,7 +216,7 @@ def test_a_judge_tokenizer_of_the_same_size_but_another_mapping_is_refused(tiny_
 
 def test_a_second_run_on_the_same_out_dir_is_refused_and_a_stale_lock_taken_over(tiny_task, tmp_path, capsys):
     out = str(tmp_path / "o")
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from nanopairwise.guards import RunLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from nanopairwise.rundir import RunLock; "
                                f"lock = RunLock({out!r}).acquire(); print('held', flush=True); time.sleep(60)"],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:

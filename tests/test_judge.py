@@ -11,7 +11,7 @@ import torch
 
 from nanopairwise import judge as J, scalar_head as SH
 from nanopairwise import losses as L
-from nanopairwise.data import pad_batch
+from nanopairwise.batching import pad_batch
 from nanopairwise.model import ModelConfig, Transformer
 from nanopairwise.tokenizer import train_bpe
 

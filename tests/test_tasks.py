@@ -7,7 +7,8 @@ import random
 import pytest
 
 from nanopairwise import tasks
-from nanopairwise.data import load_preference_pairs, load_rl_prompts, write_jsonl
+from nanopairwise.data import load_rl_prompts, write_jsonl
+from nanopairwise.formats import load_preference_pairs
 from nanopairwise.tasks import (CORRUPTIONS, MAX_LEN, MIN_LEN, PRINCIPLES, corrupt, gold_answer, make_demonstration,
                                 make_pair, make_pairs, make_prompt, make_rl_prompts, oracle_score, parse_prompt,
                                 preference_prob, sample_label)
