@@ -74,13 +74,13 @@ from nanopairwise.guards import (UserError, check_divergence, check_divides, che
                                  check_length, check_model_dir, check_out_dir, check_rows, cli_main)
 from nanopairwise.rundir import claim_out_dir
 from nanopairwise.tracking import MetricsLogger
-from nanopairwise.judge import (JudgeTemplate, PairwiseJudge, encode_pair, encode_single, load_rm_config,
-                                verdict_token_ids)
+from nanopairwise.judge import PairwiseJudge, load_rm_config, verdict_token_ids
+from nanopairwise.layouts import JudgeTemplate, critic_inputs, encode_pair, encode_prompt, encode_single
 from nanopairwise.model import Block, Transformer
-from nanopairwise.policy import PolicyLogprobs, encode_prompt
+from nanopairwise.policy import PolicyLogprobs
 from nanopairwise.reward import RewardConfig, fill_anchors, measure_reward_norm, score_responses
 from nanopairwise.rollout import generate
-from nanopairwise.scalar_head import ScalarHeadModel, critic_inputs, critic_values
+from nanopairwise.scalar_head import ScalarHeadModel, critic_values
 from nanopairwise.tokenizer import Tokenizer
 
 

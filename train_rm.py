@@ -36,8 +36,9 @@ from nanopairwise.guards import (UserError, check_divides, check_finite, check_f
                                  check_length, check_model_dir, check_out_dir, check_rows, cli_main)
 from nanopairwise.rundir import claim_out_dir
 from nanopairwise.tracking import MetricsLogger
-from nanopairwise.judge import (JudgeTemplate, PairwiseJudge, encode_both_orders, encode_pair, encode_single, judge_loss,
-                                pair_metrics, position_consistency_loss, save_rm_config, verdict_token_ids, win_probs)
+from nanopairwise.judge import (PairwiseJudge, judge_loss, pair_metrics, position_consistency_loss, save_rm_config,
+                                verdict_token_ids, win_probs)
+from nanopairwise.layouts import JudgeTemplate, encode_both_orders, encode_pair, encode_single
 from nanopairwise.model import Transformer
 from nanopairwise.scalar_head import ScalarHeadModel, bt_loss, bt_win_prob, scalar_scores
 from nanopairwise.tokenizer import Tokenizer

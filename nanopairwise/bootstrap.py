@@ -26,14 +26,16 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from nanopairwise import data, judge as J, tasks
+from nanopairwise import data, tasks
 from nanopairwise.common import Progress, atomic_dir, atomic_write_text
 from nanopairwise.distributed import barrier, get_rank, print0
 from nanopairwise.losses import masked_mean
 from nanopairwise.model import ModelConfig, Transformer
-from nanopairwise.policy import PolicyLogprobs, encode_prompt, pack_prompt_response
+from nanopairwise.policy import PolicyLogprobs
 from nanopairwise.rollout import generate
 from nanopairwise.tokenizer import train_bpe
+from nanopairwise.judge import verdict_token_ids
+from nanopairwise.layouts import JudgeTemplate, encode_prompt, pack_prompt_response
 
 # the tiny Llama-shaped policy of the built-in task (~0.9M parameters)
 TINY_POLICY = dict(model_type="llama", hidden_size=128, intermediate_size=384, num_hidden_layers=4,
@@ -131,13 +133,13 @@ def bootstrap(task_dir: str, seed: int = 0, cfg: BootstrapConfig = BootstrapConf
     t0 = time.time()
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    template = J.JudgeTemplate()
+    template = JudgeTemplate()
     # ---- tokenizer: trained on what the policy and the judge will read -------------------------
     judge_texts = [f"Principle: {p.description}" for p in tasks.PRINCIPLES]
     judge_texts += [f"{template.question}\nAnswer:{v}" for v in (template.yes, template.no)]
     tok = train_bpe(tasks.tokenizer_corpus(rng, extra_texts=judge_texts), cfg.vocab_size,
                     special_tokens=("<|endoftext|>",), chat_template="plain")
-    J.verdict_token_ids(tok, template)  # fail here, not in train_rm.py, if a verdict is not one token
+    verdict_token_ids(tok, template)  # fail here, not in train_rm.py, if a verdict is not one token
     # ---- SFT policy on imperfect demonstrations -----------------------------------------------
     config = ModelConfig.from_hf({**TINY_POLICY, "vocab_size": tok.vocab_size,
                                   "bos_token_id": None, "eos_token_id": tok.eos_token_id})

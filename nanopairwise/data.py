@@ -24,7 +24,7 @@ import json
 import os
 from dataclasses import dataclass, field, fields
 
-from nanopairwise.common import atomic_write_text, derive_seed
+from nanopairwise.common import atomic_write_text
 from nanopairwise.distributed import print0
 from nanopairwise.guards import UserError
 

@@ -18,7 +18,7 @@ from nanopairwise import batching, tasks
 from nanopairwise.common import derive_seed
 from nanopairwise.distributed import all_reduce_sum, gathered, get_rank, get_world_size
 from nanopairwise.judge import win_probs
-from nanopairwise.policy import encode_prompt
+from nanopairwise.layouts import encode_prompt
 from nanopairwise.rollout import generate
 
 

@@ -21,8 +21,8 @@ from nanopairwise import batching, losses
 from nanopairwise.common import derive_seed
 from nanopairwise.distributed import gathered, get_rank, get_world_size
 from nanopairwise.guards import UserError
-from nanopairwise.judge import JudgeTemplate, win_probs
-from nanopairwise.policy import encode_prompt
+from nanopairwise.judge import win_probs
+from nanopairwise.layouts import JudgeTemplate, encode_prompt
 from nanopairwise.rollout import generate
 from nanopairwise.scalar_head import bt_anchor_win_probs, scalar_scores
 

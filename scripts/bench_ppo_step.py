@@ -74,13 +74,16 @@ import torch
 
 import train_ppo
 from bench_generate import QWEN25_05B, TINY  # this script's own directory is on sys.path
-from nanopairwise import data, judge as J, ops, scalar_head as SH
+from nanopairwise import data, ops
 from nanopairwise.common import clock, derive_seed, parse_dtype
 from nanopairwise.model import ModelConfig, Transformer
 from nanopairwise.policy import PolicyLogprobs
 from nanopairwise.reward import RewardConfig
 from nanopairwise.rollout import Rollout  # noqa: E402
 from nanopairwise.tokenizer import Tokenizer, render_chat, train_bpe  # noqa: E402
+from nanopairwise.judge import PairwiseJudge, verdict_probs, verdict_token_ids
+from nanopairwise.layouts import JudgeTemplate, encode_pair
+from nanopairwise.scalar_head import ScalarHeadModel, critic_values
 
 # max |old_logprobs - ref_logprobs| allowed in the warm-up check. The reference is the policy's copy
 # behind the same head path (policy.reference), so both are one computation on the same weights and
@@ -126,7 +129,7 @@ def get_args(argv=None):
                                    "--prompts-per-step", str(args.prompts), "--max-new-tokens", str(args.new_tokens),
                                    "--ppo-epochs", str(args.ppo_epochs), "--minibatches", str(args.minibatches),
                                    "--seed", str(args.seed)])
-    template = J.JudgeTemplate()                                              # the judge's, also the critic's
+    template = JudgeTemplate()                                              # the judge's, also the critic's
     args.run = train_ppo.RunState(policy=None, prompts=None, eval_prompts=None, judge_template=template,
                                   reward=RewardConfig("pairwise", template, args.ppo.reward_transform, args.ppo.symmetric))
     return args
@@ -145,7 +148,7 @@ class FullLengthTokenizer(Tokenizer):
         return [self.eos_token_id]
 
 
-def build_tokenizer(template: J.JudgeTemplate, V: int, principle: str):
+def build_tokenizer(template: JudgeTemplate, V: int, principle: str):
     """(tokenizer, n_bpe): a chatml BPE of n_bpe ids trained on synthetic judge inputs, filler
     tokens "<|t{id}|>" up to V, and eos at id V, outside the model (see the docstring)."""
     lines = [f"Principle: {principle}\n" + render_chat(f"question {i}", "chatml") + f"answer {7 * i}<|im_end|>\n"
@@ -173,8 +176,8 @@ def build_models(args, tok):
     policy_lm, judge_lm = random_lm(), random_lm()
     policy = PolicyLogprobs(policy_lm, args.fused_head)
     ref = policy.reference(copy.deepcopy(policy_lm))
-    critic = SH.ScalarHeadModel(copy.deepcopy(judge_lm))                      # fresh zero head
-    judge = J.PairwiseJudge(judge_lm, *J.verdict_token_ids(tok, args.run.judge_template))
+    critic = ScalarHeadModel(copy.deepcopy(judge_lm))                      # fresh zero head
+    judge = PairwiseJudge(judge_lm, *verdict_token_ids(tok, args.run.judge_template))
     judge.eval().requires_grad_(False)
     run = args.run
     run.lr, run.critic_lr = train_ppo.resolve_lrs(args.ppo, policy_lm, critic.lm)
@@ -253,7 +256,7 @@ def token_counts(exp, items, tok, args):
     """Real tokens each phase reads (see the docstring's table)."""
     policy_tokens, critic_tokens = int(exp.attention_mask.sum()), int(exp.critic_mask.sum())
     a = args.ppo
-    per_order = sum(len(J.encode_pair(tok, args.run.reward.template, *it)) for it in items)   # swapping a, b keeps the length
+    per_order = sum(len(encode_pair(tok, args.run.reward.template, *it)) for it in items)   # swapping a, b keeps the length
     generated = args.rows * args.new_tokens
     return {"rollout": generated, "judge": per_order * (2 if a.symmetric else 1),
             "forward": 2 * policy_tokens + critic_tokens, "update": a.ppo_epochs * (policy_tokens + critic_tokens),
@@ -268,11 +271,11 @@ def time_forwards(prompts, exp, models, tok, args):
     items = judge_items(prompts, exp, tok, args)
     swapped = [(pr, q, b, y) for pr, q, y, b in items]
     calls = {
-        "judge, order (y, anchor)": lambda: J.verdict_probs(judge, tok, template, items),
-        "judge, order (anchor, y)": lambda: J.verdict_probs(judge, tok, template, swapped),
+        "judge, order (y, anchor)": lambda: verdict_probs(judge, tok, template, items),
+        "judge, order (anchor, y)": lambda: verdict_probs(judge, tok, template, swapped),
         "old log-probs": lambda: policy(exp.input_ids, exp.attention_mask, exp.response_mask, a.temperature),
         "ref log-probs": lambda: ref(exp.input_ids, exp.attention_mask, exp.response_mask, a.temperature),
-        "critic values": lambda: SH.critic_values(critic, exp.critic_ids, exp.critic_mask, exp.critic_prefix_len, R),
+        "critic values": lambda: critic_values(critic, exp.critic_ids, exp.critic_mask, exp.critic_prefix_len, R),
     }
     policy.eval()                                                             # as in make_experience
     out = {}

@@ -32,11 +32,13 @@ import torch
 import compare  # (this script's own directory is on sys.path)
 import train_ppo
 import train_rm
-from nanopairwise import bootstrap as B, data, gguf, judge as J, lora, tasks
+from nanopairwise import data, gguf, lora, tasks
 from nanopairwise.common import atomic_write_text, set_seed
 from nanopairwise.model import Transformer
-from nanopairwise.policy import encode_prompt
+from nanopairwise.layouts import encode_prompt
 from nanopairwise.tokenizer import Tokenizer
+from nanopairwise.judge import PairwiseJudge, verdict_token_ids
+from nanopairwise.bootstrap import BootstrapConfig, bootstrap, sft, task_paths
 
 SMOKE = dict(eval_pairs=8, sft_steps=2, sft_batch=2, rm_steps=2, rm_batch=2,
              ppo=["--steps", "1", "--prompts-per-step", "2", "--samples-per-prompt", "2", "--max-new-tokens", "8",
@@ -71,8 +73,8 @@ def zero_shot(model_dir, pairs_file, args):
     """Held-out metrics of the untrained model as a judge (train_rm.evaluate, nothing trained)."""
     rm_args = train_rm.get_args(["--objective", "pairwise", "--eval-batch-size", "16"])
     tok = Tokenizer.from_pretrained(model_dir)
-    yes_no = J.verdict_token_ids(tok, rm_args.template)
-    judge = J.PairwiseJudge(Transformer.from_pretrained(model_dir), *yes_no)
+    yes_no = verdict_token_ids(tok, rm_args.template)
+    judge = PairwiseJudge(Transformer.from_pretrained(model_dir), *yes_no)
     return train_rm.evaluate(judge, train_rm.load_pairs(pairs_file, rm_args), rm_args, tok, yes_no)
 
 
@@ -87,7 +89,7 @@ def sft_policy(model_dir, out_dir, args):
         t = tasks.make_prompt(rng)
         demos.append((encode_prompt(tok, t.prompt_text),
                       tok.encode(tasks.make_demonstration(rng, t)) + [tok.end_of_turn_id]))
-    B.sft(model, tok, demos, B.BootstrapConfig(sft_steps=args.sft_steps, sft_batch_size=args.sft_batch,
+    sft(model, tok, demos, BootstrapConfig(sft_steps=args.sft_steps, sft_batch_size=args.sft_batch,
                                                sft_lr=args.sft_lr), args.seed)
     model.save_pretrained(out_dir)                                    # adapters merged
     tok.save_pretrained(out_dir)
@@ -112,9 +114,9 @@ def main(argv=None):
     base = args.model or gguf.default_cache_dir()
     phase("model", os.path.join(base, "model.safetensors"), lambda: gguf.fetch_smollm2(base))
     task = os.path.join(run, "task")
-    paths = B.task_paths(task)
-    cfg = B.BootstrapConfig.smoke() if args.smoke else B.BootstrapConfig()
-    phase("task", paths["info"], lambda: B.bootstrap(task, args.seed, cfg))
+    paths = task_paths(task)
+    cfg = BootstrapConfig.smoke() if args.smoke else BootstrapConfig()
+    phase("task", paths["info"], lambda: bootstrap(task, args.seed, cfg))
     eval_pairs = os.path.join(run, "pairs_eval.jsonl")
     if not os.path.exists(eval_pairs):
         data.write_jsonl(eval_pairs, data.read_jsonl(paths["pairs_test"])[:args.eval_pairs])

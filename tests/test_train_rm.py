@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import train_rm
-from nanopairwise import judge as J
 from nanopairwise.data import DataError
 from nanopairwise.model import Transformer
+from nanopairwise.judge import VerdictTokenError, load_rm_config
+from nanopairwise.layouts import JudgeTemplate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--batch-size", "8", "--eval-batch-size", "32", "--warmup-steps", "2"]
@@ -37,7 +38,7 @@ def test_torchrun_two_processes(tiny_task, tmp_path):
     metrics = json.load(open(os.path.join(out, "eval.json")))
     assert {"accuracy", "oracle_accuracy", "position_consistency", "ece", "brier"} <= set(metrics)
     ckpt = os.path.join(out, "checkpoint")
-    assert J.load_rm_config(ckpt) == ("pairwise", J.JudgeTemplate())
+    assert load_rm_config(ckpt) == ("pairwise", JudgeTemplate())
     Transformer.from_pretrained(ckpt)  # loads back
 
 
@@ -96,7 +97,7 @@ def test_bad_jsonl_is_named_with_file_and_line(tiny_task, tmp_path):
 
 
 def test_verdict_that_is_not_one_token_is_refused(tiny_task, tmp_path):
-    with pytest.raises(J.VerdictTokenError, match="Absolutely"):
+    with pytest.raises(VerdictTokenError, match="Absolutely"):
         train_rm.main(["--task-dir", tiny_task, "--verdicts", " Absolutely, No", "--out-dir", str(tmp_path / "o")])
 
 
