@@ -67,7 +67,7 @@ import train_rm
 from nanopairwise import batching, bootstrap, checkpoint, data, lora, losses, ops, ppo_checkpoint, tracking
 from nanopairwise.common import (DTYPES, Progress, atomic_write_text, clock, derive_seed, dumps_json,
                                  parse_dtype, set_seed)
-from nanopairwise.distributed import (all_reduce_sum, barrier, compute_cleanup, compute_init, gathered, get_world_size,
+from nanopairwise.distributed import (all_reduce_sum, barrier, compute_cleanup, compute_init, get_world_size,
                                       mean_over_ranks, print0, shard_model, unwrap, wrap_data_parallel)
 from nanopairwise.evaluation import evaluate_policy
 from nanopairwise.guards import (UserError, check_divergence, check_divides, check_finite, check_flag, check_input_file,
@@ -75,11 +75,10 @@ from nanopairwise.guards import (UserError, check_divergence, check_divides, che
 from nanopairwise.rundir import claim_out_dir
 from nanopairwise.tracking import MetricsLogger
 from nanopairwise.judge import PairwiseJudge, load_rm_config, verdict_token_ids
-from nanopairwise.layouts import JudgeTemplate, critic_inputs, encode_pair, encode_prompt, encode_single
+from nanopairwise.layouts import JudgeTemplate, Sampling, critic_inputs, encode_pair, encode_prompt, encode_single, sample
 from nanopairwise.model import Block, Transformer
 from nanopairwise.policy import PolicyLogprobs
 from nanopairwise.reward import RewardConfig, fill_anchors, measure_reward_norm, score_responses
-from nanopairwise.rollout import generate
 from nanopairwise.scalar_head import ScalarHeadModel, critic_values
 from nanopairwise.tokenizer import Tokenizer
 
@@ -205,6 +204,7 @@ class RunState:
     reward: RewardConfig = None          # how a response is scored (nanopairwise/reward.py)
     lr: float = None                     # --lr, or the default of the policy's regime
     critic_lr: float = None              # --critic-lr, or the default of the critic's regime
+    sampling: Sampling = None            # --max-new-tokens, --temperature, --top-p
 
 
 class Models(NamedTuple):
@@ -274,7 +274,8 @@ def resolve_lrs(args, policy_lm, critic_lm):
 def prepare_inputs(args) -> RunState:
     """The run's input paths. Built-in pipeline (no --prompts): bootstrap the task, then train
     whichever reward model is missing (the judge always: it also evaluates)."""
-    run = RunState(policy=args.policy, prompts=args.prompts, eval_prompts=args.eval_prompts)
+    run = RunState(policy=args.policy, prompts=args.prompts, eval_prompts=args.eval_prompts,
+                   sampling=Sampling(args.max_new_tokens, args.temperature, args.top_p))
     builtin = args.prompts is None
     if builtin:
         paths = bootstrap.ensure_task(args.task_dir, seed=args.seed)
@@ -304,10 +305,7 @@ def make_experience(step_prompts, models, tok, args, run, device, generator):
     prompts = [p for p in step_prompts for _ in range(K)]          # one per row: B = len(step_prompts) * K
     # 1. sample K responses per prompt (the KV-cache rollout engine)
     t0 = clock(device)
-    with gathered(policy):                                           # generation bypasses forward()
-        rollout = generate(policy.lm, [encode_prompt(tok, p.prompt) for p in prompts], args.max_new_tokens,
-                           tok.stop_token_ids, tok.pad_token_id, temperature=args.temperature, top_p=args.top_p,
-                           generator=generator)
+    rollout = sample(policy, tok, [p.prompt for p in prompts], run.sampling, generator)
     t1 = clock(device)
     # 2. score them (B,); a response cut off at --max-new-tokens without EOS loses --truncation-penalty
     scores, win = score_responses(prompts, rollout.texts(tok), rm, tok, run.reward)
@@ -480,7 +478,7 @@ def train(args, rank, world_size, device, owns_pg, t_start):
             initial_lm = policy.lm if args.lora_rank else ref.lm
             state["reward_norm"] = measure_reward_norm(
                 initial_lm, rm, args.bt_rm, tok, train_prompts, run.reward, args.reward_norm_prompts,
-                args.samples_per_prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed, device)
+                args.samples_per_prompt, run.sampling, args.seed, device)
         print0(f"BT reward normalisation over {state['reward_norm']['n']} initial-policy rollouts: "
                f"mean {state['reward_norm']['mean']:.4f}, std {state['reward_norm']['std']:.4f}")
     run.reward.norm = state.get("reward_norm") if args.reward == "bt" else None
@@ -504,7 +502,7 @@ def train(args, rank, world_size, device, owns_pg, t_start):
     for prompt, anchor in zip(train_prompts + eval_prompts, state["anchors"] or []):   # best-of-N ones too
         prompt.anchor = anchor
     fill_anchors(train_prompts + eval_prompts, policy, judge, tok, run.judge_template, args.anchor_samples,
-                 args.max_new_tokens, args.temperature, args.seed, device)
+                 run.sampling, args.seed, device)
     models = Models(policy_dp, ref, critic_dp, rm)
     print0(f"PPO | reward {args.reward} ({args.reward_transform}, symmetric={args.symmetric}) | critic {args.critic} | "
            f"{len(train_prompts):,} prompts | {args.prompts_per_step}x{args.samples_per_prompt} samples/step | "
@@ -519,8 +517,8 @@ def train(args, rank, world_size, device, owns_pg, t_start):
 
     def run_eval(tag):
         if eval_prompts:
-            history[tag] = evaluate_policy(policy, ref, judge, eval_prompts, tok, run.judge_template,
-                                           args.max_new_tokens, args.temperature, args.top_p, args.seed, device)
+            history[tag] = evaluate_policy(policy, ref, judge, eval_prompts, tok, run.judge_template, run.sampling,
+                                           args.seed, device)
             logger.log(step, {f"eval/{k}": v for k, v in history[tag].items()}, total=args.steps)
 
     if step == 0:

@@ -18,27 +18,22 @@ from nanopairwise import batching, tasks
 from nanopairwise.common import derive_seed
 from nanopairwise.distributed import all_reduce_sum, gathered, get_rank, get_world_size
 from nanopairwise.judge import win_probs
-from nanopairwise.layouts import encode_prompt
-from nanopairwise.rollout import generate
+from nanopairwise.layouts import Sampling, sample
 
 
 @torch.no_grad()
-def evaluate_policy(policy, ref, judge, prompts, tok, judge_template, max_new_tokens: int, temperature: float,
-                    top_p: float, seed: int, device) -> dict:
+def evaluate_policy(policy, ref, judge, prompts, tok, judge_template, sampling: Sampling, seed: int, device) -> dict:
     """The metrics above, means over `prompts`, each rank scoring its share (every rank calls
     this: FSDP forwards are collective; sums are all-reduced). policy / ref: PolicyLogprobs;
     judge: PairwiseJudge or None."""
     policy.eval()
     mine = batching.shard_for_rank(prompts, get_rank(), get_world_size())
     generator = torch.Generator(device=device).manual_seed(derive_seed(seed, "eval", get_rank()))
-    with gathered(policy):                                           # generation bypasses forward()
-        rollout = generate(policy.lm, [encode_prompt(tok, p.prompt) for p in mine], max_new_tokens,
-                           tok.stop_token_ids, tok.pad_token_id, temperature=temperature, top_p=top_p,
-                           generator=generator)
+    rollout = sample(policy, tok, [p.prompt for p in mine], sampling, generator)
     texts = rollout.texts(tok)
     input_ids, attention_mask = rollout.sequences()                  # (B, P + R)
-    logprobs = policy(input_ids, attention_mask, rollout.response_mask, temperature).logprobs      # (B, R)
-    ref_logprobs = ref(input_ids, attention_mask, rollout.response_mask, temperature).logprobs     # (B, R)
+    logprobs = policy(input_ids, attention_mask, rollout.response_mask, sampling.temperature).logprobs  # (B, R)
+    ref_logprobs = ref(input_ids, attention_mask, rollout.response_mask, sampling.temperature).logprobs  # (B, R)
     response_mask = rollout.response_mask.float()                    # (B, R)
     sums = {"kl": ((logprobs - ref_logprobs) * response_mask).sum(1), "length": response_mask.sum(1),
             "eos_rate": rollout.ended.float()}

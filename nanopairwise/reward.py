@@ -22,8 +22,7 @@ from nanopairwise.common import derive_seed
 from nanopairwise.distributed import gathered, get_rank, get_world_size
 from nanopairwise.guards import UserError
 from nanopairwise.judge import win_probs
-from nanopairwise.layouts import JudgeTemplate, encode_prompt
-from nanopairwise.rollout import generate
+from nanopairwise.layouts import JudgeTemplate, Sampling, sample
 from nanopairwise.scalar_head import bt_anchor_win_probs, scalar_scores
 
 
@@ -53,8 +52,7 @@ def score_responses(prompts, texts, rm, tok, reward: RewardConfig):
 
 
 @torch.no_grad()
-def fill_anchors(prompts, policy, judge, tok, template, n: int, max_new_tokens: int, temperature: float, seed: int,
-                 device):
+def fill_anchors(prompts, policy, judge, tok, template, n: int, sampling: Sampling, seed: int, device):
     """Best-of-n anchors for prompts without one: n samples of the initial `policy` (a
     PolicyLogprobs), each scored by its mean symmetric win probability against the other n - 1
     (round robin, n (n - 1) judge calls in both orders), the best kept. Every rank does the same
@@ -65,11 +63,9 @@ def fill_anchors(prompts, policy, judge, tok, template, n: int, max_new_tokens: 
     if judge is None:
         raise UserError("prompts without an anchor need a judge (--judge) to pick best-of-N anchors")
     generator = torch.Generator(device=device).manual_seed(derive_seed(seed, "anchors"))
-    with gathered(policy), gathered(judge):
+    with gathered(judge):
         for p in missing:
-            rollout = generate(policy.lm, [encode_prompt(tok, p.prompt)] * n, max_new_tokens, tok.stop_token_ids,
-                               tok.pad_token_id, temperature=temperature, generator=generator)
-            texts = rollout.texts(tok)
+            texts = sample(policy, tok, [p.prompt] * n, sampling, generator).texts(tok)
             items = [(p.principle, p.prompt, texts[i], texts[j]) for i in range(n) for j in range(n) if i != j]
             win = win_probs(judge, tok, template, items).win.view(n, n - 1).mean(1)   # (n,)
             p.anchor = texts[int(win.argmax())]
@@ -77,7 +73,7 @@ def fill_anchors(prompts, policy, judge, tok, template, n: int, max_new_tokens: 
 
 @torch.no_grad()
 def measure_reward_norm(initial_lm, rm, rm_dir: str, tok, prompts, reward: RewardConfig, n_prompts: int, K: int,
-                        max_new_tokens: int, temperature: float, top_p: float, seed: int, device) -> dict:
+                        sampling: Sampling, seed: int, device) -> dict:
     """Mean and std of the BT score r(x, y) over K rollouts of the initial policy `initial_lm` on
     `n_prompts` of `prompts` (a seeded draw, split over the ranks; moments all-reduced). 64 prompts x
     K=4 = 256 scores put the std within ~5% (relative standard error 1/sqrt(2n)) for the cost of
@@ -91,8 +87,7 @@ def measure_reward_norm(initial_lm, rm, rm_dir: str, tok, prompts, reward: Rewar
     pick = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(derive_seed(seed, "reward_norm_prompts")))
     rows = [prompts[i] for i in batching.shard_for_rank(pick[:n].tolist(), get_rank(), world) for _ in range(K)]
     generator = torch.Generator(device=device).manual_seed(derive_seed(seed, "reward_norm_rollouts", get_rank()))
-    rollout = generate(initial_lm, [encode_prompt(tok, p.prompt) for p in rows], max_new_tokens, tok.stop_token_ids,
-                       tok.pad_token_id, temperature=temperature, top_p=top_p, generator=generator)
+    rollout = sample(initial_lm, tok, [p.prompt for p in rows], sampling, generator)
     r = scalar_scores(rm, tok, reward.template, [(p.principle, p.prompt, y) for p, y in zip(rows, rollout.texts(tok))])
     mean, var = losses.masked_moments(r.to(device), torch.ones_like(r, device=device), distributed=True)
     if not var.sqrt().item() > 1e-6:

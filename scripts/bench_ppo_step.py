@@ -82,7 +82,7 @@ from nanopairwise.reward import RewardConfig
 from nanopairwise.rollout import Rollout  # noqa: E402
 from nanopairwise.tokenizer import Tokenizer, render_chat, train_bpe  # noqa: E402
 from nanopairwise.judge import PairwiseJudge, verdict_probs, verdict_token_ids
-from nanopairwise.layouts import JudgeTemplate, encode_pair
+from nanopairwise.layouts import JudgeTemplate, Sampling, encode_pair
 from nanopairwise.scalar_head import ScalarHeadModel, critic_values
 
 # max |old_logprobs - ref_logprobs| allowed in the warm-up check. The reference is the policy's copy
@@ -131,7 +131,8 @@ def get_args(argv=None):
                                    "--seed", str(args.seed)])
     template = JudgeTemplate()                                              # the judge's, also the critic's
     args.run = train_ppo.RunState(policy=None, prompts=None, eval_prompts=None, judge_template=template,
-                                  reward=RewardConfig("pairwise", template, args.ppo.reward_transform, args.ppo.symmetric))
+                                  reward=RewardConfig("pairwise", template, args.ppo.reward_transform, args.ppo.symmetric),
+                                  sampling=Sampling(args.ppo.max_new_tokens, args.ppo.temperature, args.ppo.top_p))
     return args
 
 

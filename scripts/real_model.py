@@ -32,13 +32,12 @@ import torch
 import compare  # (this script's own directory is on sys.path)
 import train_ppo
 import train_rm
-from nanopairwise import data, gguf, lora, tasks
+from nanopairwise import data, gguf, lora
 from nanopairwise.common import atomic_write_text, set_seed
 from nanopairwise.model import Transformer
-from nanopairwise.layouts import encode_prompt
 from nanopairwise.tokenizer import Tokenizer
 from nanopairwise.judge import PairwiseJudge, verdict_token_ids
-from nanopairwise.bootstrap import BootstrapConfig, bootstrap, sft, task_paths
+from nanopairwise.bootstrap import BootstrapConfig, bootstrap, demonstrations, sft, task_paths
 
 SMOKE = dict(eval_pairs=8, sft_steps=2, sft_batch=2, rm_steps=2, rm_batch=2,
              ppo=["--steps", "1", "--prompts-per-step", "2", "--samples-per-prompt", "2", "--max-new-tokens", "8",
@@ -84,11 +83,7 @@ def sft_policy(model_dir, out_dir, args):
     rng = random.Random(args.seed)
     tok = Tokenizer.from_pretrained(model_dir)
     model = lora.apply_lora(Transformer.from_pretrained(model_dir), args.lora_rank, 2.0 * args.lora_rank)
-    demos = []
-    for _ in range(args.sft_steps * args.sft_batch):
-        t = tasks.make_prompt(rng)
-        demos.append((encode_prompt(tok, t.prompt_text),
-                      tok.encode(tasks.make_demonstration(rng, t)) + [tok.end_of_turn_id]))
+    demos = demonstrations(tok, rng, args.sft_steps * args.sft_batch)
     sft(model, tok, demos, BootstrapConfig(sft_steps=args.sft_steps, sft_batch_size=args.sft_batch,
                                                sft_lr=args.sft_lr), args.seed)
     model.save_pretrained(out_dir)                                    # adapters merged

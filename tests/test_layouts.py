@@ -10,9 +10,11 @@ prefixes of the judge's and BT inputs.
 """
 
 import pytest
+import torch
 
-from nanopairwise.tokenizer import Tokenizer, train_bpe
 from nanopairwise.layouts import JudgeTemplate, encode_pair, encode_prompt, encode_single
+from nanopairwise.tokenizer import Tokenizer, train_bpe
+
 from test_tokenizer import LLAMA3_JINJA, QWEN25_JINJA, corpus
 
 T = JudgeTemplate()
@@ -91,3 +93,15 @@ def test_plain_template_anchor_keeps_the_rollout_tokens(smollm2_dir):
     assert critic[len(prefix):len(prefix) + len(tok.encode(A))] == tok.encode(A)
     assert tok.id_to_token(prefix[-1]) == "Ġ" and tok.id_to_token(tok.encode(A)[0]) == "1"
     assert encode_pair(tok, T, PRINCIPLE, PROMPT, A, B)[:len(critic)] == critic
+
+
+def test_sample_stops_at_every_stop_token_and_keeps_top_p(monkeypatch):
+    """Every caller samples through layouts.sample: the tokenizer's stop ids (eos and the end of
+    turn, which differ for chatml) and all three sampling settings reach the engine."""
+    import nanopairwise.layouts as layouts
+    seen = {}
+    monkeypatch.setattr(layouts, "generate", lambda lm, prompts, R, stop, pad, **kw: seen.update(stop=stop, R=R, **kw))
+    tok = train_bpe(corpus(), 400, chat_template="chatml", eos_token="<|endoftext|>")
+    layouts.sample(torch.nn.Linear(1, 1), tok, ["q"], layouts.Sampling(7, temperature=0.5, top_p=0.9))
+    assert seen["stop"] == tok.stop_token_ids and len(seen["stop"]) == 2
+    assert (seen["R"], seen["temperature"], seen["top_p"]) == (7, 0.5, 0.9)
