@@ -175,6 +175,16 @@ def check_finite(step: int, values: dict, hint: str, last_saved=None):
                              f"Look at {hint}")
 
 
+def check_finite_over_ranks(step: int, values: dict, hint: str, last_saved=None) -> dict:
+    """`values` (name -> 0-d tensor) averaged over the ranks in one all-reduce, then check_finite,
+    so every rank stops alike. Returns name -> float: the caller's one host sync for them."""
+    from nanopairwise.distributed import all_reduce_sum, get_world_size
+    means = all_reduce_sum(torch.stack([v.detach().float() for v in values.values()])) / get_world_size()
+    out = dict(zip(values, means.tolist()))
+    check_finite(step, out, hint, last_saved)
+    return out
+
+
 def check_divergence(step: int, what: str, value: float, flag: str, limit: float, hint: str, last_saved=None,
                      device="cpu"):
     """The divergence guard: a policy far from the reference (or from the rollout policy within an

@@ -25,9 +25,6 @@ true ordering, position consistency, ECE (10 bins) and Brier score of the pair p
 against the oracle's true preference probability.
 """
 
-import json
-import os
-from dataclasses import asdict
 from typing import NamedTuple, Optional
 
 import torch
@@ -35,36 +32,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanopairwise import ops
-from nanopairwise.common import atomic_write_text
 from nanopairwise.batching import gather_last, score_batches
 from nanopairwise.guards import UserError
 from nanopairwise.layouts import JudgeTemplate, encode_pair
 
 # ----------------------------------------------------------------------------------------------
-# verdict tokens and the reward model's config
+# verdict tokens
 
 
 class VerdictTokenError(UserError, ValueError):
     """The tokenizer cannot express a verdict as a single token."""
-
-
-RM_CONFIG = "rm_config.json"  # beside a reward model's weights: its objective and template
-
-
-def save_rm_config(path: str, objective: str, template: JudgeTemplate):
-    """Write RM_CONFIG into checkpoint directory `path` (the template travels with the weights)."""
-    atomic_write_text(os.path.join(path, RM_CONFIG), json.dumps({"objective": objective, **asdict(template)}, indent=2))
-
-
-def load_rm_config(path: str):
-    """(objective, JudgeTemplate) of the reward model in `path`; ("pairwise", default) if it has none."""
-    file = os.path.join(path, RM_CONFIG)
-    if not os.path.isfile(file):
-        return "pairwise", JudgeTemplate()
-    with open(file, encoding="utf-8") as f:
-        cfg = json.load(f)
-    known = {k: cfg[k] for k in ("question", "yes", "no") if k in cfg}
-    return cfg.get("objective", "pairwise"), JudgeTemplate(**known)
 
 
 def verdict_token_ids(tokenizer, template: JudgeTemplate):

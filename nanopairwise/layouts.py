@@ -30,6 +30,7 @@ layouts agree token for token where they overlap:
     policy training     prompt (left-padded) + response              pack_prompt_response
     judge pair          pair_ids(a, b)                               encode_pair, encode_both_orders
     BT single           prefix_ids + response + end-of-turn id       encode_single
+    train_rm.py batch   both orders of each pair, or chosen then rejected rows   encode_rm_batch
     standard critic     prefix_ids, then the response tokens         critic_inputs
     pairwise critic     pair_ids(anchor) = the judge's input up to where B starts, then the response
 """
@@ -140,6 +141,18 @@ def encode_both_orders(tokenizer, template: JudgeTemplate, pairs, max_response_t
             seqs.append(encode_pair(tokenizer, template, p.principle, p.prompt, a, b, max_response_tokens))
             labels.append(label)
     return seqs, labels
+
+
+def encode_rm_batch(tokenizer, template: JudgeTemplate, pairs, objective: str, max_response_tokens=256):
+    """train_rm.py's batch of preference pairs, right-padded: (ids (N, T), mask (N, T), labels).
+    pairwise: both orders of each pair (encode_both_orders), N = 2b, labels (N,); bt: the chosen
+    rows then the rejected rows (encode_single), N = 2b, labels None."""
+    if objective == "pairwise":
+        seqs, labels = encode_both_orders(tokenizer, template, pairs, max_response_tokens)
+        return (*pad_batch(seqs, tokenizer.pad_token_id, side="right"), torch.tensor(labels))
+    seqs = [encode_single(tokenizer, template, p.principle, p.prompt, y, max_response_tokens)
+            for y_key in ("chosen", "rejected") for p in pairs for y in [getattr(p, y_key)]]
+    return (*pad_batch(seqs, tokenizer.pad_token_id, side="right"), None)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,7 +13,9 @@ from nanopairwise import losses as L
 from nanopairwise.batching import pad_batch
 from nanopairwise.model import ModelConfig, Transformer
 from nanopairwise.tokenizer import train_bpe
-from nanopairwise.judge import PairwiseJudge, VerdictTokenError, expected_calibration_error, judge_loss, load_rm_config, pair_metrics, position_consistency_loss, save_rm_config, verdict_token_ids, win_probs
+from nanopairwise.judge import (PairwiseJudge, VerdictTokenError, expected_calibration_error, judge_loss, pair_metrics,
+                                position_consistency_loss, verdict_token_ids, win_probs)
+from nanopairwise.rm_checkpoint import load_rm_config, save_rm_config
 from nanopairwise.layouts import JudgeTemplate, encode_pair, encode_single
 from nanopairwise.scalar_head import ScalarHeadModel, bt_anchor_win_probs, bt_loss, scalar_scores
 

@@ -13,7 +13,8 @@ import torch
 import train_rm
 from nanopairwise.data import DataError
 from nanopairwise.model import Transformer
-from nanopairwise.judge import VerdictTokenError, load_rm_config
+from nanopairwise.judge import VerdictTokenError
+from nanopairwise.rm_checkpoint import load_rm_config
 from nanopairwise.layouts import JudgeTemplate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,10 +56,10 @@ def test_resume_after_a_crash_is_exact(tiny_task, tmp_path, monkeypatch, objecti
     train_rm.main(args + ["--out-dir", str(tmp_path / "straight")])
     lr_at = train_rm.lr_at
 
-    def crash_at_step_4(step, total, a):
+    def crash_at_step_4(step, run):
         if step == 3:
             raise Crash()
-        return lr_at(step, total, a)
+        return lr_at(step, run)
 
     monkeypatch.setattr(train_rm, "lr_at", crash_at_step_4)
     with pytest.raises(Crash):
@@ -79,7 +80,7 @@ def test_resume_after_a_crash_is_exact(tiny_task, tmp_path, monkeypatch, objecti
 
 def test_resume_keeps_the_epochs_the_run_started_with(tiny_task, tmp_path, capsys):
     """--epochs left out on --resume: the schedule of the run being resumed (its stored epochs), not
-    today's default (DEFAULT_EPOCHS: 12 for this tiny judge), which would lengthen it and change the lr."""
+    today's default (lora.DEFAULT_EPOCHS: 12 for this tiny judge), which would lengthen it and change the lr."""
     args = ["--task-dir", tiny_task, "--out-dir", str(tmp_path / "o"), *FAST]
     train_rm.main(args + ["--epochs", "0.25"])                      # 96 pairs / 8 = 12 steps an epoch: 3 steps
     assert "| 3 steps of 8 pairs |" in capsys.readouterr().out
