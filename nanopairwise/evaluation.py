@@ -18,7 +18,7 @@ pairs (accuracy, oracle accuracy, position consistency, ECE, Brier, the reliabil
 
 import torch
 
-from nanopairwise import batching, tasks
+from nanopairwise import batching, losses, tasks
 from nanopairwise.common import derive_seed
 from nanopairwise.distributed import all_reduce_sum, gathered, get_rank, get_world_size
 from nanopairwise.judge import pair_metrics, win_probs
@@ -40,7 +40,7 @@ def evaluate_policy(policy, ref, judge, prompts, tok, judge_template, sampling: 
     logprobs = policy(input_ids, attention_mask, rollout.response_mask, sampling.temperature).logprobs  # (B, R)
     ref_logprobs = ref(input_ids, attention_mask, rollout.response_mask, sampling.temperature).logprobs  # (B, R)
     response_mask = rollout.response_mask.float()                    # (B, R)
-    sums = {"kl": ((logprobs - ref_logprobs) * response_mask).sum(1), "length": response_mask.sum(1),
+    sums = {"kl": losses.sequence_kl(logprobs, ref_logprobs, response_mask), "length": response_mask.sum(1),
             "eos_rate": rollout.ended.float()}
     if judge is not None:
         items = [(p.principle, p.prompt, y, p.anchor) for p, y in zip(mine, texts)]

@@ -13,7 +13,7 @@ of the initial policy ranked by the judge: fill_anchors) and, for bt, mu and sig
 policy's scores (measure_reward_norm).
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -26,26 +26,27 @@ from nanopairwise.layouts import JudgeTemplate, Sampling, sample
 from nanopairwise.scalar_head import bt_anchor_win_probs, scalar_scores
 
 
-@dataclass
+@dataclass(frozen=True)
 class RewardConfig:
-    """How a response is scored: train_ppo.py's reward flags and the reward model's own layout."""
+    """How a response is scored, fixed for the run: train_ppo.py's reward flags, the reward model's
+    own layout and (bt) the normalisation measured at the start."""
     kind: str                          # --reward: pairwise, bt or bt-anchor
     template: JudgeTemplate            # the reward model's text layout (its rm_config.json)
     transform: str = "prob"            # --reward-transform, for the win probabilities
     symmetric: bool = True             # --symmetric: the judge scores both orders
     norm: dict = None                  # bt: {"mean": mu, "std": sigma, "n"}; None: raw scores
-    anchor_r: dict = field(default_factory=dict)   # bt-anchor: r(x, y*) per anchor, scored once
 
 
 @torch.no_grad()
-def score_responses(prompts, texts, rm, tok, reward: RewardConfig):
+def score_responses(prompts, texts, rm, tok, reward: RewardConfig, anchor_scores: dict = None):
     """Sequence scores (B,) of responses `texts` to `prompts` (objects with .principle, .prompt,
-    .anchor), and the raw win probability against the anchor (B,) (None for bt), on the CPU."""
+    .anchor), and the raw win probability against the anchor (B,) (None for bt), on the CPU.
+    bt-anchor: `anchor_scores`, a dict the caller keeps for the run, caches r(x, y*) per anchor."""
     if reward.kind != "bt":
         items = [(p.principle, p.prompt, y, p.anchor) for p, y in zip(prompts, texts)]
         with gathered(rm):                      # verdict logits bypass forward(); per-rank anchor cache misses
             win = (win_probs(rm, tok, reward.template, items, symmetric=reward.symmetric).win
-                   if reward.kind == "pairwise" else bt_anchor_win_probs(rm, tok, reward.template, items, reward.anchor_r))
+                   if reward.kind == "pairwise" else bt_anchor_win_probs(rm, tok, reward.template, items, anchor_scores))
         return losses.transform_score(win, reward.transform), win
     items = [(p.principle, p.prompt, y) for p, y in zip(prompts, texts)]
     return losses.normalize_scores(scalar_scores(rm, tok, reward.template, items), reward.norm), None
@@ -72,7 +73,7 @@ def fill_anchors(prompts, policy, judge, tok, template, n: int, sampling: Sampli
 
 
 @torch.no_grad()
-def measure_reward_norm(initial_lm, rm, rm_dir: str, tok, prompts, reward: RewardConfig, n_prompts: int, K: int,
+def measure_reward_norm(initial_lm, rm, rm_dir: str, tok, prompts, template: JudgeTemplate, n_prompts: int, K: int,
                         sampling: Sampling, seed: int, device) -> dict:
     """Mean and std of the BT score r(x, y) over K rollouts of the initial policy `initial_lm` on
     `n_prompts` of `prompts` (a seeded draw, split over the ranks; moments all-reduced). 64 prompts x
@@ -88,7 +89,7 @@ def measure_reward_norm(initial_lm, rm, rm_dir: str, tok, prompts, reward: Rewar
     rows = [prompts[i] for i in batching.shard_for_rank(pick[:n].tolist(), get_rank(), world) for _ in range(K)]
     generator = torch.Generator(device=device).manual_seed(derive_seed(seed, "reward_norm_rollouts", get_rank()))
     rollout = sample(initial_lm, tok, [p.prompt for p in rows], sampling, generator)
-    r = scalar_scores(rm, tok, reward.template, [(p.principle, p.prompt, y) for p, y in zip(rows, rollout.texts(tok))])
+    r = scalar_scores(rm, tok, template, [(p.principle, p.prompt, y) for p, y in zip(rows, rollout.texts(tok))])
     mean, var = losses.masked_moments(r.to(device), torch.ones_like(r, device=device), distributed=True)
     if not var.sqrt().item() > 1e-6:
         raise UserError(f"the BT reward model gives every one of {n * K} initial-policy rollouts the same score "

@@ -5,8 +5,8 @@
     python scripts/bench_ppo_step.py --prompts 16 --samples-per-prompt 4
     TRITON_INTERPRET=1 python scripts/bench_ppo_step.py --smoke   # tiny models on the CPU (what the test runs)
 
-What is timed is train_ppo's own step, not a copy of it: train_ppo.make_experience (whose clock()
-timers give the rollout, judge and forward rows) and then train_ppo.ppo_update, as train_ppo.main
+What is timed is train_ppo's own step, not a copy of it: nanopairwise/ppo.py's make_experience (whose clock()
+timers give the rollout, judge and forward rows) and then ppo_update, as train_ppo.main
 calls them, with train_ppo's defaults (get_args) for every setting this script has no flag for
 (pairwise reward, both orders, pairwise critic, k1 KL in the reward, AdamW betas, clips, ...).
 
@@ -72,12 +72,13 @@ import sys
 
 import torch
 
-import train_ppo
+import train_ppo  # its flags and defaults (get_args): the one script a script imports (tests/test_imports.py)
 from bench_generate import QWEN25_05B, TINY  # this script's own directory is on sys.path
 from nanopairwise import data, ops
 from nanopairwise.common import clock, derive_seed, parse_dtype
 from nanopairwise.model import ModelConfig, Transformer
 from nanopairwise.policy import PolicyLogprobs
+from nanopairwise.ppo import Models, RunState, make_experience, ppo_update, resolve_lrs
 from nanopairwise.reward import RewardConfig
 from nanopairwise.rollout import Rollout  # noqa: E402
 from nanopairwise.tokenizer import Tokenizer, render_chat, train_bpe  # noqa: E402
@@ -130,9 +131,9 @@ def get_args(argv=None):
                                    "--ppo-epochs", str(args.ppo_epochs), "--minibatches", str(args.minibatches),
                                    "--seed", str(args.seed)])
     template = JudgeTemplate()                                              # the judge's, also the critic's
-    args.run = train_ppo.RunState(policy=None, prompts=None, eval_prompts=None, judge_template=template,
-                                  reward=RewardConfig("pairwise", template, args.ppo.reward_transform, args.ppo.symmetric),
-                                  sampling=Sampling(args.ppo.max_new_tokens, args.ppo.temperature, args.ppo.top_p))
+    args.run = RunState(policy=None, prompts=None, eval_prompts=None, judge_template=template,
+                        reward=RewardConfig("pairwise", template, args.ppo.reward_transform, args.ppo.symmetric),
+                        sampling=Sampling(args.ppo.max_new_tokens, args.ppo.temperature, args.ppo.top_p))
     return args
 
 
@@ -181,10 +182,10 @@ def build_models(args, tok):
     judge = PairwiseJudge(judge_lm, *verdict_token_ids(tok, args.run.judge_template))
     judge.eval().requires_grad_(False)
     run = args.run
-    run.lr, run.critic_lr = train_ppo.resolve_lrs(args.ppo, policy_lm, critic.lm)
+    run.lr, run.critic_lr = resolve_lrs(args.ppo, policy_lm, critic.lm)
     optimizers = [torch.optim.AdamW(policy.parameters(), lr=run.lr, betas=(0.9, 0.95), weight_decay=0.0),
                   torch.optim.AdamW(critic.parameters(), lr=run.critic_lr, betas=(0.9, 0.95), weight_decay=0.0)]
-    return train_ppo.Models(policy, ref, critic, judge), optimizers
+    return Models(policy, ref, critic, judge), optimizers
 
 
 def bench_prompts(tok, n_bpe, args):
@@ -206,9 +207,9 @@ def ppo_step(prompts, models, optimizers, tok, args, step):
     rollout_generator = torch.Generator(device=device).manual_seed(derive_seed(args.seed, "rollout", step))
     minibatch_generator = torch.Generator().manual_seed(derive_seed(args.seed, "minibatches", step))
     t0 = clock(device)
-    exp, stats = train_ppo.make_experience(prompts, models, tok, a, args.run, device, rollout_generator)
+    exp, stats = make_experience(prompts, models, tok, a, args.run, device, rollout_generator)
     t_update = clock(device)
-    stats.update(train_ppo.ppo_update(exp, models, optimizers, a, args.run, minibatch_generator))
+    stats.update(ppo_update(exp, models, optimizers, a, args.run, minibatch_generator))
     t_end = clock(device)
     s = {"rollout": stats["perf/rollout_s"], "judge": stats["perf/score_s"], "forward": stats["perf/forward_s"],
          "update": t_end - t_update, "step": t_end - t0}
