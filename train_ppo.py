@@ -205,10 +205,11 @@ def load_inputs(args, world_size: int):
     if run.eval_prompts:
         check_input_file(run.eval_prompts, "--eval-prompts")
     tok = Tokenizer.from_pretrained(run.policy_dir)
+    run.has_judge = has_model(args.judge)                            # optional for --reward bt / bt-anchor
     run.judge_template = load_rm_config(args.judge)[1]              # each reward model's own text layout
     run.reward = RewardConfig(args.reward, load_rm_config(run.rm_dir)[1], args.reward_transform, args.symmetric)
     run.anchor_scores = {} if args.reward == "bt-anchor" else None
-    for path in {args.judge, run.rm_dir} if has_model(args.judge) else {run.rm_dir}:  # same strings -> same ids
+    for path in {args.judge, run.rm_dir} if run.has_judge else {run.rm_dir}:  # same strings -> same ids
         if Tokenizer.from_pretrained(path).fingerprint() != tok.fingerprint():
             raise UserError(f"the tokenizer of {path} maps text to ids differently from the policy's ({run.policy_dir}); "
                             "the judge and critic read the policy's tokens, so they must share its tokenizer")
@@ -242,7 +243,7 @@ def build_models(args, run, tok, train_prompts, state, device):
     else:
         ref = policy.reference(load(run.policy))               # same head path (--fused-head) as policy
     judge = None
-    if has_model(args.judge):
+    if run.has_judge:
         judge = PairwiseJudge(load(args.judge), *verdict_token_ids(tok, run.judge_template))
         judge.eval().requires_grad_(False)
     dtype = parse_dtype(args.dtype)
@@ -273,8 +274,7 @@ def build_models(args, run, tok, train_prompts, state, device):
 
 
 def reward_norm(args, run, policy, ref, rm, tok, train_prompts, state, device):
-    """--reward bt: mu and sigma of the initial policy's BT scores, measured once and kept in
-    `state` (the checkpoint's on --resume); None for the other rewards or --reward-norm-prompts 0."""
+    """--reward bt: mu and sigma of the initial policy's BT scores, measured once, kept in `state` (else None)."""
     if args.reward != "bt":
         return None
     if args.reward_norm_prompts and state.get("reward_norm") is None:
@@ -316,7 +316,7 @@ def check_lengths(prompts, tok, args, run):
     one too long is refused by file:line before any model is loaded (else: out of memory)."""
     limit = lambda path: checkpoint.read_config(path)["max_position_embeddings"]
     policy_max, rm_max = limit(run.policy_dir), limit(run.rm_dir)
-    judge_max = limit(args.judge) if has_model(args.judge) else None
+    judge_max = limit(args.judge) if run.has_judge else None
     hint = "shorten the prompt / anchor / principle or lower --max-new-tokens"
     R = args.max_new_tokens
     for p in prompts:

@@ -2,8 +2,8 @@
 
     python -m nanopairwise.bootstrap --out runs/task --seed 0
 
-train_rm.py and train_ppo.py call `ensure_bootstrap` when the task directory is missing, so a
-user never has to run this by hand. About a minute on a 2-core CPU. Writes one directory,
+train_rm.py and train_ppo.py call `ensure_task` when the task directory is missing, so a user
+never has to run this by hand (about 2 minutes on a 2-core CPU: README). Writes one directory,
 atomically (it appears complete or not at all):
 
     policy/             HF checkpoint of the SFT policy (config.json, model.safetensors) + tokenizer

@@ -36,6 +36,7 @@ class RunState:
     sampling: Sampling                   # --max-new-tokens, --temperature, --top-p
     policy_dir: str = None               # where the policy's weights load from (the checkpoint's on --resume)
     rm_dir: str = None                   # the reward model's directory (--judge, or --bt-rm)
+    has_judge: bool = None               # a judge at --judge (optional for --reward bt, bt-anchor)
     judge_template: JudgeTemplate = None  # the judge's text layout (its rm_config.json)
     reward: RewardConfig = None          # how a response is scored (nanopairwise/reward.py)
     anchor_scores: dict = None           # bt-anchor: r(x, y*) per anchor, scored once for the run
