@@ -27,6 +27,7 @@ from nanopairwise.layouts import JudgeTemplate, Sampling, critic_inputs, sample
 from nanopairwise.reward import RewardConfig, score_responses
 from nanopairwise.scalar_head import critic_values
 
+
 @dataclass
 class RunState:
     """What the run works out after parsing; `args` stays the command line (and get_args' defaults)."""
@@ -139,7 +140,7 @@ def ppo_update(experience, models, optimizers, args, run, generator, step=0, las
     B, R = experience.response_mask.shape
     per_minibatch = {}                                                 # key -> one 0-d tensor per minibatch
     for _ in range(args.ppo_epochs):
-        for rows in batching.iterate_minibatches(B, B // args.minibatches, generator):   # divides: validate_run
+        for rows in batching.iterate_minibatches(B, B // args.minibatches, generator):   # equal sizes: train_ppo.main checks
             minibatch = experience.select(rows.to(experience.input_ids.device))
             response_mask = minibatch.response_mask                                   # (b, R)
             # 5a. new log-probs (and entropy) of the sampled tokens, new values: (b, R)
