@@ -29,12 +29,12 @@ import torch
 from nanopairwise import data, tasks
 from nanopairwise.common import Progress, atomic_dir, atomic_write_text
 from nanopairwise.distributed import barrier, get_rank, print0
+from nanopairwise.judge import verdict_token_ids
+from nanopairwise.layouts import JudgeTemplate, Sampling, encode_prompt, pack_prompt_response, sample
 from nanopairwise.losses import masked_mean
 from nanopairwise.model import ModelConfig, Transformer
 from nanopairwise.policy import PolicyLogprobs
 from nanopairwise.tokenizer import train_bpe
-from nanopairwise.judge import verdict_token_ids
-from nanopairwise.layouts import JudgeTemplate, Sampling, encode_prompt, pack_prompt_response, sample
 
 # the tiny Llama-shaped policy of the built-in task (~0.9M parameters)
 TINY_POLICY = dict(model_type="llama", hidden_size=128, intermediate_size=384, num_hidden_layers=4,

@@ -76,15 +76,15 @@ import train_ppo  # its flags and defaults (get_args): the one script a script i
 from bench_generate import QWEN25_05B, TINY  # this script's own directory is on sys.path
 from nanopairwise import data, ops
 from nanopairwise.common import clock, derive_seed, parse_dtype
+from nanopairwise.judge import PairwiseJudge, verdict_probs, verdict_token_ids
+from nanopairwise.layouts import JudgeTemplate, Sampling, encode_pair
 from nanopairwise.model import ModelConfig, Transformer
 from nanopairwise.policy import PolicyLogprobs
 from nanopairwise.ppo import Models, RunState, make_experience, ppo_update, resolve_lrs
 from nanopairwise.reward import RewardConfig
 from nanopairwise.rollout import Rollout  # noqa: E402
-from nanopairwise.tokenizer import Tokenizer, render_chat, train_bpe  # noqa: E402
-from nanopairwise.judge import PairwiseJudge, verdict_probs, verdict_token_ids
-from nanopairwise.layouts import JudgeTemplate, Sampling, encode_pair
 from nanopairwise.scalar_head import ScalarHeadModel, critic_values
+from nanopairwise.tokenizer import Tokenizer, render_chat, train_bpe  # noqa: E402
 
 # max |old_logprobs - ref_logprobs| allowed in the warm-up check. The reference is the policy's copy
 # behind the same head path (policy.reference), so both are one computation on the same weights and

@@ -9,15 +9,15 @@ import math
 import pytest
 import torch
 
-from nanopairwise import losses as L
 from nanopairwise.batching import pad_batch
-from nanopairwise.model import ModelConfig, Transformer
-from nanopairwise.tokenizer import train_bpe
 from nanopairwise.judge import (PairwiseJudge, VerdictTokenError, expected_calibration_error, judge_loss, pair_metrics,
                                 position_consistency_loss, verdict_token_ids, win_probs)
-from nanopairwise.rm_checkpoint import load_rm_config, save_rm_config
 from nanopairwise.layouts import JudgeTemplate, encode_pair, encode_single
+from nanopairwise.losses import masked_moments, normalize_scores
+from nanopairwise.model import ModelConfig, Transformer
+from nanopairwise.rm_checkpoint import load_rm_config, save_rm_config
 from nanopairwise.scalar_head import ScalarHeadModel, bt_anchor_win_probs, bt_loss, scalar_scores
+from nanopairwise.tokenizer import train_bpe
 
 TEMPLATE = JudgeTemplate()
 CORPUS = ["Principle: Sort the numbers in ascending order.", "User: sort ascending: 3 1 2\nAssistant: 1 2 3",
@@ -167,19 +167,19 @@ def test_bt_anchor_win_prob_is_sigmoid_of_the_score_gap_and_symmetric(tok):
 def test_normalize_scores_and_head():
     r = torch.tensor([1.0, 3.0, 5.0])
     mean, var = torch.tensor(3.0), torch.tensor(8.0 / 3.0)
-    m, v = L.masked_moments(r, torch.ones(3))
+    m, v = masked_moments(r, torch.ones(3))
     torch.testing.assert_close((m, v), (mean, var))
     norm = {"mean": m.item(), "std": v.sqrt().item()}
-    z = L.normalize_scores(r, norm)
+    z = normalize_scores(r, norm)
     torch.testing.assert_close((z.mean(), z.std(unbiased=False)), (torch.tensor(0.0), torch.tensor(1.0)))
-    assert L.normalize_scores(r, None) is r
+    assert normalize_scores(r, None) is r
     cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
     rm = ScalarHeadModel(Transformer(cfg))
     torch.nn.init.normal_(rm.score_head.weight)
     ids, mask = torch.randint(0, 64, (2, 5)), torch.ones(2, 5, dtype=torch.long)
     raw = rm(ids, mask)
     rm.normalize_head_(norm["mean"], norm["std"])                  # the critic predicts the normalised score
-    torch.testing.assert_close(rm(ids, mask), L.normalize_scores(raw, norm), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rm(ids, mask), normalize_scores(raw, norm), atol=1e-5, rtol=1e-5)
 
 
 def test_position_consistency_loss_by_hand():

@@ -12,10 +12,10 @@ import torch
 
 import train_rm
 from nanopairwise.data import DataError
-from nanopairwise.model import Transformer
 from nanopairwise.judge import VerdictTokenError
-from nanopairwise.rm_checkpoint import load_rm_config
 from nanopairwise.layouts import JudgeTemplate
+from nanopairwise.model import Transformer
+from nanopairwise.rm_checkpoint import load_rm_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--batch-size", "8", "--eval-batch-size", "32", "--warmup-steps", "2"]
