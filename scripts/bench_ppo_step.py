@@ -222,7 +222,7 @@ def rollout_of(exp, R):
     ids, attn = exp.input_ids, exp.attention_mask
     P = ids.size(1) - R
     ended = torch.zeros(ids.size(0), dtype=torch.bool, device=ids.device)
-    return Rollout(ids[:, :P], attn[:, :P], ids[:, P:], exp.response_mask, exp.old_logprobs, ended)
+    return Rollout(ids[:, :P], attn[:, :P], ids[:, P:], exp.response_mask.long(), exp.old_logprobs, ended)
 
 
 def judge_items(prompts, exp, tok, args):
