@@ -20,7 +20,7 @@ from dataclasses import asdict
 
 from nanopairwise.checkpoint import load_trainer_state
 from nanopairwise.common import atomic_dir_all_ranks, atomic_torch_save, atomic_write_text, get_rng_state
-from nanopairwise.distributed import all_gather_object, full_state_dict, get_rank
+from nanopairwise.distributed import all_gather_object, barrier, full_state_dict, get_rank
 from nanopairwise.layouts import JudgeTemplate
 
 RM_CONFIG = "rm_config.json"  # beside a reward model's weights: its objective and template
@@ -56,13 +56,14 @@ def save(path: str, model, tok, objective: str, template: JudgeTemplate, optimiz
     optimizer_state = optimizer.state_dict()
     rank = get_rank()
     with atomic_dir_all_ranks(path) as tmp:
-        if rank == 0:
+        if rank == 0:                     # first: the HF save swaps a whole new directory in at `tmp`
             weights.save_pretrained(tmp, state=model_state)
             tok.save_pretrained(tmp)
             save_rm_config(tmp, objective, template)
             atomic_torch_save({"optimizer": None if fsdp else optimizer_state, **state, "rng": rngs},
                               os.path.join(tmp, TRAINER_STATE))
         if fsdp:
+            barrier()
             atomic_torch_save(optimizer_state, os.path.join(tmp, optimizer_file(rank)))
 
 

@@ -26,10 +26,14 @@ def read_metrics(out_dir):
         return [json.loads(line) for line in f]
 
 
-def test_torchrun_two_processes(tiny_task, tmp_path):
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_torchrun_two_processes(tiny_task, tmp_path, sharding):
+    """DDP, or FSDP2 with each rank's optimiser shards saved beside the weights (--save-every 2: a
+    checkpoint written over an earlier one)."""
     out = str(tmp_path / "judge")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "train_rm.py"), "--task-dir", tiny_task, "--out-dir", out, "--max-steps", "3", *FAST]
+           os.path.join(ROOT, "train_rm.py"), "--task-dir", tiny_task, "--out-dir", out, "--max-steps", "3",
+           "--save-every", "2", *FAST] + (["--fsdp"] if sharding == "fsdp" else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 rank(s) on cpu" in proc.stdout and proc.stdout.count("step 3/3 |") == 1  # rank 0 logs alone
@@ -41,6 +45,8 @@ def test_torchrun_two_processes(tiny_task, tmp_path):
     ckpt = os.path.join(out, "checkpoint")
     assert load_rm_config(ckpt) == ("pairwise", JudgeTemplate())
     Transformer.from_pretrained(ckpt)  # loads back
+    shards = [os.path.exists(os.path.join(ckpt, f"optimizer.rank{r}.pt")) for r in (0, 1)]
+    assert shards == ([True, True] if sharding == "fsdp" else [False, False])
 
 
 class Crash(Exception):
