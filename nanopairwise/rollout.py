@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from nanopairwise.data import pad_batch
+from nanopairwise.batching import pad_batch
 
 
 @dataclass

@@ -107,7 +107,6 @@ PRINCIPLES = (
     Principle("add_one", "add one", "Add one to each number.", _add_one, 4.0),
 )
 _BY_NAME = {p.name: p for p in PRINCIPLES}
-_BY_KEYWORD = {p.keyword: p for p in PRINCIPLES}
 
 
 def get_principle(principle) -> Principle:
@@ -167,15 +166,6 @@ def make_prompt(rng: random.Random, principle=None, length: int = None) -> TaskP
         if gold and gold != numbers:
             break
     return build_prompt(p, numbers)
-
-
-def parse_prompt(prompt_text: str) -> TaskPrompt:
-    """Inverse of make_prompt's text: "sort ascending: 5 3 9 1" -> TaskPrompt."""
-    keyword, sep, rest = prompt_text.partition(":")
-    numbers = parse_numbers(rest)
-    if not sep or keyword.strip() not in _BY_KEYWORD or numbers is None:
-        raise ValueError(f"not a built-in task prompt: {prompt_text!r}")
-    return build_prompt(_BY_KEYWORD[keyword.strip()], numbers)
 
 
 # ----------------------------------------------------------------------------------------------

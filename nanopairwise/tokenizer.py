@@ -272,15 +272,9 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = False) -> list:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def encode_batch(self, texts, add_special_tokens: bool = False) -> list:
-        return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
-
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         ids = ids.tolist() if hasattr(ids, "tolist") else ids  # a tensor or array is fine too
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
-
-    def decode_batch(self, batch, skip_special_tokens: bool = True) -> list:
-        return [self.decode(ids, skip_special_tokens=skip_special_tokens) for ids in batch]
 
     # -- chat ----------------------------------------------------------------------------------
 

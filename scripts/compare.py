@@ -40,10 +40,8 @@ import time
 import torch
 
 import plot  # scripts/plot.py (this script's own directory is on sys.path)
-import train_ppo
-import train_rm
-from nanopairwise.bootstrap import BootstrapConfig, bootstrap, task_paths
 from nanopairwise.common import atomic_write_text
+from nanopairwise.pipeline import run_seed as run_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIGURE = os.path.join(ROOT, "docs", "compare.png")
@@ -52,7 +50,6 @@ FIGURE_MD = ("\n![Pairwise-RL vs the Bradley-Terry arms (bt, bt-anchor) over PPO
 METHODS = {"Pairwise-RL (generative judge + pairwise PPO)": ("judge", "ppo_pairwise"),  # label: (RM dir, PPO dir)
            "Bradley-Terry RM + standard PPO": ("bt", "ppo_bt"),
            "BT anchor win prob (BT RM, sigmoid(r(y) - r(y*)) + standard PPO)": ("bt", "ppo_bt-anchor")}
-REWARDS = ("pairwise", "bt", "bt-anchor")  # train_ppo.py --reward, one PPO run each
 
 README_START, README_END = "<!-- compare:start -->", "<!-- compare:end -->"
 SMOKE_RM = ["--max-steps", "2", "--batch-size", "8"]
@@ -86,7 +83,7 @@ def get_args(argv=None):
 
 def _worker_threads(threads: int):
     """Pool initializer: this worker's torch (and every train_*.py it runs) uses `threads` threads."""
-    os.environ["NANOPAIRWISE_NUM_THREADS"] = str(threads)  # what compute_init() in train_*.py then sets
+    os.environ["NANOPAIRWISE_NUM_THREADS"] = str(threads)  # what compute_init() in the train_*.py children then sets
     torch.set_num_threads(threads)
 
 
@@ -101,25 +98,9 @@ def run_seeds(args) -> dict:
 
 
 def run_seed(seed, args) -> dict:
-    """All stages for one seed; returns {"judge": eval, "bt": eval, "ppo_<reward>": history for each of REWARDS}."""
-    run = os.path.join(args.run_dir, f"seed{seed}")
-    task = os.path.join(run, "task")
-    if not os.path.exists(task_paths(task)["info"]):
-        bootstrap(task, seed, BootstrapConfig.smoke() if args.smoke else BootstrapConfig())
-    out = {}
-    for objective, name in (("pairwise", "judge"), ("bt", "bt")):
-        path = os.path.join(run, name)
-        if not os.path.exists(os.path.join(path, "eval.json")):
-            train_rm.main(["--objective", objective, "--task-dir", task, "--out-dir", path, "--seed", str(seed)]
-                          + (SMOKE_RM if args.smoke else []))
-        out[name] = json.load(open(os.path.join(path, "eval.json")))
-    for reward in REWARDS:
-        path = os.path.join(run, f"ppo_{reward}")
-        if not os.path.exists(os.path.join(path, "eval.json")):
-            train_ppo.main(["--run-dir", run, "--reward", reward, "--seed", str(seed), "--out-dir", path]
-                           + (SMOKE_PPO if args.smoke else []) + args.ppo_args.split())
-        out[f"ppo_{reward}"] = json.load(open(os.path.join(path, "eval.json")))
-    return out
+    """All stages for one seed (nanopairwise/pipeline.py); {"judge": eval, "bt": eval, "ppo_<reward>": history}."""
+    return run_pipeline(os.path.join(args.run_dir, f"seed{seed}"), seed, args.smoke, SMOKE_RM if args.smoke else [],
+                        (SMOKE_PPO if args.smoke else []) + args.ppo_args.split())
 
 
 def mean_std(values, signed: bool = False) -> str:

@@ -30,12 +30,16 @@ import time
 import torch
 
 import compare  # (this script's own directory is on sys.path)
-import train_ppo
-import train_rm
-from nanopairwise import bootstrap as B, data, gguf, judge as J, lora, tasks
+from nanopairwise import data, gguf, lora
+from nanopairwise.bootstrap import BootstrapConfig, bootstrap, demonstrations, sft, task_paths
 from nanopairwise.common import atomic_write_text, set_seed
+from nanopairwise.data import DEFAULT_PRINCIPLE
+from nanopairwise.evaluation import evaluate_reward_model
+from nanopairwise.formats import load_preference_pairs
+from nanopairwise.judge import PairwiseJudge, verdict_token_ids
+from nanopairwise.layouts import JudgeTemplate
 from nanopairwise.model import Transformer
-from nanopairwise.policy import encode_prompt
+from nanopairwise.pipeline import REWARD_MODELS, REWARDS, run_script
 from nanopairwise.tokenizer import Tokenizer
 
 SMOKE = dict(eval_pairs=8, sft_steps=2, sft_batch=2, rm_steps=2, rm_batch=2,
@@ -68,12 +72,11 @@ def get_args(argv=None):
 
 
 def zero_shot(model_dir, pairs_file, args):
-    """Held-out metrics of the untrained model as a judge (train_rm.evaluate, nothing trained)."""
-    rm_args = train_rm.get_args(["--objective", "pairwise", "--eval-batch-size", "16"])
-    tok = Tokenizer.from_pretrained(model_dir)
-    yes_no = J.verdict_token_ids(tok, rm_args.template)
-    judge = J.PairwiseJudge(Transformer.from_pretrained(model_dir), *yes_no)
-    return train_rm.evaluate(judge, train_rm.load_pairs(pairs_file, rm_args), rm_args, tok, yes_no)
+    """Held-out metrics of the untrained model as a judge (what train_rm.py reports, nothing trained)."""
+    tok, template = Tokenizer.from_pretrained(model_dir), JudgeTemplate()
+    judge = PairwiseJudge(Transformer.from_pretrained(model_dir), *verdict_token_ids(tok, template))
+    pairs = load_preference_pairs(pairs_file, data_format="auto", default_principle=DEFAULT_PRINCIPLE)
+    return evaluate_reward_model(judge, "pairwise", pairs, tok, template, batch_size=16, max_response_tokens=256)
 
 
 def sft_policy(model_dir, out_dir, args):
@@ -82,12 +85,8 @@ def sft_policy(model_dir, out_dir, args):
     rng = random.Random(args.seed)
     tok = Tokenizer.from_pretrained(model_dir)
     model = lora.apply_lora(Transformer.from_pretrained(model_dir), args.lora_rank, 2.0 * args.lora_rank)
-    demos = []
-    for _ in range(args.sft_steps * args.sft_batch):
-        t = tasks.make_prompt(rng)
-        demos.append((encode_prompt(tok, t.prompt_text),
-                      tok.encode(tasks.make_demonstration(rng, t)) + [tok.end_of_turn_id]))
-    B.sft(model, tok, demos, B.BootstrapConfig(sft_steps=args.sft_steps, sft_batch_size=args.sft_batch,
+    demos = demonstrations(tok, rng, args.sft_steps * args.sft_batch)
+    sft(model, tok, demos, BootstrapConfig(sft_steps=args.sft_steps, sft_batch_size=args.sft_batch,
                                                sft_lr=args.sft_lr), args.seed)
     model.save_pretrained(out_dir)                                    # adapters merged
     tok.save_pretrained(out_dir)
@@ -112,9 +111,9 @@ def main(argv=None):
     base = args.model or gguf.default_cache_dir()
     phase("model", os.path.join(base, "model.safetensors"), lambda: gguf.fetch_smollm2(base))
     task = os.path.join(run, "task")
-    paths = B.task_paths(task)
-    cfg = B.BootstrapConfig.smoke() if args.smoke else B.BootstrapConfig()
-    phase("task", paths["info"], lambda: B.bootstrap(task, args.seed, cfg))
+    paths = task_paths(task)
+    cfg = BootstrapConfig.smoke() if args.smoke else BootstrapConfig()
+    phase("task", paths["info"], lambda: bootstrap(task, args.seed, cfg))
     eval_pairs = os.path.join(run, "pairs_eval.jsonl")
     if not os.path.exists(eval_pairs):
         data.write_jsonl(eval_pairs, data.read_jsonl(paths["pairs_test"])[:args.eval_pairs])
@@ -126,21 +125,21 @@ def main(argv=None):
     rm_common = ["--model", base, "--train-data", paths["pairs_train"], "--eval-data", eval_pairs, "--seed",
                  str(args.seed), "--max-steps", str(args.rm_steps), "--batch-size", str(args.rm_batch),
                  "--eval-batch-size", "16", "--lora-rank", str(args.lora_rank)]
-    for objective, name in (("pairwise", "judge"), ("bt", "bt")):
+    for objective, name in REWARD_MODELS.items():  # train_rm.py, in a child process (nanopairwise/pipeline.py)
         out = os.path.join(run, name)
         phase(name, os.path.join(out, "eval.json"),
-              lambda: train_rm.main(["--objective", objective, "--out-dir", out, *rm_common]))
+              lambda: run_script("train_rm.py", ["--objective", objective, "--out-dir", out, *rm_common]))
     ppo_args = SMOKE["ppo"] if args.smoke else args.ppo_args.split()
-    for reward in compare.REWARDS:  # pairwise, bt, bt-anchor: the arms of scripts/compare.py
+    for reward in REWARDS:  # pairwise, bt, bt-anchor: the arms of scripts/compare.py
         out = os.path.join(run, f"ppo_{reward}")
-        phase(f"ppo_{reward}", os.path.join(out, "eval.json"), lambda: train_ppo.main([
+        phase(f"ppo_{reward}", os.path.join(out, "eval.json"), lambda: run_script("train_ppo.py", [
             "--reward", reward, "--policy", sft, "--judge", os.path.join(run, "judge", "checkpoint"),
             "--bt-rm", os.path.join(run, "bt", "checkpoint"), "--prompts", paths["rl_train"],
             "--eval-prompts", paths["rl_test"], "--out-dir", out, "--seed", str(args.seed),
             "--lora-rank", str(args.lora_rank), *ppo_args]))
 
     results = {name: json.load(open(os.path.join(run, name, "eval.json")))
-               for name in ("judge", "bt", *(f"ppo_{reward}" for reward in compare.REWARDS))}
+               for name in ("judge", "bt", *(f"ppo_{reward}" for reward in REWARDS))}
     zs = json.load(open(zs_file))
     cmd = "python scripts/real_model.py" + (" --smoke" if args.smoke else "")
     text = compare.table({args.seed: results}, sum(times.values()), command=cmd)

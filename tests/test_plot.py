@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from nanopairwise import judge as J
+from nanopairwise.judge import pair_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
@@ -42,7 +42,7 @@ def write_rm_run(path, seed, n=200):
             f.write(json.dumps({"step": step, "loss/rm": 0.7 - 0.05 * step, "lr": 1e-3}) + "\n")
     p_true = torch.rand(n, generator=g)
     p_chosen = (0.5 + 1.4 * (p_true - 0.5)).clamp(0, 1)  # over-confident
-    metrics = J.pair_metrics(p_chosen, p_true, p_true, 1 - p_true)
+    metrics = pair_metrics(p_chosen, p_true, p_true, 1 - p_true)
     json.dump(metrics, open(os.path.join(path, "eval.json"), "w"))
     return metrics
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import train_ppo
-from nanopairwise import ops
+from nanopairwise import ops, ppo
 from nanopairwise.guards import NonFiniteError, UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -133,9 +133,8 @@ def test_bt_normalisation_is_stored_and_reused_on_resume(run_dir, tmp_path, monk
     assert norm["n"] == 32 * 2 and norm["std"] > 0 and norm["mean"] == norm["mean"]   # 32 tiny prompts x K=2
     monkeypatch.setattr(train_ppo, "measure_reward_norm", lambda *a: pytest.fail("measured again on --resume"))
     seen = []
-    score = train_ppo.score_responses
-    monkeypatch.setattr(train_ppo, "score_responses",
-                        lambda *a: seen.append(a[-1].norm) or score(*a))
+    score = ppo.score_responses
+    monkeypatch.setattr(ppo, "score_responses", lambda *a, **kw: seen.append(a[4].norm) or score(*a, **kw))
     history = train_ppo.main(args + ["--steps", "2", "--resume"])
     assert seen and all(s == norm for s in seen)
     again = torch.load(os.path.join(out, "checkpoint", "trainer_state.pt"), weights_only=False)
@@ -168,3 +167,10 @@ def test_critic_warmup_leaves_the_policy_unchanged(run_dir, tmp_path, monkeypatc
     assert not same(policy1, policy2)                              # then the policy trains
     rows = step_rows(out)
     assert "oracle_score" in history["after"] and all(0.0 <= rows[s]["rollout/win_rate"] <= 1.0 for s in rows)
+
+
+def test_minibatches_must_divide_the_rank_batch(tmp_path):
+    """4 prompts x 2 samples = 8 rows do not split into 3 minibatches: a UserError naming the flag,
+    before anything is read (was: rows silently dropped)."""
+    with pytest.raises(UserError, match="--minibatches 3: each rank's batch of 4 prompts x 2 samples"):
+        train_ppo.main(["--run-dir", str(tmp_path / "never"), *FAST, "--minibatches", "3"])
