@@ -92,3 +92,24 @@ def test_plain_template_anchor_keeps_the_rollout_tokens(smollm2_dir):
     assert critic[len(prefix):len(prefix) + len(tok.encode(A))] == tok.encode(A)
     assert tok.id_to_token(prefix[-1]) == "Ġ" and tok.id_to_token(tok.encode(A)[0]) == "1"
     assert J.encode_pair(tok, T, PRINCIPLE, PROMPT, A, B)[:len(critic)] == critic
+
+
+def test_smollm2_chat_template_jinja_layout(smollm2_dir, tmp_path):
+    """A directory as recent transformers save it (the template in chat_template.jinja, none in
+    tokenizer_config.json) renders with SmolLM2's default system turn: the exact ids of
+    transformers' apply_chat_template (41 for one user turn, not 20), and the fingerprint of the
+    directory as it came equals the re-saved one's."""
+    from transformers import AutoTokenizer
+    hf = AutoTokenizer.from_pretrained(smollm2_dir)
+    hf.save_pretrained(str(tmp_path / "saved"))
+    assert (tmp_path / "saved" / "chat_template.jinja").is_file()
+    assert "chat_template" not in (tmp_path / "saved" / "tokenizer_config.json").read_text()
+    tok = Tokenizer.from_pretrained(str(tmp_path / "saved"))
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    expected = hf.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    expected = hf.encode(expected, add_special_tokens=False)
+    assert encode_prompt(tok, msgs) == expected and len(expected) > 30
+    assert tok.default_system is not None
+    assert tok.fingerprint() == Tokenizer.from_pretrained(smollm2_dir).fingerprint()
+    tok.save_pretrained(str(tmp_path / "ours"))                       # our save keeps the template
+    assert encode_prompt(Tokenizer.from_pretrained(str(tmp_path / "ours")), msgs) == expected
