@@ -2,7 +2,7 @@
 
 One sample per held-out prompt at the training temperature, with a fixed seed per rank, so two
 policies (or the same policy before and after) are compared on the same draws. Measured against
-ground truth where the prompts carry the built-in task's oracle fields (docs/DESIGN.md §4):
+ground truth where the prompts carry a built-in task's oracle fields (docs/DESIGN.md §4):
 
     kl               sum over the response of log pi(y_t) - log pi_ref(y_t) (k1; its mean is KL(pi || ref))
     length           response tokens (EOS included)
@@ -14,12 +14,25 @@ ground truth where the prompts carry the built-in task's oracle fields (docs/DES
 
 import torch
 
-from nanopairwise import data, tasks
+from nanopairwise import data, principles, tasks
 from nanopairwise.common import derive_seed
 from nanopairwise.distributed import all_reduce_sum, gathered, get_rank, get_world_size
 from nanopairwise.judge import win_probs
 from nanopairwise.policy import encode_prompt
 from nanopairwise.rollout import generate
+
+
+def has_oracle(meta: dict) -> bool:
+    """Whether a prompt record carries a built-in task's oracle fields (digits or principles)."""
+    return "checks" in meta or "principle_name" in meta
+
+
+def oracle_score(meta: dict, response: str) -> float:
+    """The oracle of the record's built-in task: principles.oracle_score where it has "checks"
+    (nanopairwise/principles_task.py), else the digit task's tasks.oracle_score."""
+    if "checks" in meta:
+        return principles.oracle_score(meta["checks"], meta["question"], response)
+    return tasks.oracle_score(meta["principle_name"], meta["numbers"], response)
 
 
 @torch.no_grad()
@@ -46,11 +59,9 @@ def evaluate_policy(policy, ref, judge, prompts, tok, judge_template, max_new_to
         items = [(p.principle, p.prompt, y, p.anchor) for p, y in zip(mine, texts)]
         with gathered(judge):
             sums["judge_win_rate"] = win_probs(judge, tok, judge_template, items).win
-    if all("principle_name" in p.meta for p in prompts):
-        score = torch.tensor([tasks.oracle_score(p.meta["principle_name"], p.meta["numbers"], y)
-                              for p, y in zip(mine, texts)])
-        anchor_score = torch.tensor([tasks.oracle_score(p.meta["principle_name"], p.meta["numbers"], p.anchor)
-                                     for p in mine])
+    if all(has_oracle(p.meta) for p in prompts):
+        score = torch.tensor([oracle_score(p.meta, y) for p, y in zip(mine, texts)])
+        anchor_score = torch.tensor([oracle_score(p.meta, p.anchor) for p in mine])
         sums.update(oracle_score=score,
                     oracle_win_rate=(score > anchor_score).float() + 0.5 * (score == anchor_score).float())
     totals = all_reduce_sum(torch.stack([v.float().sum().to(device) for v in sums.values()]))
