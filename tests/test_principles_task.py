@@ -119,3 +119,26 @@ def test_bootstrap_cli_rejects_model_for_digits(capsys):
     with pytest.raises(SystemExit):
         B.main(["--task", "digits", "--model", "x", "--out", "unused"])
     assert "--model" in capsys.readouterr().err
+
+
+def test_judge_and_pairwise_ppo_run_on_the_task(tiny_task, tmp_path):
+    """The training scripts read the task as it is: a judge step on its pairs, then a PPO step with
+    best-of-N anchors, evaluated by the principles oracle."""
+    import train_ppo
+    import train_rm
+    paths = B.task_paths(tiny_task[0])
+    judge = str(tmp_path / "judge")
+    train_rm.main(["--model", paths["policy"], "--train-data", paths["pairs_train"], "--eval-data",
+                   paths["pairs_test"], "--out-dir", judge, "--max-steps", "1", "--batch-size", "2",
+                   "--eval-batch-size", "8", "--warmup-steps", "1"])
+    assert "oracle_accuracy" in json.load(open(os.path.join(judge, "eval.json")))
+    out = str(tmp_path / "ppo")
+    train_ppo.main(["--policy", paths["policy"], "--judge", os.path.join(judge, "checkpoint"), "--prompts",
+                    paths["rl_train"], "--eval-prompts", paths["rl_test"], "--out-dir", out, "--steps", "1",
+                    "--prompts-per-step", "2", "--samples-per-prompt", "2", "--max-new-tokens", "6", "--eval-size",
+                    "2", "--ppo-epochs", "1", "--minibatches", "1", "--anchor-samples", "2"])
+    after = json.load(open(os.path.join(out, "eval.json")))["after"]
+    assert 0.0 <= after["oracle_score"] <= 1.0 and 0.0 <= after["oracle_win_rate"] <= 1.0
+    kinds = {k for r in data.read_jsonl(paths["rl_test"])[:2] for k, _ in r["checks"]}
+    assert {k for k in after if k.startswith("pass_")} == {"pass_all"} | {f"pass_{k}" for k in kinds}
+    assert all(0.0 <= after[f"pass_{k}"] <= 1.0 for k in kinds)
