@@ -139,7 +139,7 @@ def _drop(text: str, pattern: str) -> str:
 @dataclass(frozen=True)
 class Kind:
     name: str
-    instruction: str      # the text the policy and the judge read; {} is the arg
+    instruction: str      # the text the policy and the judge read; {} is the arg, {s} a plural "s"
     args: tuple           # the values a principle may use (None: the check has no argument)
     passes: Callable      # (text, arg) -> bool
     repair: Callable      # (text, arg) -> text that meets the check, or None where no program can
@@ -193,7 +193,7 @@ KINDS = (
           lambda t, w: not _has_word(t, w), lambda t, w: _drop(t, rf"(?<![^\W_]){re.escape(w)}(?![^\W_])"), 12.0),
     _kind("no_digits", "Do not use any digits.", (None,), lambda t, _: not any(c.isdigit() for c in t),
           lambda t, _: _drop(t, r"\d"), 12.0),
-    _kind("sentences", "Answer in exactly {} sentences.", (1, 2, 3), lambda t, n: len(sentences(t)) == n,
+    _kind("sentences", "Answer in exactly {} sentence{s}.", (1, 2, 3), lambda t, n: len(sentences(t)) == n,
           _as_sentences, 10.0, "form"),
     _kind("bullets", "Answer with exactly {} bullet points, each on its own line starting with '- '.", (2, 3, 4),
           lambda t, n: len(_bullets(t)) == n, _as_bullets, 20.0, "form", "start"),
@@ -258,7 +258,7 @@ def check_list(checks) -> list:
 def describe(checks) -> str:
     """The principle's text: each check's instruction, in KINDS order, joined by spaces."""
     ordered = sorted(check_list(checks), key=lambda c: KIND_NAMES.index(c[0]))
-    return " ".join(get_kind(k).instruction.format(a) for k, a in ordered)
+    return " ".join(get_kind(k).instruction.format(a, s="" if a == 1 else "s") for k, a in ordered)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -84,6 +84,8 @@ def test_check_list_errors_and_compatibility():
     # the text reads in KINDS order whatever order the checks come in
     assert P.describe([("no_commas", None), ("max_words", 12)]) == \
         "Answer in at most 12 words. Do not use any commas."
+    assert P.describe([("sentences", 1)]) == "Answer in exactly 1 sentence."
+    assert P.describe([("sentences", 2)]) == "Answer in exactly 2 sentences."
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ records, determinism under a seed, the bootstrap on a tiny random model (its fil
 the training scripts' loaders), and the evaluation's oracle for these records."""
 
 import json
+import math
 import os
 import random
 
@@ -61,10 +62,11 @@ def test_pairs_labels_and_sources():
         assert r["chosen"] != r["rejected"] and r["source"] in ("policy", "repaired")
         q = [P.oracle_score(r["checks"], r["question"], y) for y in (r["chosen"], r["rejected"])]
         assert (r["chosen_score"], r["rejected_score"]) == tuple(q)
-        assert r["p_true"] == pytest.approx(1 / (1 + pow(2.718281828459045, -P.beta(r["checks"]) * (q[0] - q[1]))))
-        if r["source"] == "repaired":
-            fixed = r["chosen"] if r["chosen"] != samples[0][0] and r["chosen_score"] >= P.W_CHECKS else r["rejected"]
-            assert all(P.check_results(r["checks"], fixed).values())
+        assert r["p_true"] == pytest.approx(1 / (1 + math.exp(-P.beta(r["checks"]) * (q[0] - q[1]))))
+        if r["source"] == "repaired":                                         # the first sample and its repair
+            original = next(x for x in ("same", samples[1][0]) if x in (r["chosen"], r["rejected"]))
+            fixed = r["rejected"] if r["chosen"] == original else r["chosen"]
+            assert fixed == P.repair(r["checks"], original) and all(P.check_results(r["checks"], fixed).values())
     assert sum(r["source"] == "policy" for r in records) == len(prompts) - 1
     assert sum(r["source"] == "repaired" for r in records) > len(prompts) // 2
 
