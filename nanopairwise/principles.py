@@ -40,8 +40,8 @@ Oracle. With c the share of the principle's checks met and `topic` in [0, 1]:
 
 shared counts the question's content words (4+ letters, not in STOPWORDS) whose stem (its first
 five letters, lower case) begins a response word (lower case); distinct is the share of the
-response's words (lower case) that are distinct. So q is in [0, 1], q >= 0.8 when every check is
-met, and among answers that meet the same checks the one that shares the question's words and does
+response's words (lower case) that are distinct. So q is in [0, 1], q >= 0.8 exactly when every
+check is met (a missed check costs at least 0.8 / 3), and among answers that meet the same checks the one that shares the question's words and does
 not repeat itself scores higher: the small term keeps RL from trading the topic for the checks
 (an answer of "done" meets "end with done") or from looping.
 
@@ -51,10 +51,11 @@ the mean over the principle's checks of each kind's `beta`: 30 for what a reader
 principle as in the built-in digit task.
 
 Repairs. `repair` edits a response so that it meets the checks a program can enforce (truncate to
-n words, change case, drop commas or digits, add a word, a first phrase, a last word, a '?', wrap in
-quotes or JSON; keep the first n sentences or make them n bullets when there are enough); min_words
-cannot be repaired (padding would be degenerate). The task uses repaired samples as the better side
-of synthetic pairs, not as anchors (principles_task.py says why).
+n words, change case, drop commas, digits or a word, add a word, a first phrase, a last word, a '?'
+or a '!', wrap in quotes or JSON; keep the first n sentences or make them n bullets when there are
+enough); min_words cannot be repaired (padding would be degenerate), and a repair that does not
+meet every check in the end is None. The task pairs repaired samples with the samples they came
+from, not as anchors (principles_task.py says why).
 """
 
 import json
