@@ -1,6 +1,10 @@
 """Bootstrap of the built-in task: a tokenizer, an imperfect tiny SFT policy, pairs and RL prompts.
 
     python -m nanopairwise.bootstrap --out runs/task --seed 0
+    python -m nanopairwise.bootstrap --task principles --model DIR --out runs/principles   # the text task
+
+(`--task principles` is nanopairwise/principles_task.py: the same directory layout, pairs from the
+samples of --model, an existing chat model.)
 
 train_rm.py and train_ppo.py call `ensure_task` when the task directory is missing, so a user
 never has to run this by hand (about 2 minutes on a 2-core CPU: README). Writes one directory,
@@ -124,13 +128,19 @@ def demonstrations(tok, rng, n: int) -> list:
 
 
 @torch.no_grad()
-def sample_texts(model, tok, prompt_texts, k, cfg, seed, batch_size=256):
-    """k sampled responses (temperature 1) per prompt text, decoded."""
+def sample_texts(model, tok, prompt_texts, k, cfg, seed, batch_size=256, desc=None):
+    """k sampled responses (temperature 1, stopping at the end of turn) per prompt text, decoded;
+    with `desc`, a progress line with an ETA after each batch."""
     model.eval()
     g = torch.Generator().manual_seed(seed)
     flat = [t for t in prompt_texts for _ in range(k)]
-    texts = [y for i in range(0, len(flat), batch_size)
-             for y in sample(model, tok, flat[i:i + batch_size], Sampling(cfg.max_new_tokens), g).texts(tok)]
+    texts = []
+    progress = Progress(len(flat), desc, every=1) if desc else None
+    for i in range(0, len(flat), batch_size):
+        rollout = sample(model, tok, flat[i:i + batch_size], Sampling(cfg.max_new_tokens), g)
+        texts += rollout.texts(tok)
+        if progress:
+            progress.update(len(texts), f"{int(rollout.response_mask.sum())} tokens")
     model.train()
     return [texts[i * k:(i + 1) * k] for i in range(len(prompt_texts))]
 
@@ -182,9 +192,25 @@ def bootstrap(task_dir: str, seed: int = 0, cfg: BootstrapConfig = BootstrapConf
     return info
 
 
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="bootstrap the built-in task")
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="bootstrap a built-in task")
+    ap.add_argument("--task", choices=["digits", "principles"], default="digits",
+                    help="digits: the tiny-model task (its own SFT policy); principles: principle-following "
+                         "on everyday questions (nanopairwise/principles_task.py), pairs from --model's samples")
     ap.add_argument("--out", default="runs/task", help="task directory to write")
-    ap.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args()
-    bootstrap(a.out, a.seed)
+    ap.add_argument("--seed", type=int, default=0, help="seed of everything the task draws")
+    ap.add_argument("--model", default=None, help="principles: HF directory of the initial policy (e.g. "
+                    "SmolLM2-135M-Instruct); default: a tiny random model (tests, plumbing)")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes on the same code path (plumbing only)")
+    a = ap.parse_args(argv)
+    if a.task == "digits":
+        if a.model:
+            ap.error("--model: the digits task trains its own tiny policy; leave --model out")
+        return bootstrap(a.out, a.seed, BootstrapConfig.smoke() if a.smoke else BootstrapConfig())
+    from nanopairwise import principles_task  # (it imports this module)
+    cfg = principles_task.PrinciplesConfig.smoke() if a.smoke else principles_task.PrinciplesConfig()
+    return principles_task.bootstrap(a.out, a.model, a.seed, cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -3,7 +3,7 @@ training) and of a reward model on preference pairs (what train_rm.py reports at
 
 One sample per held-out prompt at the training temperature, with a fixed seed per rank, so two
 policies (or the same policy before and after) are compared on the same draws. Measured against
-ground truth where the prompts carry the built-in task's oracle fields (docs/DESIGN.md §4):
+ground truth where the prompts carry a built-in task's oracle fields (docs/DESIGN.md §4):
 
     kl               sum over the response of log pi(y_t) - log pi_ref(y_t) (k1; its mean is KL(pi || ref))
     length           response tokens (EOS included)
@@ -11,6 +11,8 @@ ground truth where the prompts carry the built-in task's oracle fields (docs/DES
     judge_win_rate   the judge's symmetric P(y > y*) against the prompt's anchor (with a judge)
     oracle_score     the oracle's score of y in [0, 1]
     oracle_win_rate  P(oracle(y) > oracle(y*)), a tie counting half (a gold anchor can only be tied)
+    pass_all         principle-following task: the share of responses that meet every check
+    pass_<kind>      ... the share that meet the check of that kind, among the prompts that have one
 
 A reward model (evaluate_reward_model): judge.pair_metrics of its P(chosen > rejected) on held-out
 pairs (accuracy, oracle accuracy, position consistency, ECE, Brier, the reliability diagram).
@@ -18,12 +20,25 @@ pairs (accuracy, oracle accuracy, position consistency, ECE, Brier, the reliabil
 
 import torch
 
-from nanopairwise import batching, losses, tasks
+from nanopairwise import batching, losses, principles, tasks
 from nanopairwise.common import derive_seed
 from nanopairwise.distributed import all_reduce_sum, gathered, get_rank, get_world_size
 from nanopairwise.judge import pair_metrics, win_probs
 from nanopairwise.layouts import Sampling, sample
 from nanopairwise.scalar_head import bt_win_prob, scalar_scores
+
+
+def has_oracle(meta: dict) -> bool:
+    """Whether a prompt record carries a built-in task's oracle fields (digits or principles)."""
+    return "checks" in meta or "principle_name" in meta
+
+
+def oracle_score(meta: dict, response: str) -> float:
+    """The oracle of the record's built-in task: principles.oracle_score where it has "checks"
+    (nanopairwise/principles_task.py), else the digit task's tasks.oracle_score."""
+    if "checks" in meta:
+        return principles.oracle_score(meta["checks"], meta["question"], response)
+    return tasks.oracle_score(meta["principle_name"], meta["numbers"], response)
 
 
 @torch.no_grad()
@@ -46,16 +61,22 @@ def evaluate_policy(policy, ref, judge, prompts, tok, judge_template, sampling: 
         items = [(p.principle, p.prompt, y, p.anchor) for p, y in zip(mine, texts)]
         with gathered(judge):
             sums["judge_win_rate"] = win_probs(judge, tok, judge_template, items).win
-    if all("principle_name" in p.meta for p in prompts):
-        score = torch.tensor([tasks.oracle_score(p.meta["principle_name"], p.meta["numbers"], y)
-                              for p, y in zip(mine, texts)])
-        anchor_score = torch.tensor([tasks.oracle_score(p.meta["principle_name"], p.meta["numbers"], p.anchor)
-                                     for p in mine])
+    if all(has_oracle(p.meta) for p in prompts):
+        score = torch.tensor([oracle_score(p.meta, y) for p, y in zip(mine, texts)])
+        anchor_score = torch.tensor([oracle_score(p.meta, p.anchor) for p in mine])
         sums.update(oracle_score=score,
                     oracle_win_rate=(score > anchor_score).float() + 0.5 * (score == anchor_score).float())
+    counts = {}
+    if all("checks" in p.meta for p in prompts):                     # the principle-following task
+        met = [principles.check_results(p.meta["checks"], y) for p, y in zip(mine, texts)]
+        sums["pass_all"] = torch.tensor([float(all(m.values())) for m in met])
+        for kind in principles.KIND_NAMES:
+            counts[f"pass_{kind}"] = sum(any(c[0] == kind for c in p.meta["checks"]) for p in prompts)
+            if counts[f"pass_{kind}"]:
+                sums[f"pass_{kind}"] = torch.tensor([float(m.get(kind, False)) for m in met])
     totals = all_reduce_sum(torch.stack([v.float().sum().to(device) for v in sums.values()]))
     policy.train()
-    return {k: (t / len(prompts)).item() for k, t in zip(sums, totals)}
+    return {k: (t / counts.get(k, len(prompts))).item() for k, t in zip(sums, totals)}
 
 
 @torch.no_grad()

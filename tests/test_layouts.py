@@ -105,3 +105,24 @@ def test_sample_stops_at_every_stop_token_and_keeps_top_p(monkeypatch):
     layouts.sample(torch.nn.Linear(1, 1), tok, ["q"], layouts.Sampling(7, temperature=0.5, top_p=0.9))
     assert seen["stop"] == tok.stop_token_ids and len(seen["stop"]) == 2
     assert (seen["R"], seen["temperature"], seen["top_p"]) == (7, 0.5, 0.9)
+
+
+def test_smollm2_chat_template_jinja_layout(smollm2_dir, tmp_path):
+    """A directory as recent transformers save it (the template in chat_template.jinja, none in
+    tokenizer_config.json) renders with SmolLM2's default system turn: the exact ids of
+    transformers' apply_chat_template (41 for one user turn, not 20), and the fingerprint of the
+    directory as it came equals the re-saved one's."""
+    from transformers import AutoTokenizer
+    hf = AutoTokenizer.from_pretrained(smollm2_dir)
+    hf.save_pretrained(str(tmp_path / "saved"))
+    assert (tmp_path / "saved" / "chat_template.jinja").is_file()
+    assert "chat_template" not in (tmp_path / "saved" / "tokenizer_config.json").read_text()
+    tok = Tokenizer.from_pretrained(str(tmp_path / "saved"))
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    expected = hf.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    expected = hf.encode(expected, add_special_tokens=False)
+    assert encode_prompt(tok, msgs) == expected and len(expected) > 30
+    assert tok.default_system is not None
+    assert tok.fingerprint() == Tokenizer.from_pretrained(smollm2_dir).fingerprint()
+    tok.save_pretrained(str(tmp_path / "ours"))                       # our save keeps the template
+    assert encode_prompt(Tokenizer.from_pretrained(str(tmp_path / "ours")), msgs) == expected

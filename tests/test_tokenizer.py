@@ -171,6 +171,26 @@ def test_bad_special_token_names_the_file(toks, tmp_path):
         Tokenizer.from_pretrained(str(tmp_path / "missing"))
 
 
+def test_chat_template_jinja_file_wins_and_enters_the_fingerprint(toks, tmp_path):
+    """transformers >= 4.50 saves the template as chat_template.jinja, not in the config: we read it
+    (over the config's, as transformers does), keep it on saving, and the fingerprint covers it."""
+    transformers = pytest.importorskip("transformers")
+    specials = {"bos_token": None, "eos_token": "<|im_end|>"}
+    path = write_hf_dir(tmp_path / "j", toks["chatml"], {**specials, "chat_template": QWEN25_JINJA})
+    bare = Tokenizer.from_pretrained(write_hf_dir(tmp_path / "bare", toks["chatml"], specials))
+    (tmp_path / "j" / "chat_template.jinja").write_text(SMOLLM2_JINJA, encoding="utf-8")
+    tok = Tokenizer.from_pretrained(path)
+    assert tok.default_system.startswith("You are a helpful AI assistant named SmolLM")
+    expected = transformers.AutoTokenizer.from_pretrained(path).apply_chat_template(
+        CONVO[1:2], tokenize=False, add_generation_prompt=True)
+    assert tok.render_chat(CONVO[1:2]) == expected and expected.startswith("<|im_start|>system\nYou are a helpful")
+    assert tok.fingerprint() != bare.fingerprint()              # same vocabulary, other conversations
+    tok.save_pretrained(path)                                   # the stale .jinja is rewritten too
+    assert Tokenizer.from_pretrained(path).fingerprint() == tok.fingerprint()
+    os.remove(os.path.join(path, "chat_template.jinja"))
+    assert Tokenizer.from_pretrained(path).render_chat(CONVO[1:2]) == expected
+
+
 # ----------------------------------------------------------------------------------------------
 # round trips
 
