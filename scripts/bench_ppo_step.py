@@ -268,7 +268,7 @@ def token_counts(exp, items, tok, args):
 @torch.no_grad()
 def time_forwards(prompts, exp, models, tok, args):
     """Each forward of the judge and forward phases alone: {name: median seconds}."""
-    policy, ref, critic, judge = models
+    policy, ref, critic, judge = models.policy, models.ref, models.critic, models.rm
     a, R, device, template = args.ppo, args.new_tokens, args.device, args.run.reward.template
     items = judge_items(prompts, exp, tok, args)
     swapped = [(pr, q, b, y) for pr, q, y, b in items]
