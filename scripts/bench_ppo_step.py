@@ -226,7 +226,7 @@ def rollout_of(exp, R):
 
 
 def judge_items(prompts, exp, tok, args):
-    """(principle, prompt, response, anchor) per rollout row, as train_ppo.score_responses builds them."""
+    """(principle, prompt, response, anchor) per rollout row, as reward.score_responses builds them."""
     rows = [p for p in prompts for _ in range(args.samples_per_prompt)]
     texts = rollout_of(exp, args.new_tokens).texts(tok)
     return [(p.principle, p.prompt, y, p.anchor) for p, y in zip(rows, texts)]
