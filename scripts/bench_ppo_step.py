@@ -185,7 +185,7 @@ def build_models(args, tok):
     run.lr, run.critic_lr = resolve_lrs(args.ppo, policy_lm, critic.lm)
     optimizers = [torch.optim.AdamW(policy.parameters(), lr=run.lr, betas=(0.9, 0.95), weight_decay=0.0),
                   torch.optim.AdamW(critic.parameters(), lr=run.critic_lr, betas=(0.9, 0.95), weight_decay=0.0)]
-    return Models(policy, ref, critic, judge), optimizers
+    return Models(policy, ref, critic, rm=judge, judge=judge), optimizers
 
 
 def bench_prompts(tok, n_bpe, args):
@@ -226,7 +226,7 @@ def rollout_of(exp, R):
 
 
 def judge_items(prompts, exp, tok, args):
-    """(principle, prompt, response, anchor) per rollout row, as train_ppo.score_responses builds them."""
+    """(principle, prompt, response, anchor) per rollout row, as reward.score_responses builds them."""
     rows = [p for p in prompts for _ in range(args.samples_per_prompt)]
     texts = rollout_of(exp, args.new_tokens).texts(tok)
     return [(p.principle, p.prompt, y, p.anchor) for p, y in zip(rows, texts)]
@@ -268,7 +268,7 @@ def token_counts(exp, items, tok, args):
 @torch.no_grad()
 def time_forwards(prompts, exp, models, tok, args):
     """Each forward of the judge and forward phases alone: {name: median seconds}."""
-    policy, ref, critic, judge = models.policy, models.ref, models.critic, models.rm
+    policy, ref, critic, judge = models[:4]
     a, R, device, template = args.ppo, args.new_tokens, args.device, args.run.reward.template
     items = judge_items(prompts, exp, tok, args)
     swapped = [(pr, q, b, y) for pr, q, y, b in items]

@@ -81,8 +81,7 @@ def test_tokenizer_round_trips_filler_and_keeps_eos_outside_the_model():
 def test_models_as_train_ppo_builds_them():
     args = _tiny_args("--fused-head")
     tok, _ = bench.build_tokenizer(args.run.judge_template, args.shape["vocab_size"], args.ppo.default_principle)
-    models, optimizers = bench.build_models(args, tok)
-    policy, ref, critic, judge = models.policy, models.ref, models.critic, models.rm
+    (policy, ref, critic, judge, _), optimizers = bench.build_models(args, tok)
     assert policy.fused_head and ref.fused_head                               # as in train_ppo.main
     for (name, p), q in zip(policy.lm.state_dict().items(), ref.lm.state_dict().values()):
         assert torch.equal(p, q) and p.data_ptr() != q.data_ptr(), name       # a copy, not the same tensors

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from nanopairwise.judge import pair_metrics
+from nanopairwise.pipeline import REWARDS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
@@ -78,7 +79,7 @@ def test_plot_refuses_a_directory_without_metrics(tmp_path):
 def test_compare_plot_only_redraws_without_training(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     for seed in (0, 1):
-        for name in [f"ppo_{reward}" for reward in compare.REWARDS]:   # every arm
+        for name in [f"ppo_{reward}" for reward in REWARDS]:   # every arm
             write_ppo_run(str(tmp_path / f"seed{seed}" / name), seed)
         for name in ("judge", "bt"):
             write_rm_run(str(tmp_path / f"seed{seed}" / name), seed)
