@@ -1,9 +1,9 @@
 """Bootstrap of the built-in task: a tokenizer, an imperfect tiny SFT policy, pairs and RL prompts.
 
     python -m nanopairwise.bootstrap --out runs/task --seed 0
-    python -m nanopairwise.bootstrap --task principles --model DIR --out runs/principles   # the text task
+    python -m nanopairwise.principles_task --model DIR --out runs/principles   # the text task
 
-(`--task principles` is nanopairwise/principles_task.py: the same directory layout, pairs from the
+(the principle-following task is nanopairwise/principles_task.py: the same directory layout, pairs from the
 samples of --model, an existing chat model.)
 
 train_rm.py and train_ppo.py call `ensure_task` when the task directory is missing, so a user
@@ -193,24 +193,13 @@ def bootstrap(task_dir: str, seed: int = 0, cfg: BootstrapConfig = BootstrapConf
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="bootstrap a built-in task")
-    ap.add_argument("--task", choices=["digits", "principles"], default="digits",
-                    help="digits: the tiny-model task (its own SFT policy); principles: principle-following "
-                         "on everyday questions (nanopairwise/principles_task.py), pairs from --model's samples")
+    ap = argparse.ArgumentParser(description="bootstrap the built-in digit task (the principle-following "
+                                 "task: python -m nanopairwise.principles_task)")
     ap.add_argument("--out", default="runs/task", help="task directory to write")
     ap.add_argument("--seed", type=int, default=0, help="seed of everything the task draws")
-    ap.add_argument("--model", default=None, help="principles: HF directory of the initial policy (e.g. "
-                    "SmolLM2-135M-Instruct); default: a tiny random model (tests, plumbing)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on the same code path (plumbing only)")
     a = ap.parse_args(argv)
-    if a.task == "digits":
-        if a.model:
-            ap.error("--model: the digits task trains its own tiny policy; leave --model out")
-        return bootstrap(a.out, a.seed, BootstrapConfig.smoke() if a.smoke else BootstrapConfig())
-    from nanopairwise import principles_task  # (it imports this module)
-    cfg = principles_task.PrinciplesConfig.smoke() if a.smoke else principles_task.PrinciplesConfig()
-    return principles_task.bootstrap(a.out, a.model, a.seed, cfg)
-
+    return bootstrap(a.out, a.seed, BootstrapConfig.smoke() if a.smoke else BootstrapConfig())
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,7 @@
 """The principle-following task: everyday questions with checkable principles, for a real chat model.
 
-    python -m nanopairwise.bootstrap --task principles --model SMOLLM2_DIR --out runs/principles
-    python -m nanopairwise.bootstrap --task principles --out runs/principles_tiny --smoke   # tiny random model
+    python -m nanopairwise.principles_task --model SMOLLM2_DIR --out runs/principles
+    python -m nanopairwise.principles_task --out runs/principles_tiny --smoke   # tiny random model
 
 Why a second task (docs/DESIGN.md §4.2): the digit task is foreign to a pretrained chat model;
 following instructions such as "Answer in at most 12 words. Do not use any commas." is what such a
@@ -35,6 +35,7 @@ towards, and none exists for min_words or for answers with too few sentences.
 Everything is a function of the seed: one random.Random for the task, torch generators for samples.
 """
 
+import argparse
 import hashlib
 import json
 import os
@@ -205,3 +206,18 @@ def bootstrap(task_dir: str, model_dir: str = None, seed: int = 0, cfg: Principl
           f"{info['pairs']['test']:,} test pairs | initial policy on {found['n']} held-out prompts: oracle score "
           f"{found['oracle_score']:.3f} | pass rates {rates}", flush=True)
     return info
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="bootstrap the principle-following task")
+    ap.add_argument("--out", default="runs/principles", help="task directory to write")
+    ap.add_argument("--model", default=None, help="HF directory of the initial policy (e.g. SmolLM2-135M-Instruct); "
+                    "default: a tiny random model (tests, plumbing)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of everything the task draws")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes on the same code path (plumbing only)")
+    a = ap.parse_args(argv)
+    return bootstrap(a.out, a.model, a.seed, PrinciplesConfig.smoke() if a.smoke else PrinciplesConfig())
+
+
+if __name__ == "__main__":
+    main()
