@@ -76,7 +76,7 @@ from nanopairwise.judge import (JudgeTemplate, PairwiseJudge, encode_pair, encod
                                 verdict_token_ids)
 from nanopairwise.model import Block, Transformer
 from nanopairwise.policy import PolicyLogprobs, encode_prompt
-from nanopairwise.reward import RewardConfig, fill_anchors, measure_reward_norm, score_responses
+from nanopairwise.reward import RewardConfig, fill_anchors, initial_mean_score, measure_reward_norm, score_responses
 from nanopairwise.rollout import generate
 from nanopairwise.scalar_head import ScalarHeadModel, critic_inputs, critic_values
 from nanopairwise.tokenizer import Tokenizer
@@ -132,9 +132,16 @@ def get_args(argv=None):
     p.add_argument("--fused-head", action="store_true", help="LM head + log-prob in one kernel (no logits)")
     p.add_argument("--fsdp", action="store_true", help="under torchrun, shard every model with FSDP2 (else DDP)")
     # baseline fairness and critic warm-up
+    p.add_argument("--reward-norm", choices=["none", "init-std"], default="init-std",
+                   help="every arm: divide the score (after --reward-transform; bt: minus its mean) by its std over "
+                        "rollouts of the initial policy, so --kl-coef, --value-clip and --truncation-penalty are in "
+                        "the same units whatever the reward model (none: raw scores)")
     p.add_argument("--reward-norm-prompts", type=int, default=64,
-                   help="--reward bt: normalise r(x, y) by its mean and std over K rollouts of the initial "
-                        "policy on this many training prompts (all ranks), measured once (0 = raw scores)")
+                   help="training prompts (x K rollouts of the initial policy, all ranks) that measure the score's "
+                        "mean and std for --reward-norm and --critic-bias, once per run (kept in the checkpoint)")
+    p.add_argument("--critic-bias", choices=["zero", "init-mean"], default="init-mean",
+                   help="a fresh critic head's bias: 0, or the initial policy's mean score (measured with "
+                        "--reward-norm-prompts), so the first advantages carry no position term")
     p.add_argument("--critic-fresh-head", action="store_true",
                    help="--reward bt: a zero-initialised critic head instead of the reward model's own")
     p.add_argument("--critic-warmup-steps", type=int, default=0,
@@ -176,7 +183,7 @@ def validate_args(args):
         check_flag(args, name, lo=1)
     check_flag(args, "--anchor-samples", lo=2)                     # best of one is no ranking
     check_flag(args, "--lora-rank", lo=0)
-    check_flag(args, "--reward-norm-prompts", lo=0)
+    check_flag(args, "--reward-norm-prompts", lo=1)
     check_flag(args, "--critic-warmup-steps", lo=0)
     check_flag(args, "--lora-alpha", above=0)
     for name in ("--eval-every", "--save-every", "--truncation-penalty", "--kl-coef", "--vf-coef", "--value-clip"):
@@ -333,7 +340,8 @@ def make_experience(step_prompts, models, tok, args, run, device, generator):
     policy.train()
     experience = Experience(input_ids, attention_mask, rollout.response_mask, old_logprobs, ref_logprobs, values,
                             advantages, returns, critic_ids, critic_mask, critic_prefix_len)
-    means = {"reward/score": scores.mean(), "rollout/kl": kl.sum(1).mean(), "rollout/length": response_mask.sum(1).mean(),
+    score_var = losses.masked_moments(scores, torch.ones_like(scores), distributed=True)[1]   # over all ranks' rows
+    means = {"reward/score": scores.mean(), "reward/score_std": score_var.sqrt(), "rollout/kl": kl.sum(1).mean(), "rollout/length": response_mask.sum(1).mean(),
              "rollout/eos_rate": rollout.ended.float().mean(), "tokens": response_mask.sum()}
     if win is not None:
         means["rollout/win_rate"] = win.mean().to(device)
@@ -473,17 +481,26 @@ def train(args, rank, world_size, device, owns_pg, t_start):
     rm_head = args.reward == "bt" and args.critic == "standard" and not args.critic_fresh_head
     critic = (ScalarHeadModel.from_pretrained(os.path.join(ckpt, "critic"), dtype, device) if args.resume
               else ScalarHeadModel.from_pretrained(rm_dir, dtype, device, new_head=not rm_head))
-    if args.reward == "bt" and args.reward_norm_prompts and state.get("reward_norm") is None:
+    # ---- anchors (fixed for the run; stored in the checkpoint), before anything scores against them
+    step = state["step"]
+    for prompt, anchor in zip(train_prompts + eval_prompts, state["anchors"] or []):   # best-of-N ones too
+        prompt.anchor = anchor
+    fill_anchors(train_prompts + eval_prompts, policy, judge, tok, run.judge_template, args.anchor_samples,
+                 args.max_new_tokens, args.temperature, args.seed, device)
+    fresh_bias = args.critic_bias == "init-mean" and not rm_head
+    if (args.reward_norm == "init-std" or fresh_bias) and state.get("reward_norm") is None:
         with lora.adapters_disabled(policy.lm):                     # LoRA: the base weights are the reference
             initial_lm = policy.lm if args.lora_rank else ref.lm
             state["reward_norm"] = measure_reward_norm(
-                initial_lm, rm, args.bt_rm, tok, train_prompts, run.reward, args.reward_norm_prompts,
+                initial_lm, rm, rm_dir, tok, train_prompts, run.reward, args.reward_norm_prompts,
                 args.samples_per_prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed, device)
-        print0(f"BT reward normalisation over {state['reward_norm']['n']} initial-policy rollouts: "
-               f"mean {state['reward_norm']['mean']:.4f}, std {state['reward_norm']['std']:.4f}")
-    run.reward.norm = state.get("reward_norm") if args.reward == "bt" else None
+        print0(f"initial policy's score over {state['reward_norm']['n']} rollouts: mean {state['reward_norm']['mean']:.4f}, "
+               f"std {state['reward_norm']['std']:.4f}, truncated {state['reward_norm']['truncated']:.3f}")
+    run.reward.norm = state.get("reward_norm") if args.reward_norm == "init-std" else None
     if rm_head and run.reward.norm and not args.resume:
         critic.normalize_head_(run.reward.norm["mean"], run.reward.norm["std"])   # V in the reward's units
+    if fresh_bias and not args.resume:
+        critic.score_head.bias.fill_(initial_mean_score(state["reward_norm"], run.reward, args.truncation_penalty))
     # under torchrun: trained models DDP-wrapped or FSDP2-sharded, frozen ones sharded too with FSDP
     policy_dp = wrap_data_parallel(policy, args.fsdp, Block, device)
     critic_dp = wrap_data_parallel(critic, args.fsdp, Block, device)
@@ -497,12 +514,6 @@ def train(args, rank, world_size, device, owns_pg, t_start):
     if args.resume:
         ppo_checkpoint.load_optimizers(ckpt, optimizers, args.fsdp, rank)
 
-    # ---- anchors (fixed for the run; stored in the checkpoint) --------------------------------
-    step = state["step"]
-    for prompt, anchor in zip(train_prompts + eval_prompts, state["anchors"] or []):   # best-of-N ones too
-        prompt.anchor = anchor
-    fill_anchors(train_prompts + eval_prompts, policy, judge, tok, run.judge_template, args.anchor_samples,
-                 args.max_new_tokens, args.temperature, args.seed, device)
     models = Models(policy_dp, ref, critic_dp, rm)
     print0(f"PPO | reward {args.reward} ({args.reward_transform}, symmetric={args.symmetric}) | critic {args.critic} | "
            f"{len(train_prompts):,} prompts | {args.prompts_per_step}x{args.samples_per_prompt} samples/step | "

@@ -100,6 +100,15 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = 
     raise ValueError(f"unknown KL estimator {kind!r}; choose k1, k2 or k3")
 
 
+def exact_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """KL(pi || pi_ref) of each position's whole next-token distribution, not a sampled estimate:
+    sum_v pi(v) (log pi(v) - log pi_ref(v)) over the last dim of two log-distributions (..., V).
+    Tokens with pi(v) = 0 contribute 0; >= 0 up to rounding."""
+    p = logprobs.exp()
+    terms = torch.where(p > 0, p * (logprobs - ref_logprobs), torch.zeros_like(p))
+    return terms.sum(-1)
+
+
 def token_kl(logprobs: torch.Tensor, ref_logprobs: Optional[torch.Tensor], valid: torch.Tensor,
              kind: str = "k3") -> Optional[torch.Tensor]:
     """Per-token kl_estimate(logprobs, ref_logprobs), 0 where `valid` is False; None without a
@@ -261,19 +270,20 @@ def transform_score(win_prob: torch.Tensor, kind: str = "prob", eps: float = 1e-
     raise ValueError(f"unknown reward transform {kind!r}; choose prob, centered or logit")
 
 
-def normalize_scores(scores: torch.Tensor, norm: Optional[dict]) -> torch.Tensor:
-    """(r - mu) / sigma, the BT baseline's reward in units of the initial policy's spread.
+def normalize_scores(scores: torch.Tensor, norm: Optional[dict], center: bool = True) -> torch.Tensor:
+    """(r - mu) / sigma (`center`), or r / sigma: a score in units of the initial policy's spread.
 
-    A BT score is defined up to an additive constant and its scale is whatever the RM learned,
-    while the KL coefficient and truncation penalty are set for a probability in [0, 1]. mu and
-    sigma are the mean and std of r(x, y) over rollouts of the initial policy, measured once
-    (`norm = {"mean": mu, "std": sigma}`; None: raw scores). Afterwards the initial policy's
-    rewards have mean 0 and std 1, as in OpenRLHF's normalize_reward / the N+ details' reward
-    normalisation.
+    The KL coefficient, the value clip and the truncation penalty are in the reward's units, and
+    those differ by reward model: a BT score's scale is whatever the RM learned (and its offset is
+    arbitrary: `center`), a win probability's spread over the initial policy's samples is ~0.1.
+    mu and sigma are the mean and std of the score over rollouts of the initial policy, measured
+    once (`norm = {"mean": mu, "std": sigma, ...}`; None: raw scores). Afterwards the initial
+    policy's rewards have std 1 (and mean 0 with `center`), as in OpenRLHF's normalize_reward / the
+    N+ details' reward normalisation.
     """
     if norm is None:
         return scores
-    return (scores - norm["mean"]) / max(norm["std"], 1e-8)
+    return (scores - norm["mean"] if center else scores) / max(norm["std"], 1e-8)
 
 
 def shape_rewards(scores: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor = None,

@@ -5,6 +5,7 @@
     python scripts/compare.py --seeds 0 1 2 3 4 --jobs 2   # two seeds at a time, one thread each
     python scripts/compare.py --smoke              # tiny task and runs: checks the plumbing (the test)
     python scripts/compare.py --plot-only          # redraw the figure from finished run dirs, no training
+    python scripts/compare.py --kl-coefs 0.02 0.05 0.2 0.5 --jobs 2   # the KL frontier: every arm at each coefficient
 
 Per seed, in RUN_DIR/seed<S> (a finished stage is skipped, so an interrupted run continues):
   task/         bootstrap: tokenizer, SFT policy, preference pairs, RL prompts (nanopairwise/bootstrap.py)
@@ -13,6 +14,13 @@ Per seed, in RUN_DIR/seed<S> (a finished stage is skipped, so an interrupted run
   ppo_bt/       train_ppo.py --reward bt: normalised BT scalar reward, standard critic from the RM
   ppo_bt-anchor/ train_ppo.py --reward bt-anchor: the BT model's win probability against the same
                 anchor, sigmoid(r(x, y) - r(x, y*)), standard critic; every other setting shared
+With --kl-coefs, every arm runs at each coefficient instead, in RUN_DIR/seed<S>/kl<C>/ppo_<reward>/
+(the seed's task and reward models shared), and the report is the KL frontier: held-out oracle score
+and oracle win rate against the exact held-out KL (nanopairwise/evaluation.py), per arm, and the
+arms compared at matched KL (each seed's frontier interpolated at --kl-levels; frontier_tables),
+with the figure docs/frontier.png (plot.plot_frontier). Runs are ordered coefficient by
+coefficient, so an interrupted sweep has whole coefficients; rerunning continues it (a run
+directory without eval.json is started again from scratch).
 The bt-anchor arm separates the judge from the anchor: it has Pairwise-RL's bounded, anchor-relative
 reward but a scalar RM. All PPO runs start from the same SFT policy and are evaluated on the same held-out prompts with the
 same sampling seed, so "before" is shared. Everything is measured against the task's oracle.
@@ -33,6 +41,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import statistics
 import sys
 import time
@@ -44,6 +53,7 @@ import train_ppo
 import train_rm
 from nanopairwise.bootstrap import BootstrapConfig, bootstrap, task_paths
 from nanopairwise.common import atomic_write_text
+from nanopairwise.evaluation import value_at
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIGURE = os.path.join(ROOT, "docs", "compare.png")
@@ -54,6 +64,10 @@ METHODS = {"Pairwise-RL (generative judge + pairwise PPO)": ("judge", "ppo_pairw
            "BT anchor win prob (BT RM, sigmoid(r(y) - r(y*)) + standard PPO)": ("bt", "ppo_bt-anchor")}
 REWARDS = ("pairwise", "bt", "bt-anchor")  # train_ppo.py --reward, one PPO run each
 
+FRONTIER = os.path.join(ROOT, "docs", "frontier.png")
+FRONTIER_MD = ("\n![Held-out oracle score and oracle win rate against the exact held-out KL, one curve per arm "
+               "(scripts/compare.py --kl-coefs)](docs/frontier.png)\n\n")
+ARMS = {"ppo_pairwise": "Pairwise-RL", "ppo_bt": "BT + standard PPO", "ppo_bt-anchor": "BT anchor win prob"}
 README_START, README_END = "<!-- compare:start -->", "<!-- compare:end -->"
 SMOKE_RM = ["--max-steps", "2", "--batch-size", "8"]
 SMOKE_PPO = ["--steps", "2", "--prompts-per-step", "4", "--samples-per-prompt", "2", "--max-new-tokens", "8",
@@ -71,6 +85,11 @@ def get_args(argv=None):
                    help="seeds run in parallel, each in its own process with cores/jobs threads (a tiny model "
                         "gains little from a second thread, so 2 jobs on 2 cores nearly halve the time)")
     p.add_argument("--ppo-args", default="", help="extra train_ppo.py flags for every arm, e.g. '--steps 60'")
+    p.add_argument("--kl-coefs", type=float, nargs="+", default=None,
+                   help="run every arm at each of these --kl-coef values (the KL frontier) instead of once")
+    p.add_argument("--kl-levels", type=float, nargs="+", default=None,
+                   help="KL values at which the arms are compared, each seed's frontier interpolated (default: "
+                        "three, evenly spaced in log KL inside the range every seed and arm reached)")
     p.add_argument("--plot-only", action="store_true",
                    help="only redraw the figure from the finished run directories under --run-dir (no training)")
     args = p.parse_args(argv)
@@ -81,6 +100,10 @@ def get_args(argv=None):
                       os.path.exists(results_json) else [0, 1, 2])
     if args.jobs < 1:
         p.error(f"--jobs must be >= 1, got {args.jobs}")
+    if args.kl_coefs and (min(args.kl_coefs) < 0 or len(set(args.kl_coefs)) < len(args.kl_coefs)):
+        p.error(f"--kl-coefs must be distinct and >= 0, got {args.kl_coefs}")
+    if "--kl-coef" in args.ppo_args.split() and args.kl_coefs:
+        p.error("--ppo-args sets --kl-coef, which --kl-coefs sets per run; leave it out")
     return args
 
 
@@ -90,18 +113,32 @@ def _worker_threads(threads: int):
     torch.set_num_threads(threads)
 
 
-def run_seeds(args) -> dict:
-    """{seed: run_seed(seed)} in order; --jobs > 1 runs the seeds in a pool of spawned processes."""
-    if args.jobs == 1 or len(args.seeds) == 1:
-        return {seed: run_seed(seed, args) for seed in args.seeds}
-    jobs = min(args.jobs, len(args.seeds))
+def pool_map(fn, arglist: list, jobs: int) -> list:
+    """[fn(*a) for a in arglist], in a pool of `jobs` spawned processes (cores / jobs threads each)."""
+    if jobs == 1 or len(arglist) == 1:
+        return [fn(*a) for a in arglist]
+    jobs = min(jobs, len(arglist))
     threads = max(1, (os.cpu_count() or 1) // jobs)
     with multiprocessing.get_context("spawn").Pool(jobs, _worker_threads, (threads,)) as pool:
-        return dict(zip(args.seeds, pool.starmap(run_seed, [(seed, args) for seed in args.seeds], chunksize=1)))
+        return pool.starmap(fn, arglist, chunksize=1)
 
 
-def run_seed(seed, args) -> dict:
-    """All stages for one seed; returns {"judge": eval, "bt": eval, "ppo_<reward>": history for each of REWARDS}."""
+def run_seeds(args) -> dict:
+    """{seed: {"judge": eval, "bt": eval, "ppo_<reward>": history, ...}}: every seed's task and reward
+    models first (prepare_seed, a seed per job), then every PPO run (run_arm, a run per job): once
+    per arm, or with --kl-coefs at each coefficient, coefficient by coefficient, under "frontier"."""
+    results = dict(zip(args.seeds, pool_map(prepare_seed, [(s, args) for s in args.seeds], args.jobs)))
+    units = [(seed, coef, reward, args) for coef in args.kl_coefs or [None] for seed in args.seeds
+             for reward in REWARDS]
+    for (seed, coef, reward, _), history in zip(units, pool_map(run_arm, units, args.jobs)):
+        where = results[seed] if coef is None else results[seed].setdefault("frontier", {}).setdefault(f"{coef:g}", {})
+        where[f"ppo_{reward}"] = history
+    return results
+
+
+def prepare_seed(seed, args) -> dict:
+    """The seed's task (bootstrap) and both reward models (train_rm.py), each skipped if finished:
+    {"judge": eval, "bt": eval}."""
     run = os.path.join(args.run_dir, f"seed{seed}")
     task = os.path.join(run, "task")
     if not os.path.exists(task_paths(task)["info"]):
@@ -113,13 +150,20 @@ def run_seed(seed, args) -> dict:
             train_rm.main(["--objective", objective, "--task-dir", task, "--out-dir", path, "--seed", str(seed)]
                           + (SMOKE_RM if args.smoke else []))
         out[name] = json.load(open(os.path.join(path, "eval.json")))
-    for reward in REWARDS:
-        path = os.path.join(run, f"ppo_{reward}")
-        if not os.path.exists(os.path.join(path, "eval.json")):
-            train_ppo.main(["--run-dir", run, "--reward", reward, "--seed", str(seed), "--out-dir", path]
-                           + (SMOKE_PPO if args.smoke else []) + args.ppo_args.split())
-        out[f"ppo_{reward}"] = json.load(open(os.path.join(path, "eval.json")))
     return out
+
+
+def run_arm(seed, coef, reward, args) -> dict:
+    """One PPO run of the seed (--kl-coef `coef`, None: train_ppo.py's default): its eval.json,
+    trained unless there; an unfinished run directory (no eval.json) is started again."""
+    run = os.path.join(args.run_dir, f"seed{seed}")
+    path = os.path.join(run, f"ppo_{reward}" if coef is None else f"kl{coef:g}/ppo_{reward}")
+    if not os.path.exists(os.path.join(path, "eval.json")):
+        shutil.rmtree(path, ignore_errors=True)
+        train_ppo.main(["--run-dir", run, "--reward", reward, "--seed", str(seed), "--out-dir", path]
+                       + ([] if coef is None else ["--kl-coef", f"{coef:g}"])
+                       + (SMOKE_PPO if args.smoke else []) + args.ppo_args.split())
+    return json.load(open(os.path.join(path, "eval.json")))
 
 
 def mean_std(values, signed: bool = False) -> str:
@@ -132,12 +176,23 @@ def mean_std(values, signed: bool = False) -> str:
     return mean if len(values) == 1 else f"{mean} ± {statistics.stdev(values):.3f}"
 
 
-def table(results: dict, seconds: float, command: str = "python scripts/compare.py") -> str:
-    """The header line (seeds, machine, date, time, command), then body(results)."""
+def table(results: dict, seconds: float, command: str = "python scripts/compare.py", levels=None) -> str:
+    """The header line (seeds, machine, date, time, command), then report(results, levels)."""
     cpu = platform.processor() or platform.machine()
     head = (f"Seeds {', '.join(map(str, sorted(results)))} (mean ± std), {os.cpu_count()}-core CPU ({cpu}), torch "
             f"{torch.__version__}, {datetime.date.today()}, {seconds / 60:.0f} min; produced by `{command}`.")
-    return head + "\n\n" + body(results)
+    return head + "\n\n" + report(results, levels)
+
+
+def is_frontier(results: dict) -> bool:
+    return any("frontier" in r for r in results.values())
+
+
+def report(results: dict, levels=None) -> str:
+    """The tables: the KL frontier's (at `levels`, default default_kl_levels) or the one-coefficient body."""
+    if is_frontier(results):
+        return frontier_tables(results, levels or default_kl_levels(results))
+    return body(results) + "\n" + rm_table(results)
 
 
 def body(results: dict) -> str:
@@ -171,6 +226,73 @@ def body(results: dict) -> str:
             + "\n".join(diffs) + "\n")
 
 
+def rm_table(results: dict) -> str:
+    """The reward models on held-out pairs (mean ± std over seeds): oracle accuracy, ECE over both
+    orientations of every pair, and the judge's position consistency beside its parts (judge.order_metrics)."""
+    seeds = sorted(results)
+    col = lambda rm, key: mean_std([results[s][rm].get(key) for s in seeds])
+    rows = []
+    for label, rm in (("generative pairwise judge", "judge"), ("Bradley-Terry RM", "bt")):
+        parts = ([col(rm, "independent_consistency"), f"{col(rm, 'accuracy_chosen_first')} / "
+                  f"{col(rm, 'accuracy_chosen_second')}", col(rm, "yes_rate")] if rm == "judge"
+                 else ["1 (by construction)", "—", "—"])
+        rows.append("| " + " | ".join([label, col(rm, "oracle_accuracy"), col(rm, "ece"),
+                                       col(rm, "position_consistency"), *parts]) + " |")
+    return ("| reward model | oracle accuracy | ECE (both orientations) | position consistency | consistency if the "
+            "orders erred independently | accuracy chosen first / second | Yes rate |\n|---|---|---|---|---|---|---|\n"
+            + "\n".join(rows) + "\n")
+
+
+def frontier_points(results: dict, seed, arm: str, key: str) -> list:
+    """[(held-out KL, held-out `key`), ...] after PPO, one per --kl-coefs value the seed's arm finished."""
+    runs = results[seed].get("frontier", {}).values()
+    return [(r[arm]["after"]["kl"], r[arm]["after"][key]) for r in runs if arm in r and r[arm]["after"].get(key) is not None]
+
+
+def default_kl_levels(results: dict, n: int = 3) -> list:
+    """n KL values evenly spaced in log KL inside the range that every seed's every arm reached
+    (so each is read off every frontier by interpolation, never extrapolated); [] if there is none."""
+    ranges = [[kl for kl, _ in frontier_points(results, s, arm, "oracle_score")] for s in results for arm in ARMS]
+    if not all(ranges):
+        return []
+    lo, hi = max(max(min(r), 1e-3) for r in ranges), min(max(r) for r in ranges)
+    if lo >= hi:
+        return []
+    return [float(f"{lo * (hi / lo) ** f:.2g}") for f in ((0.5 + i) / n for i in range(n))]
+
+
+def frontier_tables(results: dict, levels: list) -> str:
+    """Per coefficient, each arm's held-out KL, oracle score and win rate (mean ± std over seeds);
+    then, at each matched KL level, each arm's values read off its own per-seed frontier, and
+    Pairwise-RL minus each other arm (paired per seed, with on how many seeds it is ahead)."""
+    seeds = sorted(results)
+    coefs = sorted({c for s in seeds for c in results[s].get("frontier", {})}, key=float)
+    lines = ["| --kl-coef | arm | held-out KL | oracle score | oracle win rate |", "|---|---|---|---|---|"]
+    for c in coefs:
+        for arm, label in ARMS.items():
+            runs = [results[s]["frontier"][c][arm]["after"] for s in seeds if arm in results[s]["frontier"].get(c, {})]
+            lines.append(f"| {c} | {label} | " + " | ".join(mean_std([r.get(k) for r in runs]) if runs else "n/a"
+                                                             for k in ("kl", "oracle_score", "oracle_win_rate")) + " |")
+    before = lambda key: mean_std([next(iter(results[s]["frontier"].values()))["ppo_pairwise"]["before"][key]
+                                   for s in seeds])   # the initial policy, shared by every run of a seed
+    lines.append(f"\nBefore PPO: oracle score {before('oracle_score')}, oracle win rate {before('oracle_win_rate')}.")
+    others = list(ARMS)[1:]
+    for key, name in (("oracle_score", "oracle score"), ("oracle_win_rate", "oracle win rate")):
+        lines += [f"\nAt matched held-out KL, {name} (each seed's frontier interpolated linearly in KL; Pairwise-RL "
+                  "minus each other arm paired per seed):\n",
+                  "| KL | " + " | ".join(ARMS.values()) + " | " + " | ".join(f"Pairwise-RL − {ARMS[a]} | seeds ahead"
+                                                                    for a in others) + " |",
+                  "|---" * (1 + len(ARMS) + 2 * len(others)) + "|"]
+        for level in levels:
+            at = {arm: {s: value_at(frontier_points(results, s, arm, key), level) for s in seeds} for arm in ARMS}
+            cells = [mean_std(list(at[arm].values())) for arm in ARMS]
+            for arm in others:
+                d = [at["ppo_pairwise"][s] - at[arm][s] for s in seeds if None not in (at["ppo_pairwise"][s], at[arm][s])]
+                cells += [mean_std(d, signed=True) if d else "n/a", f"{sum(round(x, 6) > 0 for x in d)} of {len(d)}"]
+            lines.append(f"| {level:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n" + rm_table(results)
+
+
 def write_readme(text: str, path=os.path.join(ROOT, "README.md")):
     readme = open(path, encoding="utf-8").read()
     if README_START not in readme or README_END not in readme:
@@ -180,17 +302,24 @@ def write_readme(text: str, path=os.path.join(ROOT, "README.md")):
     atomic_write_text(path, f"{before}{README_START}\n{text}{README_END}{after}")
 
 
-def draw(args) -> list:
-    """The figure from the seeds' run directories: RUN_DIR/compare.png, and docs/compare.png unless --no-readme."""
-    groups = {label.split(" (")[0]: [os.path.join(args.run_dir, f"seed{s}", d) for s in args.seeds for d in dirs]
-              for label, dirs in METHODS.items()}
-    missing = [d for dirs in groups.values() for d in dirs if not os.path.exists(os.path.join(d, "metrics.jsonl"))]
-    if missing:
-        raise SystemExit(f"--plot-only: no finished runs in {', '.join(missing)}; run scripts/compare.py first")
-    title = f"built-in task, seeds {', '.join(map(str, args.seeds))}: Pairwise-RL vs the Bradley-Terry arms (scripts/compare.py)"
-    outs = [plot.plot_groups(groups, os.path.join(args.run_dir, "compare.png"), title)]
-    if not args.no_readme:
-        outs.append(plot.plot_groups(groups, FIGURE, title))
+def draw(args, results: dict = None) -> list:
+    """The figure: with frontier `results` the KL frontier (plot.plot_frontier: RUN_DIR/frontier.png,
+    and docs/frontier.png unless --no-readme), else the training curves from the seeds' run
+    directories (RUN_DIR/compare.png, and docs/compare.png)."""
+    seeds = ', '.join(map(str, args.seeds))
+    if results and is_frontier(results):
+        title = f"built-in task, seeds {seeds}: held-out oracle metrics vs exact held-out KL (scripts/compare.py --kl-coefs)"
+        outs = [plot.plot_frontier(results, os.path.join(args.run_dir, "frontier.png"), ARMS, title)]
+        outs += [] if args.no_readme else [plot.plot_frontier(results, FRONTIER, ARMS, title)]
+    else:
+        groups = {label.split(" (")[0]: [os.path.join(args.run_dir, f"seed{s}", d) for s in args.seeds for d in dirs]
+                  for label, dirs in METHODS.items()}
+        missing = [d for dirs in groups.values() for d in dirs if not os.path.exists(os.path.join(d, "metrics.jsonl"))]
+        if missing:
+            raise SystemExit(f"--plot-only: no finished runs in {', '.join(missing)}; run scripts/compare.py first")
+        title = f"built-in task, seeds {seeds}: Pairwise-RL vs the Bradley-Terry arms (scripts/compare.py)"
+        outs = [plot.plot_groups(groups, os.path.join(args.run_dir, "compare.png"), title)]
+        outs += [] if args.no_readme else [plot.plot_groups(groups, FIGURE, title)]
     for out in outs:
         print(f"wrote {out}")
     return outs
@@ -199,34 +328,38 @@ def draw(args) -> list:
 def main(argv=None):
     args = get_args(argv)
     results_md = os.path.join(args.run_dir, "results.md")
+    results_json = os.path.join(args.run_dir, "results.json")
     if args.plot_only:
-        outs = draw(args)
+        results = ({int(k): v for k, v in json.load(open(results_json)).items()} if os.path.exists(results_json)
+                   else None)
+        if results and set(args.seeds) - set(results):
+            raise SystemExit(f"--plot-only: {results_json} has no results for seeds "
+                             f"{sorted(set(args.seeds) - set(results))}; run scripts/compare.py with them")
+        subset = bool(results) and sorted(results) != sorted(args.seeds)
+        results = results and {s: results[s] for s in args.seeds}
+        outs = draw(args, results)
         if os.path.exists(results_md):  # the table of the same runs (printed; with the figure into the README)
             text = open(results_md, encoding="utf-8").read()
-            results_json = os.path.join(args.run_dir, "results.json")
-            if os.path.exists(results_json):  # re-rendered from the numbers of --seeds; time and command as they were
-                results = {int(k): v for k, v in json.load(open(results_json)).items()}
-                if set(args.seeds) - set(results):
-                    raise SystemExit(f"--plot-only: {results_json} has no results for seeds "
-                                     f"{sorted(set(args.seeds) - set(results))}; run scripts/compare.py with them")
+            if results:  # re-rendered from the numbers of --seeds; time and command as they were
                 head = text.split("\n\n", 1)[0]
-                if sorted(results) != sorted(args.seeds):
+                if subset:
                     head = re.sub(r"^Seeds [\d, ]+", f"Seeds {', '.join(map(str, args.seeds))} (of the runs below) ", head)
-                text = head + "\n\n" + body({s: results[s] for s in args.seeds})
+                text = head + "\n\n" + report(results, args.kl_levels)
             print("\n" + text)
             if not args.no_readme:
-                write_readme(text + FIGURE_MD)
+                write_readme(text + (FRONTIER_MD if results and is_frontier(results) else FIGURE_MD))
         return outs
     t0 = time.time()
     results = run_seeds(args)
-    text = table(results, time.time() - t0, shlex.join(["python", "scripts/compare.py"] + (argv if argv is not None else sys.argv[1:])))
+    text = table(results, time.time() - t0, shlex.join(["python", "scripts/compare.py"] + (argv if argv is not None else sys.argv[1:])),
+                 args.kl_levels)
     os.makedirs(args.run_dir, exist_ok=True)
-    atomic_write_text(os.path.join(args.run_dir, "results.json"), json.dumps(results, indent=2))
+    atomic_write_text(results_json, json.dumps(results, indent=2))
     atomic_write_text(results_md, text)
     print("\n" + text)
-    draw(args)  # without matplotlib this stops here; install it and rerun with --plot-only
+    draw(args, results)  # without matplotlib this stops here; install it and rerun with --plot-only
     if not args.no_readme:
-        write_readme(text + FIGURE_MD)
+        write_readme(text + (FRONTIER_MD if is_frontier(results) else FIGURE_MD))
     return results
 
 
