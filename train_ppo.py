@@ -341,7 +341,8 @@ def make_experience(step_prompts, models, tok, args, run, device, generator):
     experience = Experience(input_ids, attention_mask, rollout.response_mask, old_logprobs, ref_logprobs, values,
                             advantages, returns, critic_ids, critic_mask, critic_prefix_len)
     score_var = losses.masked_moments(scores, torch.ones_like(scores), distributed=True)[1]   # over all ranks' rows
-    means = {"reward/score": scores.mean(), "reward/score_std": score_var.sqrt(), "rollout/kl": kl.sum(1).mean(), "rollout/length": response_mask.sum(1).mean(),
+    means = {"reward/score": scores.mean(), "reward/score_std": score_var.sqrt(),
+             "critic/adv_position_corr": losses.position_correlation(advantages, response_mask, args.lam), "rollout/kl": kl.sum(1).mean(), "rollout/length": response_mask.sum(1).mean(),
              "rollout/eos_rate": rollout.ended.float().mean(), "tokens": response_mask.sum()}
     if win is not None:
         means["rollout/win_rate"] = win.mean().to(device)
@@ -500,7 +501,7 @@ def train(args, rank, world_size, device, owns_pg, t_start):
     if rm_head and run.reward.norm and not args.resume:
         critic.normalize_head_(run.reward.norm["mean"], run.reward.norm["std"])   # V in the reward's units
     if fresh_bias and not args.resume:
-        critic.score_head.bias.fill_(initial_mean_score(state["reward_norm"], run.reward, args.truncation_penalty))
+        critic.set_bias_(initial_mean_score(state["reward_norm"], run.reward, args.truncation_penalty))
     # under torchrun: trained models DDP-wrapped or FSDP2-sharded, frozen ones sharded too with FSDP
     policy_dp = wrap_data_parallel(policy, args.fsdp, Block, device)
     critic_dp = wrap_data_parallel(critic, args.fsdp, Block, device)

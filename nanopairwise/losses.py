@@ -63,6 +63,20 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, distributed: bool = False
     return (out * m).to(x.dtype)
 
 
+def position_correlation(advantages: torch.Tensor, mask: torch.Tensor, lam: float) -> torch.Tensor:
+    """Correlation over the masked tokens of the advantages with lam^(L-1-t), L the response's
+    length: the shape GAE gives a sequence score s that no value predicts, A_t = lam^(L-1-t) s.
+    Near 1 when the advantages are that artefact (a critic starting at V = 0 under a reward
+    averaging s > 0), near 0 when they carry only deviations from what the critic expects."""
+    m = mask.to(torch.float32)
+    t = torch.arange(m.size(1), device=m.device, dtype=torch.float32)
+    shape = lam ** (m.sum(1, keepdim=True) - 1 - t).clamp(min=0)                      # (B, T)
+    a_mean, a_var = masked_moments(advantages, m)
+    s_mean, s_var = masked_moments(shape, m)
+    cov = masked_mean((advantages.float() - a_mean) * (shape - s_mean), m)
+    return cov / (a_var * s_var).sqrt().clamp(min=1e-12)
+
+
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """1 - Var[returns - values] / Var[returns] over masked entries (1 = perfect critic)."""
     var_r = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)

@@ -202,3 +202,19 @@ def test_value_at_interpolates_inside_the_range_only():
     assert value_at(points, 0.3) == pytest.approx(0.65) and value_at(points, 0.75) == pytest.approx(0.8)
     assert value_at(points, 0.1) == pytest.approx(0.6) and value_at(points, 1.0) == pytest.approx(0.9)
     assert value_at(points, 0.05) is None and value_at(points, 1.5) is None   # no extrapolation
+
+
+def test_position_correlation_sees_the_zero_critic_artefact():
+    """A constant critic at 0 under a positive score: GAE's advantages are lam^(L-1-t) s, highly
+    correlated with that shape; a critic at the mean score leaves only s - mean, uncorrelated."""
+    g = torch.Generator().manual_seed(0)
+    B, T = 64, 20
+    lengths = torch.randint(8, T + 1, (B,), generator=g)
+    mask = (torch.arange(T)[None] < lengths[:, None]).float()
+    scores = 0.45 + 0.1 * torch.randn(B, generator=g)
+    rewards = losses.shape_rewards(scores, mask)
+    corr = {}
+    for name, bias in (("zero", 0.0), ("mean", scores.mean().item())):
+        advantages, _ = losses.gae_ref(rewards, torch.full((B, T), bias) * mask, mask, 1.0, 0.95)
+        corr[name] = losses.position_correlation(advantages, mask, 0.95).item()
+    assert corr["zero"] > 0.6 and abs(corr["mean"]) < 0.1, corr
