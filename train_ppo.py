@@ -494,7 +494,8 @@ def train(args, rank, world_size, device, owns_pg, t_start):
             initial_lm = policy.lm if args.lora_rank else ref.lm
             state["reward_norm"] = measure_reward_norm(
                 initial_lm, rm, rm_dir, tok, train_prompts, run.reward, args.reward_norm_prompts,
-                args.samples_per_prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed, device)
+                args.samples_per_prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed, device,
+                require_spread=args.reward_norm == "init-std")
         print0(f"initial policy's score over {state['reward_norm']['n']} rollouts: mean {state['reward_norm']['mean']:.4f}, "
                f"std {state['reward_norm']['std']:.4f}, truncated {state['reward_norm']['truncated']:.3f}")
     run.reward.norm = state.get("reward_norm") if args.reward_norm == "init-std" else None

@@ -83,14 +83,15 @@ def fill_anchors(prompts, policy, judge, tok, template, n: int, max_new_tokens: 
 
 @torch.no_grad()
 def measure_reward_norm(initial_lm, rm, rm_dir: str, tok, prompts, reward: RewardConfig, n_prompts: int, K: int,
-                        max_new_tokens: int, temperature: float, top_p: float, seed: int, device) -> dict:
+                        max_new_tokens: int, temperature: float, top_p: float, seed: int, device,
+                        require_spread: bool = True) -> dict:
     """Mean and std of the raw score (score_responses without a norm: the BT score r(x, y), or the
     transformed win probability) over K rollouts of the initial policy `initial_lm` on `n_prompts`
     of `prompts` (a seeded draw, split over the ranks; moments all-reduced), and the fraction of
     those rollouts cut off without EOS. 64 prompts x K=4 = 256 scores put the std within ~5%
     (relative standard error 1/sqrt(2n)) for the cost of two steps' rollouts. Returns {"mean",
-    "std", "truncated", "n"}; raises UserError when every score is equal (naming `rm_dir`, the
-    reward model's directory)."""
+    "std", "truncated", "n"}; with `require_spread` (the std will divide the scores) raises
+    UserError when every score is equal (naming `rm_dir`, the reward model's directory)."""
     world = get_world_size()
     n = min(n_prompts, len(prompts)) // world * world
     if n == 0:
@@ -104,7 +105,7 @@ def measure_reward_norm(initial_lm, rm, rm_dir: str, tok, prompts, reward: Rewar
     r = score_responses(rows, rollout.texts(tok), rm, tok, raw)[0].to(device)
     mean, var = losses.masked_moments(r, torch.ones_like(r), distributed=True)
     truncated = all_reduce_sum((~rollout.ended).float().sum().to(device)) / (n * K)
-    if not var.sqrt().item() > 1e-6:
+    if require_spread and not var.sqrt().item() > 1e-6:
         raise UserError(f"the reward model gives every one of {n * K} initial-policy rollouts the same score "
                         f"({mean.item():.4g}), so it cannot be normalised; check {rm_dir} (trained?) "
                         "or pass --reward-norm none")

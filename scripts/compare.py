@@ -71,7 +71,8 @@ ARMS = {"ppo_pairwise": "Pairwise-RL", "ppo_bt": "BT + standard PPO", "ppo_bt-an
 README_START, README_END = "<!-- compare:start -->", "<!-- compare:end -->"
 SMOKE_RM = ["--max-steps", "2", "--batch-size", "8"]
 SMOKE_PPO = ["--steps", "2", "--prompts-per-step", "4", "--samples-per-prompt", "2", "--max-new-tokens", "8",
-             "--eval-size", "4", "--ppo-epochs", "1"]
+             "--eval-size", "4", "--ppo-epochs", "1",
+             "--reward-norm", "none"]  # a 2-step BT model scores every response alike: no spread to divide by
 
 
 def get_args(argv=None):
@@ -258,7 +259,7 @@ def default_kl_levels(results: dict, n: int = 3) -> list:
     lo, hi = max(max(min(r), 1e-3) for r in ranges), min(max(r) for r in ranges)
     if lo >= hi:
         return []
-    return [float(f"{lo * (hi / lo) ** f:.2g}") for f in ((0.5 + i) / n for i in range(n))]
+    return sorted({float(f"{lo * (hi / lo) ** f:.2g}") for f in ((0.5 + i) / n for i in range(n))})
 
 
 def frontier_tables(results: dict, levels: list) -> str:

@@ -29,7 +29,7 @@ def test_compare_smoke_two_seeds_in_two_jobs(tmp_path):
     assert (run_dir / "seed0" / "task" / "pairs_train.jsonl").read_text() != \
         (run_dir / "seed1" / "task" / "pairs_train.jsonl").read_text()
     table = (run_dir / "results.md").read_text()
-    assert "Seeds 0, 1 (mean ± std)" in table and "--jobs 2" in table and table.count("\n| ") == 4 + 3  # head + 3 arms, paired head + 2
+    assert "Seeds 0, 1 (mean ± std)" in table and "--jobs 2" in table and table.count("\n| ") == 4 + 3 + 3  # head + 3 arms, paired head + 2, RM head + 2
     assert (run_dir / "compare.png").stat().st_size > 10_000
 
 
