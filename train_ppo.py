@@ -38,17 +38,20 @@ Our reading of the paper (its public text fixes few details); each is a flag:
   8. Separate AdamW optimisers for policy and critic; a joint backward of pg + vf_coef * v loss.
   9. Judge input: principle, then each response as the policy's own chat turn with its end-of-turn
      token, then the question (nanopairwise/judge.py JudgeTemplate; train_rm.py --question).
-  10. --critic-warmup-steps N: the first N steps train only the critic (default 0; the value head
-     starts at zero, so the first advantages use V = 0 for the pairwise critic).
+  10. Critic start: a fresh value head at the initial policy's mean score (--critic-bias init-mean;
+     zero: V = 0, which puts a position term in the first advantages); --critic-warmup-steps N
+     (default 0) trains only the critic for the first N steps. Chosen by measurement (README).
+  11. Reward scale: every arm's score divided by its std over the initial policy's rollouts
+     (--reward-norm init-std), so --kl-coef, --value-clip and --truncation-penalty are in one unit.
 Divergence guard (--max-kl, --max-ratio; 0 = off): the run stops with a message when the rollouts'
 mean sequence KL to the reference, or the updated policy's (k2, checked before every checkpoint),
 exceeds --max-kl (default 10 nats; the built-in main job ends near 0.4), or a token's ratio
 pi/pi_old exceeds --max-ratio. Bad inputs, NaNs and faults: docs/FAULTS.md.
 The baseline (--reward bt) is standard RLHF PPO: BT scalar reward normalised by its mean mu and std
 sigma over rollouts of the initial policy (measured once, kept in the checkpoint; the truncation
-penalty is then in those units), standard critic initialised from the reward model with its head
-(rescaled to the normalised units; --critic-fresh-head: a zero head), the same KL, GAE, whitening
-and losses. --reward bt-anchor separates the judge from the anchor: the BT model's win probability
+penalty is then in those units), standard critic from the reward model's trunk with a fresh head
+at the initial mean score like every arm's (--no-critic-fresh-head: the RM's own head, rescaled,
+as in InstructGPT; measured worse at the start, README), the same KL, GAE, whitening and losses. --reward bt-anchor separates the judge from the anchor: the BT model's win probability
 against the same anchor, bounded and anchor-relative like Pairwise-RL's reward but from a scalar RM,
 with the standard critic (trunk of the BT model, fresh head) unless --critic pairwise.
 """
@@ -142,8 +145,9 @@ def get_args(argv=None):
     p.add_argument("--critic-bias", choices=["zero", "init-mean"], default="init-mean",
                    help="a fresh critic head's bias: 0, or the initial policy's mean score (measured with "
                         "--reward-norm-prompts), so the first advantages carry no position term")
-    p.add_argument("--critic-fresh-head", action="store_true",
-                   help="--reward bt: a zero-initialised critic head instead of the reward model's own")
+    p.add_argument("--critic-fresh-head", action=argparse.BooleanOptionalAction, default=True,
+                   help="--reward bt: a fresh critic head (--critic-bias) like every arm's; --no-critic-fresh-head: "
+                        "the reward model's own head, rescaled to the normalised units")
     p.add_argument("--critic-warmup-steps", type=int, default=0,
                    help="the first N steps train only the critic (the policy's weights do not change)")
     # evaluation and runtime
@@ -477,8 +481,9 @@ def train(args, rank, world_size, device, owns_pg, t_start):
         judge.eval().requires_grad_(False)
     rm = judge if args.reward == "pairwise" else ScalarHeadModel.from_pretrained(rm_dir, dtype, device).eval()
     rm.requires_grad_(False)
-    # the BT critic starts as the RM, head included (InstructGPT, N+ details, OpenRLHF); the judge has no
-    # scalar head, and bt-anchor's probability is not affine in r, so those critics get a fresh zero head
+    # every critic gets a fresh head (--critic-bias); --no-critic-fresh-head starts the BT critic as the RM,
+    # head included (InstructGPT, N+ details, OpenRLHF): the judge has no scalar head, bt-anchor's
+    # probability is not affine in r
     rm_head = args.reward == "bt" and args.critic == "standard" and not args.critic_fresh_head
     critic = (ScalarHeadModel.from_pretrained(os.path.join(ckpt, "critic"), dtype, device) if args.resume
               else ScalarHeadModel.from_pretrained(rm_dir, dtype, device, new_head=not rm_head))
