@@ -138,8 +138,8 @@ def run_seeds(args) -> dict:
 
 
 def prepare_seed(seed, args) -> dict:
-    """The seed's task (bootstrap) and both reward models (train_rm.py), each skipped if finished:
-    {"judge": eval, "bt": eval}."""
+    """The seed's task (bootstrap) and both reward models (train_rm.py), each skipped if finished
+    (an RM directory without eval.json is started again): {"judge": eval, "bt": eval}."""
     run = os.path.join(args.run_dir, f"seed{seed}")
     task = os.path.join(run, "task")
     if not os.path.exists(task_paths(task)["info"]):
@@ -148,6 +148,7 @@ def prepare_seed(seed, args) -> dict:
     for objective, name in (("pairwise", "judge"), ("bt", "bt")):
         path = os.path.join(run, name)
         if not os.path.exists(os.path.join(path, "eval.json")):
+            shutil.rmtree(path, ignore_errors=True)                   # unfinished: start it again
             train_rm.main(["--objective", objective, "--task-dir", task, "--out-dir", path, "--seed", str(seed)]
                           + (SMOKE_RM if args.smoke else []))
         out[name] = json.load(open(os.path.join(path, "eval.json")))
