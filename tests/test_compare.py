@@ -54,4 +54,4 @@ def test_compare_kl_frontier_smoke(tmp_path):
         set(results["0"]["judge"])
     assert (run_dir / "frontier.png").stat().st_size > 10_000
     again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert again.returncode == 0 and "PPO |" not in again.stdout               # every stage was finished
+    assert again.returncode == 0 and "PPO | reward" not in again.stdout        # every stage was finished
