@@ -66,7 +66,7 @@ import torch.nn as nn
 import train_rm
 from nanopairwise import bootstrap, checkpoint, data, lora, losses, ops, ppo_checkpoint, tracking
 from nanopairwise.common import (DTYPES, MetricsLogger, Progress, atomic_write_text, clock, derive_seed, dumps_json,
-                                 parse_dtype, set_seed)
+                                 parse_dtype, set_seed, compute_precision)
 from nanopairwise.distributed import (all_reduce_sum, barrier, compute_cleanup, compute_init, gathered, get_world_size,
                                       mean_over_ranks, print0, shard_model, unwrap, wrap_data_parallel)
 from nanopairwise.evaluation import evaluate_policy
@@ -113,6 +113,9 @@ def get_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=24, help="response length limit R (tokens, EOS included)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (log-probs use the same)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--rollout-is-cap", type=float, default=2.0,
+                   help="truncated importance sampling: advantages times min(pi_old / pi_rollout, CAP) per token, "
+                        "for the rollout engine's bf16/compiled arithmetic (rollout/logprob_gap; 0 = off)")
     p.add_argument("--ppo-epochs", type=int, default=2, help="passes over each step's rollouts")
     p.add_argument("--minibatches", type=int, default=2, help="minibatches per PPO epoch")
     p.add_argument("--lr", type=float, default=None, help="policy AdamW learning rate (default by regime, "
@@ -144,7 +147,8 @@ def get_args(argv=None):
     p.add_argument("--eval-size", type=int, default=256, help="held-out prompts per evaluation")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0 = at the end)")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint")
-    p.add_argument("--dtype", default="float32", help="float32 or bfloat16 (weights and compute)")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 (weights and compute; LoRA adapters stay fp32) "
+                   "or bf16-mixed (fp32 weights, bf16 matmuls under autocast)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--seed", type=int, default=0,
                    help="random seed of every stream (data order, sampling, minibatches: common.derive_seed)")
@@ -189,6 +193,7 @@ def validate_args(args):
         check_flag(args, name, lo=0, hi=1)
     for name in ("--grad-clip", "--max-kl", "--max-ratio"):
         check_flag(args, name, above=0, zero_ok=True)
+    check_flag(args, "--rollout-is-cap", lo=1, zero_ok=True)
     if args.dtype not in DTYPES:
         raise UserError(f"--dtype {args.dtype}: choose one of {', '.join(DTYPES)}")
 
@@ -330,16 +335,21 @@ def make_experience(step_prompts, models, tok, args, run, device, generator):
     advantages, _ = losses.gae_ref(rewards, values, response_mask, args.gamma, args.lam)
     _, returns = losses.gae_ref(rewards, values, response_mask, args.gamma, args.value_lam)
     advantages = losses.masked_whiten(advantages, response_mask, distributed=True)      # over all ranks' tokens
+    if args.rollout_is_cap:  # the tokens came from the rollout engine's pi, not pi_old: truncated IS (verl's TIS)
+        advantages = advantages * (old_logprobs - rollout.logprobs).exp().clamp(max=args.rollout_is_cap)
     policy.train()
     experience = Experience(input_ids, attention_mask, rollout.response_mask, old_logprobs, ref_logprobs, values,
                             advantages, returns, critic_ids, critic_mask, critic_prefix_len)
+    # the sampler's arithmetic (bf16 snapshot, compiled kernels: rollout.py) against the training forward's
+    gap = (rollout.logprobs - old_logprobs).abs() * response_mask
     means = {"reward/score": scores.mean(), "rollout/kl": kl.sum(1).mean(), "rollout/length": response_mask.sum(1).mean(),
+             "rollout/logprob_gap": gap.sum() / response_mask.sum().clamp(min=1), "rollout/logprob_gap_max": gap.max(),
              "rollout/eos_rate": rollout.ended.float().mean(), "tokens": response_mask.sum()}
     if win is not None:
         means["rollout/win_rate"] = win.mean().to(device)
     stats = dict(zip(means, torch.stack([v.float() for v in means.values()]).tolist()))   # one host sync
     stats.update({"tokens": int(stats["tokens"]), "perf/rollout_s": t1 - t0, "perf/score_s": t2 - t1,
-                  "perf/forward_s": t3 - t2})
+                  "perf/forward_s": t3 - t2, "perf/rollout_compile_s": rollout.compile_s})
     return experience, stats
 
 
@@ -409,7 +419,7 @@ def main(argv=None):
     _, rank, _, world_size, device = compute_init(args.device)
     check_divides(args.prompts_per_step, "--prompts-per-step", world_size)
     check_out_dir(args.out_dir)
-    with claim_out_dir(args.out_dir):                               # one run per --out-dir
+    with claim_out_dir(args.out_dir), compute_precision(args.dtype, device):  # one run per --out-dir
         return train(args, rank, world_size, device, owns_pg, t_start)
 
 

@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nanopairwise import bootstrap, checkpoint, data, lora, tracking
 from nanopairwise.common import (DTYPES, MetricsLogger, Progress, atomic_dir, atomic_torch_save, atomic_write_text,
-                                 dumps_json, get_rng_state, parse_dtype, set_rng_state, set_seed)
+                                 dumps_json, get_rng_state, compute_precision, parse_dtype, set_rng_state, set_seed)
 from nanopairwise.distributed import all_reduce_sum, compute_cleanup, compute_init, print0
 from nanopairwise.guards import (UserError, check_divides, check_finite, check_flag, check_input_file,
                                  check_length, check_model_dir, check_out_dir, check_rows, claim_out_dir, cli_main)
@@ -86,7 +86,8 @@ def get_args(argv=None):
     p.add_argument("--consistency-coef", type=float, default=0.0,
                    help="pairwise: add this times (p(a > b) - (1 - p(b > a)))^2 over the two orders of each pair")
     # runtime
-    p.add_argument("--dtype", default="float32", help="float32 or bfloat16 (weights and compute)")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 (weights and compute; LoRA adapters stay fp32) "
+                   "or bf16-mixed (fp32 weights, bf16 matmuls under autocast)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--seed", type=int, default=0,
                    help="random seed: the data order, LoRA initialisation and the built-in task (if bootstrapped here)")
@@ -233,7 +234,7 @@ def main(argv=None):
         check_input_file(args.eval_data, "--eval-data")
     check_out_dir(args.out_dir)
     ckpt_dir = os.path.join(args.out_dir, "checkpoint")
-    with claim_out_dir(args.out_dir):                               # one run per --out-dir
+    with claim_out_dir(args.out_dir), compute_precision(args.dtype, device):  # one run per --out-dir
         return train(args, ddp, rank, world_size, device, owns_pg, ckpt_dir)
 
 
