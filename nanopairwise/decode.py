@@ -7,10 +7,12 @@
 A batch-1 decode step is a chain of matrix-vector products that stream every weight once, so its
 time is set by bytes read: fusing q/k/v and gate/up makes 4 matmuls a layer of 7 (fewer, larger
 reads), bf16 weights halve the bytes on CPUs with native bf16 dot products (AVX512-BF16 or AMX;
-`cpu_has_bf16`), and torch.compile folds the few hundred small ops a layer (norms, RoPE, softmax,
-cache writes, sampling) into a handful of kernels. The step has fixed shapes (StaticKVCache: all
-S_max slots every step, the unfilled ones masked), so one graph serves every step; on CUDA it is
-compiled with mode="reduce-overhead" (CUDA graphs: one launch per step).
+`cpu_has_bf16`), and torch.compile folds the few dozen small ops a layer (norms, RoPE, softmax,
+cache writes) and the sampler into a handful of kernels. The step has fixed shapes (StaticKVCache:
+all S_max slots every step, the unfilled ones masked), so one graph serves every step. On CUDA the
+whole step is compiled with mode="reduce-overhead" (CUDA graphs: one launch per step); on a CPU,
+where a launch is a function call, each layer is (regional compilation: all layers share one
+compiled code, so compiling costs about one layer's time, not L).
 
 The snapshot is refreshed in place when the model's weights change (parameter versions), so the
 compiled graph (and a CUDA graph's addresses) survive PPO updates. Compiling costs tens of seconds
@@ -27,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanopairwise.kv_cache import StaticKVCache
+from nanopairwise.kv_cache import LayerKV, StaticKVCache
 from nanopairwise.model import apply_rope, attend, rms_norm, rope_cos_sin
 
 COMPILE_MIN_PARAMS = 20_000_000  # compile (and use bf16 on a bf16 CPU) from this size up; see docs/BENCHMARKS.md
@@ -70,8 +72,13 @@ class DecodeLayer(nn.Module):
         for name, shape in shapes.items():
             self.register_buffer(name, torch.empty(shape, dtype=dtype, device=device), persistent=False)
         self.bqkv, self.bo = getattr(self, "bqkv", None), getattr(self, "bo", None)
+        self.kv = None  # LayerKV, from allocate()
 
-    def forward(self, x, cos, sin, mask, cache, i, slots):
+    def allocate(self, batch_size: int, max_len: int):
+        w = self.wqkv
+        self.kv = LayerKV(batch_size, self.Hkv, max_len, self.D, w.dtype, w.device)
+
+    def forward(self, x, cos, sin, mask, slots):
         B, T, _ = x.shape
         qkv = F.linear(rms_norm(x, self.norm1, self.eps), self.wqkv, self.bqkv)  # (B, T, (H + 2 Hkv) D)
         q, k, v = qkv.view(B, T, -1, self.D).split([self.H, self.Hkv, self.Hkv], dim=2)  # (B, T, h, D)
@@ -79,7 +86,7 @@ class DecodeLayer(nn.Module):
             q, k = rms_norm(q, self.q_norm, self.eps), rms_norm(k, self.k_norm, self.eps)
         q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, H, T, D)
         k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, Hkv, T, D)
-        k, v = cache.update(i, slots, k, v.transpose(1, 2))  # (B, Hkv, S_max, D)
+        k, v = self.kv.update(slots, k, v.transpose(1, 2))  # (B, Hkv, S_max, D)
         y = attend(q, k, v, mask).transpose(1, 2).reshape(B, T, self.H * self.D)
         x = x + F.linear(y, self.wo, self.bo)
         gate, up = F.linear(rms_norm(x, self.norm2, self.eps), self.w_gate_up).chunk(2, dim=-1)
@@ -108,6 +115,9 @@ class Decoder(nn.Module):
         self.register_buffer("lm_head", head, persistent=False)
         self.register_buffer("inv_freq", model.inv_freq.to(device), persistent=False)
         self.cache, self.version, self.steps, self.compile_s = None, None, {}, 0.0
+        if compile and device.type != "cuda":  # regional compilation (step_fn): the layers' call is compiled
+            for layer in self.layers:
+                layer.compile(fullgraph=True, dynamic=False)
 
     @torch.no_grad()
     def refresh(self, model):
@@ -144,37 +154,54 @@ class Decoder(nn.Module):
         if sw is not None and length > sw:
             raise NotImplementedError(f"sequence of {length} tokens exceeds sliding_window={sw}")
         if self.cache is None or (self.cache.batch_size, self.cache.max_len) != (batch_size, S):
-            self.cache = StaticKVCache(self.cfg, batch_size, S, self.dtype, self.embed.device)
+            self.cache = StaticKVCache(batch_size, S, self.embed.device)
+            for layer in self.layers:
+                layer.allocate(batch_size, S)
         self.cache.reset()
 
-    def forward(self, ids, slots, real):
-        """ids (B, T) written at cache `slots` (T,), real (B, T) bool -> logits (B, V) fp32 of the last."""
+    def hidden(self, ids, slots, real, eager=False):
+        """ids (B, T) written at cache `slots` (T,), real (B, T) bool -> the last position's hidden
+        state (B, C). eager: call each layer's forward itself, past its compiled wrapper (prefill)."""
         cos, sin = rope_cos_sin(self.inv_freq, self.cache.positions(real), self.dtype)  # (B, T, D)
         mask = self.cache.attention_mask(slots, real)  # (B, 1, T, S_max)
         x = F.embedding(ids, self.embed)  # (B, T, C)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, self.cache, i, slots)
-        return F.linear(rms_norm(x[:, -1], self.norm, self.cfg.rms_norm_eps), self.lm_head).float()
+        for layer in self.layers:
+            x = (layer.forward if eager else layer)(x, cos, sin, mask, slots)
+        return x[:, -1]
+
+    def sample(self, sampling, x, u):
+        """Final norm, LM head (fp32 logits) and the sampler on hidden states x (B, C)."""
+        logits = F.linear(rms_norm(x, self.norm, self.cfg.rms_norm_eps), self.lm_head).float()  # (B, V)
+        return sampling(logits, u)
 
     def prefill(self, ids, mask, sampling, u):
         """The prompts (B, P), left-padded, in one eager forward: their first tokens and log-probs."""
         slots = torch.arange(ids.size(1), device=ids.device)
-        return sampling(self(ids, slots, mask.bool()), u)
+        return self.sample(sampling, self.hidden(ids, slots, mask.bool(), eager=True), u)
 
     def step(self, sampling, tokens, real, slot, u):
         """One token for every row: tokens (B,) fed at `slot` (1,), real (B,) bool -> (tokens, logprobs)."""
         key = (sampling, tokens.size(0), self.cache.max_len)
-        if key not in self.steps:
-            fn = lambda *a: sampling(self(*a[:3]), a[3])  # noqa: E731
-            if self.compile:
-                mode = "reduce-overhead" if tokens.is_cuda else None
-                fn = torch.compile(fn, mode=mode, fullgraph=True, dynamic=False)
-            t0 = time.perf_counter()
-            out = fn(tokens[:, None], slot, real[:, None], u)  # the first call compiles
-            self.compile_s += (time.perf_counter() - t0) if self.compile else 0.0
-            self.steps[key] = fn
-            return out
-        return self.steps[key](tokens[:, None], slot, real[:, None], u)
+        if key in self.steps:
+            return self.steps[key](tokens, real, slot, u)
+        self.steps[key] = fn = self.step_fn(sampling)
+        t0 = time.perf_counter()
+        out = fn(tokens, real, slot, u)  # the first call compiles
+        self.compile_s += (time.perf_counter() - t0) if self.compile else 0.0
+        return out
+
+    def step_fn(self, sampling):
+        """The decode step for these sampling settings. Compiled on CUDA as a whole (one CUDA graph);
+        on a CPU per layer (every layer runs the same compiled code: ~1/L of the compile time) plus
+        the head and sampler, with a few small eager ops between (positions, mask, RoPE angles)."""
+        def step(tokens, real, slot, u):
+            return self.sample(sampling, self.hidden(tokens[:, None], slot, real[:, None]), u)
+        if not self.compile:
+            return step
+        if self.embed.is_cuda:
+            return torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+        head = torch.compile(lambda x, u: self.sample(sampling, x, u), fullgraph=True, dynamic=False)
+        return lambda tokens, real, slot, u: head(self.hidden(tokens[:, None], slot, real[:, None]), u)
 
 
 _decoders = weakref.WeakKeyDictionary()  # model -> {(dtype, compile): Decoder}

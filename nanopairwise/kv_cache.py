@@ -8,8 +8,8 @@ t-th token to the same slot and all rows share one slot counter; finished rows k
 
   KVCache        the filled prefix [0, length): shapes grow by one slot per step (eager only);
   StaticKVCache  all S_max slots, the unfilled ones masked: every step has the same shapes, so one
-                 compiled graph (and on CUDA one CUDA graph) serves every step. Slots are written
-                 with `index_copy_` at a slot tensor, so no step reads a position back to the host.
+  + LayerKV      compiled graph (and on CUDA one CUDA graph) serves every step. Slots are written
+                 at a slot tensor, so no step reads a position back to the host.
 """
 
 import torch
@@ -36,18 +36,31 @@ class KVCache:
         return self.k[layer_idx][:, :, :end], self.v[layer_idx][:, :, :end]
 
 
-class StaticKVCache(nn.Module):
-    """Fixed-shape cache for the compiled decode step. Buffers (not plain tensors) so that
-    torch.compile treats them as state with fixed addresses, which CUDA graphs need.
+class LayerKV(nn.Module):
+    """One layer's fixed-shape K/V buffers (B, Hkv, S_max, D), owned by that layer (decode.py), so
+    the compiled layer code is the same for every layer. Buffers (not plain tensors) so that
+    torch.compile treats them as state with fixed addresses, which CUDA graphs need."""
 
-    k, v: (L, B, Hkv, S_max, D); key_mask (B, S_max) bool; next_pos (B,) long.
-    """
-
-    def __init__(self, cfg, batch_size: int, max_len: int, dtype, device):
+    def __init__(self, batch_size: int, num_kv_heads: int, max_len: int, head_dim: int, dtype, device):
         super().__init__()
-        shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        shape = (batch_size, num_kv_heads, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, slots, k, v):
+        """Write k, v (B, Hkv, T, D) at `slots` (T,) (an in-place index_put, also when compiled);
+        return all S_max slots."""
+        self.k[:, :, slots] = k
+        self.v[:, :, slots] = v
+        return self.k, self.v
+
+
+class StaticKVCache(nn.Module):
+    """What the layers share: which slots hold real tokens and the rows' next positions.
+    key_mask (B, S_max) bool; next_pos (B,) long. The K/V buffers are the layers' (LayerKV)."""
+
+    def __init__(self, batch_size: int, max_len: int, device):
+        super().__init__()
         self.register_buffer("key_mask", torch.zeros(batch_size, max_len, dtype=torch.bool, device=device),
                              persistent=False)
         self.register_buffer("next_pos", torch.zeros(batch_size, dtype=torch.long, device=device), persistent=False)
@@ -69,13 +82,7 @@ class StaticKVCache(nn.Module):
     def attention_mask(self, slots, real):
         """Mark `slots` (T,) as holding `real` (B, T) and return the mask (B, 1, T, S_max) of the T
         queries: a query attends the real keys at or before its slot, and always itself."""
-        self.key_mask.index_copy_(1, slots, real)
+        self.key_mask[:, slots] = real
         q_slot, k_slot = slots[:, None], self.k_slot[None, :]  # (T, 1), (1, S_max)
         mask = ((k_slot <= q_slot) & self.key_mask[:, None, :]) | (k_slot == q_slot)  # (B, T, S_max)
         return mask[:, None]
-
-    def update(self, layer_idx: int, slots, k, v):
-        """Write k, v (B, Hkv, T, D) at `slots` (T,) of layer `layer_idx`; return all S_max slots."""
-        self.k[layer_idx].index_copy_(2, slots, k)
-        self.v[layer_idx].index_copy_(2, slots, v)
-        return self.k[layer_idx], self.v[layer_idx]
