@@ -12,7 +12,9 @@ cache writes) and the sampler into a handful of kernels. The step has fixed shap
 all S_max slots every step, the unfilled ones masked), so one graph serves every step. On CUDA the
 whole step is compiled with mode="reduce-overhead" (CUDA graphs: one launch per step); on a CPU,
 where a launch is a function call, each layer is (regional compilation: all layers share one
-compiled code, so compiling costs about one layer's time, not L).
+compiled code, so compiling costs about one layer's time, not L). A new batch size or cache
+length recompiles once with symbolic sizes (torch.compile's automatic dynamic shapes), which then
+serve every later shape: two compiles per run at most (rollout, then evaluation or anchors).
 
 The snapshot is refreshed in place when the model's weights change (parameter versions), so the
 compiled graph (and a CUDA graph's addresses) survive PPO updates. Compiling costs tens of seconds
@@ -117,7 +119,7 @@ class Decoder(nn.Module):
         self.cache, self.version, self.steps, self.compile_s = None, None, {}, 0.0
         if compile and device.type != "cuda":  # regional compilation (step_fn): the layers' call is compiled
             for layer in self.layers:
-                layer.compile(fullgraph=True, dynamic=False)
+                layer.compile(fullgraph=True)
 
     @torch.no_grad()
     def refresh(self, model):
@@ -199,8 +201,8 @@ class Decoder(nn.Module):
         if not self.compile:
             return step
         if self.embed.is_cuda:
-            return torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False)
-        head = torch.compile(lambda x, u: self.sample(sampling, x, u), fullgraph=True, dynamic=False)
+            return torch.compile(step, mode="reduce-overhead", fullgraph=True)
+        head = torch.compile(lambda x, u: self.sample(sampling, x, u), fullgraph=True)
         return lambda tokens, real, slot, u: head(self.hidden(tokens[:, None], slot, real[:, None]), u)
 
 
