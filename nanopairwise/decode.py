@@ -123,10 +123,13 @@ class Decoder(nn.Module):
 
     @torch.no_grad()
     def refresh(self, model):
-        """Copy (and fuse) the model's current weights in place, if they changed since the last call."""
-        params = list(model.parameters())
-        version = [(p._version, p.data_ptr()) for p in params] + [getattr(m, "adapter_on", None) for m in model.modules()]
-        if version == self.version:
+        """Copy (and fuse) the model's current weights in place, if they changed since the last call
+        (by the parameters' version counters; always under FSDP, whose gathers reuse buffers)."""
+        modules = list(model.modules())
+        version = [(p._version, p.data_ptr()) for p in model.parameters()] + [getattr(m, "adapter_on", None) for m in modules]
+        if any(type(m).__name__.startswith("FSDP") for m in modules):
+            version = None
+        elif version == self.version:
             return
         for layer, block in zip(self.layers, model.model.layers):
             a, m = block.self_attn, block.mlp
@@ -184,8 +187,9 @@ class Decoder(nn.Module):
     def step(self, sampling, tokens, real, slot, u):
         """One token for every row: tokens (B,) fed at `slot` (1,), real (B,) bool -> (tokens, logprobs)."""
         key = (sampling, tokens.size(0), self.cache.max_len)
-        if key in self.steps:
-            return self.steps[key](tokens, real, slot, u)
+        if key in self.steps:  # a step this loop has run: the compiled code's guards can only pass
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=self.compile):
+                return self.steps[key](tokens, real, slot, u)
         self.steps[key] = fn = self.step_fn(sampling)
         t0 = time.perf_counter()
         out = fn(tokens, real, slot, u)  # the first call compiles

@@ -144,6 +144,50 @@ def load_models(args):
     return ours, hf.to(args.dtype).to(args.device), "random " + ("tiny" if args.smoke else "Qwen2.5-0.5B-shaped")
 
 
+def throughput_table(args, run_ours, run_hf, prompts, dec):
+    """The table rows, one per batch size; returns {B: (ours / transformers, ours time / floor time)}."""
+    R, dev, ratios = args.new_tokens, args.device, {}
+    print("\n| batch | ours tok/s | transformers tok/s | speedup | floor tok/s | floor time / ours |"
+          "\n|---:|---:|---:|---:|---:|---:|")
+    for B in args.batch_sizes:
+        ids = prompts(B)
+        with torch.no_grad():
+            first = time.perf_counter()
+            compile_s = run_ours(ids).compile_s  # the warm-up call: compiles for a new shape
+            first = time.perf_counter() - first
+            t_ours = timed(lambda: run_ours(ids), dev, args.repeats, warmup=False)
+            t_hf = None if args.no_hf else timed(lambda: run_hf(ids), dev, args.repeats)
+            t_floor = None if args.smoke else timed(floor_chain(dec, B), dev, 5 * args.repeats)
+        hf_col, speed = ("-", "-") if t_hf is None else (f"{B * R / t_hf:,.1f}", f"{t_hf / t_ours:.2f}x")
+        floor_col, floor_ratio = ("-", "-") if t_floor is None else (f"{B / t_floor:,.1f}", f"{t_floor * R / t_ours:.2f}")
+        ratios[B] = (t_hf / t_ours if t_hf else None, t_ours / (t_floor * R) if t_floor else None)
+        print(f"| {B} | {B * R / t_ours:,.1f} | {hf_col} | {speed} | {floor_col} | {floor_ratio} |  "
+              f"(first call {first:.1f} s, of which compiling {compile_s:.1f} s)", flush=True)
+    return ratios
+
+
+def print_limits(limits, ratios, dec, dtype_name):
+    weights_gb = sum(t.numel() * t.element_size() for n, t in dec.named_buffers() if ".kv." not in n and t.dim() == 2) / 1e9
+    print(f"\nlimits: fp32 matmul {limits[torch.float32]:.0f} GFLOP/s, bf16 matmul {limits[torch.bfloat16]:.0f} "
+          f"GFLOP/s, read bandwidth {limits['read_gbps']:.1f} GB/s; a batch-1 step reads {weights_gb * 1e3:.0f} MB "
+          f"of {dtype_name} weights: bandwidth limit {limits['read_gbps'] / weights_gb:.1f} tok/s")
+    for B, (vs_hf, vs_floor) in ratios.items():
+        if B == 1 and vs_floor:
+            print(f"goal, batch 1: ours time / floor time {vs_floor:.2f} (goal <= 1.25)")
+        if B == 16 and vs_hf:
+            print(f"goal, batch 16: ours / transformers {vs_hf:.2f}x (goal >= 2.4x)")
+
+
+def print_compile_line(args, ours, name):
+    tiny = Transformer(ModelConfig.from_hf({**TINY_POLICY, "vocab_size": 512})).to(args.device).eval()
+    for label, model, dtype in ((name, ours, args.dtype), ("built-in tiny (0.84M)", tiny, torch.float32)):
+        c, eager, comp = compile_line(model, dtype, args.device)
+        gain = eager - comp
+        pays = f"pays off after {c * 1000 / gain:,.0f} decode steps" if gain > 0 else "never pays off"
+        print(f"compile line, {label}, batch 16: compile {c:.1f} s, eager {eager:.2f} ms/step, compiled "
+              f"{comp:.2f} ms/step: {pays}", flush=True)
+
+
 def main(argv=None):
     args = get_args(argv)
     import transformers
@@ -154,7 +198,7 @@ def main(argv=None):
     print(f"# generation throughput | {where} | torch {torch.__version__} | transformers {transformers.__version__} "
           f"| {name}, {sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M params | {dtype_name} | prompt "
           f"{args.prompt_len} + {R} new tokens, greedy | {datetime.datetime.now():%Y-%m-%d %H:%M} | load "
-          f"{os.getloadavg()[0]:.2f}")
+          f"{os.getloadavg()[0]:.2f}", flush=True)
 
     def prompts(B):
         return torch.randint(0, V, (B, args.prompt_len), generator=torch.Generator().manual_seed(B))
@@ -172,49 +216,18 @@ def main(argv=None):
         a, b = run_ours(prompts(1)).response_ids, (None if args.no_hf else run_hf(prompts(1)))
     if b is not None:
         prefix = int((a.cpu() == b.cpu())[0].long().cumprod(0).sum())
-        print(f"check: batch-1 greedy tokens agree with transformers for {prefix}/{R} steps")
+        print(f"check: batch-1 greedy tokens agree with transformers for {prefix}/{R} steps", flush=True)
         if args.dtype == torch.float32 and prefix != R:
             print("FAILED: fp32 greedy decoding must agree with transformers")
             return 1
     limits = None if args.smoke else machine_limits(dev, args.repeats)
     dec = decode.decoder_for(ours, args.dtype)
-    print("\n| batch | ours tok/s | transformers tok/s | speedup | floor tok/s | floor time / ours |"
-          "\n|---:|---:|---:|---:|---:|---:|")
-    ratios = {}
-    for B in args.batch_sizes:
-        ids = prompts(B)
-        with torch.no_grad():
-            first = time.perf_counter()
-            compile_s = run_ours(ids).compile_s
-            first = time.perf_counter() - first
-            t_ours = timed(lambda: run_ours(ids), dev, args.repeats, warmup=False)
-            t_hf = None if args.no_hf else timed(lambda: run_hf(ids), dev, args.repeats)
-            t_floor = None if args.smoke else timed(floor_chain(dec, B), dev, 5 * args.repeats)
-        tps = B * R / t_ours
-        hf_col, speed = ("-", "-") if t_hf is None else (f"{B * R / t_hf:,.1f}", f"{t_hf / t_ours:.2f}x")
-        floor_col, floor_ratio = ("-", "-") if t_floor is None else (f"{B / t_floor:,.1f}", f"{t_floor * R / t_ours:.2f}")
-        ratios[B] = (t_hf / t_ours if t_hf else None, t_ours / (t_floor * R) if t_floor else None)
-        print(f"| {B} | {tps:,.1f} | {hf_col} | {speed} | {floor_col} | {floor_ratio} |  "
-              f"(first call {first:.1f} s, of which compiling {compile_s:.1f} s)", flush=True)
+    ratios = throughput_table(args, run_ours, run_hf, prompts, dec)
     if limits:
-        weights_gb = sum(t.numel() * t.element_size() for t in dec.buffers()
-                         if t is not dec.cache.k and t is not dec.cache.v and t.dim() == 2) / 1e9
-        print(f"\nlimits: fp32 matmul {limits[torch.float32]:.0f} GFLOP/s, bf16 matmul {limits[torch.bfloat16]:.0f} "
-              f"GFLOP/s, read bandwidth {limits['read_gbps']:.1f} GB/s; a batch-1 step reads {weights_gb * 1e3:.0f} MB "
-              f"of {dtype_name} weights: bandwidth limit {limits['read_gbps'] / weights_gb:.1f} tok/s")
-        for B, (vs_hf, vs_floor) in ratios.items():
-            goal = {1: f"ours time / floor time {vs_floor:.2f} (goal <= 1.25)",
-                    16: f"ours / transformers {vs_hf:.2f}x (goal >= 2.4x)" if vs_hf else None}.get(B)
-            if goal:
-                print(f"goal, batch {B}: {goal}")
+        print_limits(limits, ratios, dec, dtype_name)
     if args.line:
-        tiny = Transformer(ModelConfig.from_hf({**TINY_POLICY, "vocab_size": 512})).to(dev).eval()
-        for label, model in ((name, ours), ("built-in tiny (0.84M)", tiny)):
-            c, eager, comp = compile_line(model, args.dtype if model is ours else torch.float32, dev)
-            gain = eager - comp
-            pays = f"pays off after {c * 1000 / gain:,.0f} decode steps" if gain > 0 else "never pays off"
-            print(f"compile line, {label}, batch 16: compile {c:.1f} s, eager {eager:.2f} ms/step, compiled "
-                  f"{comp:.2f} ms/step: {pays}")
+        print_compile_line(args, ours, name)
+    print(f"load at the end: {os.getloadavg()[0]:.2f}")
     return 0
 
 
