@@ -19,7 +19,8 @@ The limits, measured in the same run (not under --smoke): matmul peak per dtype 
 read bandwidth (the sum of a 512 MB tensor), and the floor: a bare chain of --dtype matmuls over the
 same weights with fused projections (per layer [q;k;v], o, [gate;up], down, then the LM head; no
 attention, norms or sampling), at each batch size. Goals (issue 22): batch 1 within 1.25x of the
-floor's time, batch 16 at >= 2.4x transformers' tok/s. --line measures where compiling pays off:
+floor's time, batch 16 at >= 2.4x transformers' tok/s. Then the log-prob gap of a sampled rollout
+against the fp32 training forward (train_ppo.py's rollout/logprob_gap). --line measures where compiling pays off:
 compile seconds and eager vs compiled ms per decode step for this model and the built-in tiny one.
 """
 
@@ -188,6 +189,20 @@ def print_compile_line(args, ours, name):
               f"{comp:.2f} ms/step: {pays}", flush=True)
 
 
+def logprob_gap(ours, ids, args):
+    """A sampled rollout (T = 1) of the fast engine against the fp32 training forward's log-probs of
+    the same tokens (policy.PolicyLogprobs, what train_ppo.py recomputes): the rollout/logprob_gap."""
+    from nanopairwise.policy import PolicyLogprobs
+    ro = generate(ours, ids.tolist(), args.new_tokens, None, 0, dtype=args.dtype, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        train = PolicyLogprobs(ours)(*ro.sequences(), ro.response_mask).logprobs
+    gap = (ro.logprobs - train).abs()[ro.response_mask.bool()]
+    capped = ((train - ro.logprobs).exp() > 2.0)[ro.response_mask.bool()].float().mean()
+    print(f"rollout/logprob_gap ({str(args.dtype).removeprefix('torch.')} rollout vs fp32 training forward, "
+          f"{gap.numel()} sampled tokens): mean {gap.mean():.4f}, max {gap.max():.3f} nats; "
+          f"importance weight above the cap of 2 on {100 * capped:.2f}% of tokens", flush=True)
+
+
 def main(argv=None):
     args = get_args(argv)
     import transformers
@@ -225,6 +240,8 @@ def main(argv=None):
     ratios = throughput_table(args, run_ours, run_hf, prompts, dec)
     if limits:
         print_limits(limits, ratios, dec, dtype_name)
+    if not args.smoke:
+        logprob_gap(ours, prompts(16), args)
     if args.line:
         print_compile_line(args, ours, name)
     print(f"load at the end: {os.getloadavg()[0]:.2f}")

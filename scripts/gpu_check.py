@@ -19,8 +19,8 @@ Each step's output goes between its markers in docs/BENCHMARKS.md (`<!-- gpu-che
 with the command, date, device, wall time and exit status; under --smoke nothing is written unless
 --docs names a file. The exit code is 1 if any step failed, and the last line names the failed steps.
 
-Time: each step has a time limit (LIMIT_S, 525 s together) so that the whole run ends within
-9 minutes on one H100 even if a step hangs; the limits are estimates (no GPU has run this yet):
+Time: each step has a time limit (LIMIT_S, 465 s together) so that the whole run ends within
+8 minutes on one H100 even if a step hangs; the limits are estimates (no GPU has run this yet):
 a step that reaches its limit is reported as failed ("timed out"), with its output so far.
 """
 
@@ -43,7 +43,8 @@ STEPS = {
     "ppo_loss": ([PY, "kernels/bench.py", "--op", "ppo_loss"], [PY, "kernels/bench.py", "--smoke", "--op", "ppo_loss"], 30),
     "linear_logprob": ([PY, "kernels/bench.py", "--op", "linear_logprob", "--dtype", "bf16"],
                        [PY, "kernels/bench.py", "--smoke", "--op", "linear_logprob"], 90),
-    "generate": ([PY, "scripts/bench_generate.py"], [PY, "scripts/bench_generate.py", "--smoke"], 120),
+    "generate": ([PY, "scripts/bench_generate.py", "--batch-sizes", "1,64", "--new-tokens", "128", "--repeats", "2"],
+                 [PY, "scripts/bench_generate.py", "--smoke"], 60),  # two shapes: two compiles of the step
     "ppo_step": ([PY, "scripts/bench_ppo_step.py", "--repeats", "2"],
                  [PY, "scripts/bench_ppo_step.py", "--smoke", "--repeats", "1"], 90),
 }
