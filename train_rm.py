@@ -11,8 +11,9 @@ penalty on the gap between p(a > b) and 1 - p(b > a), the judge's position bias)
 scalar head on the same trunk and trains -log sigmoid(r_w - r_l). Both start from the same
 generative model (the SFT policy on the built-in task), evaluate on held-out pairs at the end
 (accuracy vs labels and vs the oracle, position consistency, ECE, Brier; eval.json also keeps the
-reliability diagram's bins, drawn by scripts/plot.py) and write an
-HF-format checkpoint to OUT_DIR/checkpoint that `--resume` continues from exactly.
+reliability diagram's bins, drawn by scripts/plot.py) and write an HF-format checkpoint to
+OUT_DIR/checkpoint (nanopairwise/rm_checkpoint.py) that `--resume` continues from exactly.
+Under torchrun the model is DDP-wrapped, or FSDP2-sharded with --fsdp, as in train_ppo.py.
 
 Flags, files, OUT_DIR and input lengths are checked before the model loads (one line, exit 2);
 a NaN loss or gradient norm stops the run before the optimizer step, so the last checkpoint
@@ -23,28 +24,26 @@ import argparse
 import math
 import os
 import time
+from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nanopairwise import bootstrap, checkpoint, data, lora, tracking
-from nanopairwise.common import (DTYPES, MetricsLogger, Progress, atomic_dir, atomic_torch_save, atomic_write_text,
-                                 dumps_json, get_rng_state, compute_precision, parse_dtype, set_rng_state, set_seed)
-from nanopairwise.distributed import all_reduce_sum, compute_cleanup, compute_init, print0
-from nanopairwise.guards import (UserError, check_divides, check_finite, check_flag, check_input_file,
-                                 check_length, check_model_dir, check_out_dir, check_rows, claim_out_dir, cli_main)
-from nanopairwise.judge import (JudgeTemplate, PairwiseJudge, encode_both_orders, encode_pair, encode_single, judge_loss,
-                                pair_metrics, position_consistency_loss, save_rm_config, verdict_token_ids, win_probs)
-from nanopairwise.model import Transformer
-from nanopairwise.scalar_head import ScalarHeadModel, bt_loss, bt_win_prob, scalar_scores
+from nanopairwise import batching, bootstrap, checkpoint, formats, lora, rm_checkpoint, tracking
+from nanopairwise.common import (DTYPES, Progress, compute_precision, atomic_write_text, dumps_json,
+                                 parse_dtype, set_rng_state, set_seed)
+from nanopairwise.data import DEFAULT_PRINCIPLE
+from nanopairwise.distributed import (barrier, clip_grad_norm, compute_cleanup, compute_init, gathered, get_rank, print0,
+                                      wrap_data_parallel)
+from nanopairwise.evaluation import evaluate_reward_model
+from nanopairwise.guards import (UserError, check_divides, check_finite_over_ranks, check_flag, check_input_file,
+                                 check_length, check_model_dir, check_out_dir, check_rows, cli_main)
+from nanopairwise.judge import PairwiseJudge, judge_loss, position_consistency_loss, verdict_token_ids
+from nanopairwise.layouts import JudgeTemplate, encode_pair, encode_rm_batch, encode_single
+from nanopairwise.model import Block, Transformer
+from nanopairwise.rundir import claim_out_dir
+from nanopairwise.scalar_head import ScalarHeadModel, bt_loss
 from nanopairwise.tokenizer import Tokenizer
-
-
-# --epochs by (lora.regime, objective), 4 where not listed. Measured on the built-in task (seed 0,
-# held-out oracle accuracy, README "Results"): the tiny judge is still learning after 4 epochs
-# (0.632 at 4, 0.704 at 12), the tiny BT model is not (0.662 at 4, 0.666 at 12, with Brier 0.131 -> 0.155).
-DEFAULT_EPOCHS = {("tiny", "pairwise"): 12.0}
+from nanopairwise.tracking import MetricsLogger
 
 
 def get_args(argv=None):
@@ -62,10 +61,9 @@ def get_args(argv=None):
     p.add_argument("--skip-bad-lines", action="store_true", help="skip (and count) malformed JSONL lines")
     # data formats (nanopairwise/formats.py)
     p.add_argument("--data-format", choices=["auto", "pairs", "trl", "hh", "ultrafeedback"], default="auto",
-                   help="format of --train-data / --eval-data (JSON lines or Parquet): pairs = nanopairwise's own, "
-                        "trl = TRL conversational, hh = Anthropic HH text, ultrafeedback = UltraFeedback-binarized; "
+                   help="format of --train-data / --eval-data (JSON lines or Parquet), nanopairwise/formats.py; "
                         "auto detects it from the fields of the first row and prints what it found")
-    p.add_argument("--default-principle", default=data.DEFAULT_PRINCIPLE, help="principle for pairs that carry none")
+    p.add_argument("--default-principle", default=DEFAULT_PRINCIPLE, help="principle for pairs that carry none")
     # judge format
     p.add_argument("--verdicts", default=" Yes, No", help="the two verdict strings 'yes,no'; each must be one token")
     p.add_argument("--question", default=JudgeTemplate.question, help="the judge's question after the two answers")
@@ -73,11 +71,10 @@ def get_args(argv=None):
     # optimisation
     p.add_argument("--batch-size", type=int, default=32, help="preference pairs per step, over all ranks")
     p.add_argument("--epochs", type=float, default=None,
-                   help="passes over the training pairs (default: 12 for the judge of a tiny model, < 20M parameters, "
-                        "else 4: DEFAULT_EPOCHS; --resume: the resumed run's)")
+                   help="passes over the training pairs (default: lora.DEFAULT_EPOCHS by the model's regime and "
+                        "--objective, else 4; --resume: the resumed run's)")
     p.add_argument("--lr", type=float, default=None,
-                   help="peak AdamW learning rate (default by regime, lora.DEFAULT_LR: 1e-3 for a tiny model as "
-                        "the built-in one, 1e-5 to fully fine-tune a pretrained LM, 2e-4 with --lora-rank)")
+                   help="peak AdamW learning rate (default: lora.DEFAULT_LR of the model's regime: tiny, full, lora)")
     p.add_argument("--warmup-steps", type=int, default=None,
                    help="linear warmup, then cosine decay to 10%% (default: 20 for a tiny model, else 10%% of the steps)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
@@ -89,6 +86,7 @@ def get_args(argv=None):
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 (weights and compute; LoRA adapters stay fp32) "
                    "or bf16-mixed (fp32 weights, bf16 matmuls under autocast)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun, shard the model with FSDP2 (else DDP)")
     p.add_argument("--seed", type=int, default=0,
                    help="random seed: the data order, LoRA initialisation and the built-in task (if bootstrapped here)")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0 = only at the end)")
@@ -112,13 +110,10 @@ def validate_args(args):
     """Every flag checked before anything is read or loaded; a UserError names the flag."""
     for name in ("--batch-size", "--eval-batch-size", "--max-response-tokens"):
         check_flag(args, name, lo=1)
-    for name in ("--warmup-steps", "--weight-decay", "--save-every", "--max-steps"):
+    for name in ("--warmup-steps", "--weight-decay", "--save-every", "--max-steps", "--lora-rank", "--consistency-coef"):
         check_flag(args, name, lo=0)
-    check_flag(args, "--epochs", above=0)
-    check_flag(args, "--lr", above=0)
-    check_flag(args, "--lora-rank", lo=0)
-    check_flag(args, "--consistency-coef", lo=0)
-    check_flag(args, "--lora-alpha", above=0)
+    for name in ("--epochs", "--lr", "--lora-alpha"):
+        check_flag(args, name, above=0)
     check_flag(args, "--grad-clip", above=0, zero_ok=True)
     if args.dtype not in DTYPES:
         raise UserError(f"--dtype {args.dtype}: choose one of {', '.join(DTYPES)}")
@@ -139,31 +134,31 @@ def check_lengths(pairs, args, tok, limit):
                      "or lower --max-response-tokens")
 
 
-def load_pairs(path, args):
-    """Preference pairs of --train-data / --eval-data as the flags ask (format, bad lines, principle)."""
-    return data.load_preference_pairs(path, skip_bad=args.skip_bad_lines, data_format=args.data_format,
-                                      default_principle=args.default_principle)
+@dataclass
+class RunState:
+    """What the run works out after parsing; `args` stays the command line (and get_args' defaults)."""
+    model: str                           # the starting model (--model, or the task's SFT policy)
+    train_data: str                      # --train-data, or the task's train pairs
+    eval_data: str                       # --eval-data, or the task's test pairs, or None
+    epochs: float = None                 # --epochs, or DEFAULT_EPOCHS of the model's regime (a resumed run: its own)
+    lr: float = None                     # --lr, or lora.DEFAULT_LR of the model's regime
+    warmup_steps: int = None             # --warmup-steps, or by regime
+    total_steps: int = None              # epochs x batches per epoch, at most --max-steps
+
+    def resolved(self) -> dict:
+        """The flags as this run resolved them: the W&B config and the checkpoint's "args" take them."""
+        return dict(model=self.model, train_data=self.train_data, eval_data=self.eval_data, epochs=self.epochs,
+                    lr=self.lr, warmup_steps=self.warmup_steps)
 
 
-def lr_at(step, total, args):
+
+
+def lr_at(step, run: RunState):
     """Linear warmup, then cosine decay to 10% of the peak."""
-    if step < args.warmup_steps:
-        return args.lr * (step + 1) / args.warmup_steps
-    frac = (step - args.warmup_steps) / max(1, total - args.warmup_steps)
-    return args.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac))))
-
-
-def batch_tensors(batch, args, tok, device):
-    """Token tensors of one rank's share of pairs. pairwise: 2 sequences per pair (both orders)
-    with verdict labels; bt: chosen rows then rejected rows."""
-    if args.objective == "pairwise":
-        seqs, labels = encode_both_orders(tok, args.template, batch, args.max_response_tokens)
-        ids, mask = data.pad_batch(seqs, tok.pad_token_id, side="right")
-        return ids.to(device), mask.to(device), torch.tensor(labels, device=device)
-    seqs = [encode_single(tok, args.template, p.principle, p.prompt, y, args.max_response_tokens)
-            for y_key in ("chosen", "rejected") for p in batch for y in [getattr(p, y_key)]]
-    ids, mask = data.pad_batch(seqs, tok.pad_token_id, side="right")
-    return ids.to(device), mask.to(device), None
+    if step < run.warmup_steps:
+        return run.lr * (step + 1) / run.warmup_steps
+    frac = (step - run.warmup_steps) / max(1, run.total_steps - run.warmup_steps)
+    return run.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac))))
 
 
 def loss_fn(model, ids, mask, labels, args, yes_no):
@@ -175,181 +170,176 @@ def loss_fn(model, ids, mask, labels, args, yes_no):
             loss = loss + args.consistency_coef * position_consistency_loss(logits, *yes_no)
         return loss, ((p_yes > 0.5).long() == labels).float().mean()
     values = model(ids, mask)                                                           # (2b, T)
-    r_chosen, r_rejected = data.gather_last(values, mask).chunk(2)                      # (b,) each
+    r_chosen, r_rejected = batching.gather_last(values, mask).chunk(2)                      # (b,) each
     return bt_loss(r_chosen, r_rejected), (r_chosen > r_rejected).float().mean()
 
 
-def evaluate(raw_model, pairs, args, tok, yes_no):
-    """Held-out metrics of P(chosen > rejected); oracle metrics when the pairs carry oracle fields."""
-    raw_model.eval()
-    items = [(p.principle, p.prompt, p.chosen, p.rejected) for p in pairs]
-    kw = dict(batch_size=args.eval_batch_size, max_response_tokens=args.max_response_tokens)
+# ----------------------------------------------------------------------------------------------
+# setup: inputs checked before the model loads, then the model, its optimizer and the schedule
+
+
+def resolve_inputs(args) -> RunState:
+    """The run's input paths: the flags', or the built-in task's (bootstrapped if missing)."""
+    run = RunState(model=args.model, train_data=args.train_data, eval_data=args.eval_data)
+    if args.train_data is None:
+        paths = bootstrap.ensure_task(args.task_dir, seed=args.seed)
+        run.train_data, run.eval_data = paths["pairs_train"], args.eval_data or paths["pairs_test"]
+        run.model = args.model or paths["policy"]
+    if run.model is None:
+        raise UserError("--model DIR is required with --train-data")
+    check_model_dir(run.model, "--model")
+    check_input_file(run.train_data, "--train-data")
+    if run.eval_data:
+        check_input_file(run.eval_data, "--eval-data")
+    return run
+
+
+def load_inputs(args, run: RunState, ckpt_dir: str):
+    """(train pairs, eval pairs, tokenizer, the directory the weights load from, trainer state),
+    every pair checked to fit the model before it loads."""
+    load = lambda path: formats.load_preference_pairs(path, skip_bad=args.skip_bad_lines, data_format=args.data_format,
+                                                      default_principle=args.default_principle)
+    train_pairs = load(run.train_data)
+    check_rows(train_pairs, args.batch_size, "--train-data", run.train_data,
+               "pairs (after dropping ties and bad lines)", "--batch-size")
+    eval_pairs = load(run.eval_data) if run.eval_data else []
+    if run.eval_data and not eval_pairs:
+        raise UserError(f"--eval-data {run.eval_data}: no usable pairs (after dropping ties and bad lines); "
+                        "fix the file or leave out --eval-data")
+    if not run.eval_data:
+        print0("note: no --eval-data, so no held-out evaluation and no eval.json")
+    state = rm_checkpoint.load_state(ckpt_dir, args.lora_rank) if args.resume else {}
+    # with LoRA the base weights are re-read from --model and the adapters from the trainer state
+    init_dir = ckpt_dir if args.resume and not args.lora_rank else run.model
+    tok = Tokenizer.from_pretrained(init_dir if os.path.exists(os.path.join(init_dir, "tokenizer.json")) else run.model)
+    check_lengths(train_pairs + eval_pairs, args, tok, checkpoint.read_config(init_dir)["max_position_embeddings"])
+    return train_pairs, eval_pairs, tok, init_dir, state
+
+
+def build_model(args, init_dir, state, yes_no, device):
+    """(the model, the same wrapped for data parallelism, its AdamW), as the checkpoint left them on
+    --resume. The judge is a causal LM; the BT model a trunk + scalar head (the checkpoint's, else a
+    new zero head); with --lora-rank only the adapters (and a BT head) train."""
+    lm = Transformer.from_pretrained(init_dir, dtype=parse_dtype(args.dtype), device=device)
     if args.objective == "pairwise":
-        p_chosen, p_ab, p_ba = win_probs(raw_model, tok, args.template, items, **kw)
+        raw_model = PairwiseJudge(lm, *yes_no)
+    elif os.path.exists(os.path.join(init_dir, ScalarHeadModel.HEAD_FILE)):
+        raw_model = ScalarHeadModel.from_pretrained(init_dir, dtype=parse_dtype(args.dtype), device=device)
     else:
-        r_c = scalar_scores(raw_model, tok, args.template, [(a, b, c) for a, b, c, _ in items], **kw)
-        r_r = scalar_scores(raw_model, tok, args.template, [(a, b, d) for a, b, _, d in items], **kw)
-        p_chosen, p_ab, p_ba = bt_win_prob(r_c, r_r), None, None
-    meta = lambda k: torch.tensor([float(p.meta[k]) for p in pairs]) if all(k in p.meta for p in pairs) else None
-    metrics = pair_metrics(p_chosen, meta("p_true"), meta("chosen_score"), meta("rejected_score"), p_ab, p_ba)
-    raw_model.train()
-    return metrics
+        raw_model = ScalarHeadModel(lm)
+    lora.lora_from_args(raw_model.lm, args)
+    model = wrap_data_parallel(raw_model, args.fsdp, Block, device)
+    optimizer = torch.optim.AdamW([q for q in raw_model.parameters() if q.requires_grad], lr=0.0,  # lr set per step
+                                  weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    if args.resume:
+        ckpt_dir = os.path.join(args.out_dir, "checkpoint")
+        rm_checkpoint.load_optimizer(ckpt_dir, optimizer, state, args.fsdp, get_rank())
+        if args.lora_rank:
+            lora.load_trainable_state_dict(raw_model, state["trainable"], os.path.join(ckpt_dir, rm_checkpoint.TRAINER_STATE))
+    return raw_model, model, optimizer
 
 
-def build_model(args, init_dir, dtype, device, yes_no):
-    lm = Transformer.from_pretrained(init_dir, dtype=dtype, device=device)
-    if args.objective == "pairwise":
-        return PairwiseJudge(lm, *yes_no)
-    if os.path.exists(os.path.join(init_dir, ScalarHeadModel.HEAD_FILE)):
-        return ScalarHeadModel.from_pretrained(init_dir, dtype=dtype, device=device)
-    return ScalarHeadModel(lm)
+def resolve_schedule(args, run: RunState, state: dict, regime: str, n_pairs: int):
+    """Epochs, peak lr, warmup and total steps: the flags, else the defaults of the model's regime."""
+    # a resumed run keeps the schedule it was started with
+    run.epochs = args.epochs or state.get("args", {}).get("epochs") or lora.DEFAULT_EPOCHS.get((regime, args.objective), 4.0)
+    run.total_steps = max(1, int(n_pairs // args.batch_size * run.epochs))
+    if args.max_steps:
+        run.total_steps = min(run.total_steps, args.max_steps)
+    run.lr = args.lr if args.lr is not None else lora.DEFAULT_LR[regime]["rm"]
+    run.warmup_steps = (args.warmup_steps if args.warmup_steps is not None
+                        else 20 if regime == "tiny" else max(1, run.total_steps // 10))
 
 
-def save_checkpoint(path, raw_model, tok, state, args):
-    """Model (HF format, LoRA adapters merged) + tokenizer + trainer state, swapped into place atomically."""
-    with atomic_dir(path) as tmp:
-        (raw_model if args.objective == "bt" else raw_model.lm).save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        save_rm_config(tmp, args.objective, args.template)
-        atomic_torch_save(state, os.path.join(tmp, "trainer_state.pt"))
+def save_step(ckpt_dir, model, tok, optimizer, step, args, run):
+    rm_checkpoint.save(ckpt_dir, model, tok, args.objective, args.template, optimizer,
+                       {"step": step, "args": vars(args) | run.resolved() | {"template": None},
+                        "trainable": lora.trainable_state_dict(model) if args.lora_rank else None}, args.fsdp)
+
+
+# ----------------------------------------------------------------------------------------------
+# main
 
 
 def main(argv=None):
     args = get_args(argv)
     validate_args(args)
-    owns_pg = not (dist.is_available() and dist.is_initialized())  # False when called from train_ppo.py
-    ddp, rank, _, world_size, device = compute_init(args.device)
+    _, rank, _, world_size, device = compute_init(args.device)
     check_divides(args.batch_size, "--batch-size", world_size)
-    # ---- inputs checked before any model is loaded -----------------------------------------
-    if args.train_data is None:
-        paths = bootstrap.ensure_task(args.task_dir, seed=args.seed)
-        args.train_data = args.train_data or paths["pairs_train"]
-        args.eval_data = args.eval_data or paths["pairs_test"]
-        args.model = args.model or paths["policy"]
-    if args.model is None:
-        raise UserError("--model DIR is required with --train-data")
-    check_model_dir(args.model, "--model")
-    check_input_file(args.train_data, "--train-data")
-    if args.eval_data:
-        check_input_file(args.eval_data, "--eval-data")
+    run = resolve_inputs(args)
     check_out_dir(args.out_dir)
-    ckpt_dir = os.path.join(args.out_dir, "checkpoint")
     with claim_out_dir(args.out_dir), compute_precision(args.dtype, device):  # one run per --out-dir
-        return train(args, ddp, rank, world_size, device, owns_pg, ckpt_dir)
+        metrics = train(args, run, rank, world_size, device)
+    compute_cleanup()
+    return metrics
 
 
-def train(args, ddp, rank, world_size, device, owns_pg, ckpt_dir):
-    dtype = parse_dtype(args.dtype)
+def train(args, run, rank, world_size, device):
     set_seed(args.seed)
-    train_pairs = load_pairs(args.train_data, args)
-    check_rows(train_pairs, args.batch_size, "--train-data", args.train_data,
-               "pairs (after dropping ties and bad lines)", "--batch-size")
-    eval_pairs = load_pairs(args.eval_data, args) if args.eval_data else []
-    if args.eval_data and not eval_pairs:
-        raise UserError(f"--eval-data {args.eval_data}: no usable pairs (after dropping ties and bad lines); "
-                        "fix the file or leave out --eval-data")
-    if not args.eval_data:
-        print0("note: no --eval-data, so no held-out evaluation and no eval.json")
-    # with LoRA the base weights are re-read from --model and the adapters from the trainer state
-    init_dir = ckpt_dir if args.resume and not args.lora_rank else args.model
-    if args.resume and not os.path.exists(os.path.join(ckpt_dir, "trainer_state.pt")):
-        raise UserError(f"--resume: no checkpoint at {ckpt_dir}")
-    tok = Tokenizer.from_pretrained(init_dir if os.path.exists(os.path.join(init_dir, "tokenizer.json")) else args.model)
+    ckpt_dir = os.path.join(args.out_dir, "checkpoint")
+    train_pairs, eval_pairs, tok, init_dir, state = load_inputs(args, run, ckpt_dir)
     yes_no = verdict_token_ids(tok, args.template)
-    check_lengths(train_pairs + eval_pairs, args, tok, checkpoint.read_config(init_dir)["max_position_embeddings"])
-    # ---- model ------------------------------------------------------------------------------
-    raw_model = build_model(args, init_dir, dtype, device, yes_no)
-    lora.lora_from_args(raw_model.lm, args)  # --lora-rank: only adapters (and a BT head) train
-    model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else raw_model
-    optimizer = torch.optim.AdamW([q for q in raw_model.parameters() if q.requires_grad], lr=0.0,  # lr set per step
-                                  weight_decay=args.weight_decay, betas=(0.9, 0.95))
-    regime = lora.regime(raw_model.lm)
-    state = torch.load(os.path.join(ckpt_dir, "trainer_state.pt"), weights_only=False) if args.resume else {}
-    if args.epochs is None:                      # a resumed run keeps the schedule it was started with
-        args.epochs = state.get("args", {}).get("epochs") or DEFAULT_EPOCHS.get((regime, args.objective), 4.0)
-    steps_per_epoch = len(train_pairs) // args.batch_size
-    total_steps = max(1, int(steps_per_epoch * args.epochs))
-    if args.max_steps:
-        total_steps = min(total_steps, args.max_steps)
-    args.lr = args.lr if args.lr is not None else lora.DEFAULT_LR[regime]["rm"]
-    if args.warmup_steps is None:
-        args.warmup_steps = 20 if regime == "tiny" else max(1, total_steps // 10)
-    step = 0
+    raw_model, model, optimizer = build_model(args, init_dir, state, yes_no, device)
+    resolve_schedule(args, run, state, lora.regime(raw_model.lm), len(train_pairs))
+    step = state.get("step", 0)
     if args.resume:
-        if bool(state.get("trainable")) != bool(args.lora_rank):
-            raise UserError(f"--resume: the checkpoint at {ckpt_dir} was written {'with' if args.lora_rank == 0 else 'without'} "
-                            "--lora-rank; resume with the same --lora-* flags")
-        optimizer.load_state_dict(state["optimizer"])
-        if args.lora_rank:
-            lora.load_trainable_state_dict(raw_model, state["trainable"], os.path.join(ckpt_dir, "trainer_state.pt"))
         set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
-        step = state["step"]
     print0(f"{args.objective} RM | {len(train_pairs):,} train pairs, {len(eval_pairs):,} eval pairs | "
            f"{sum(p.numel() for p in raw_model.parameters()):,} params "
-           f"({sum(p.numel() for p in raw_model.parameters() if p.requires_grad):,} trained) | {world_size} rank(s) on {device} | "
-           f"{total_steps} steps of {args.batch_size} pairs | {regime} lr {args.lr:g}, warmup {args.warmup_steps} | "
-           f"out {args.out_dir}")
-    logger = MetricsLogger(args.out_dir, report_to=args.report_to, config=vars(args) | {"template": None})
+           f"({sum(p.numel() for p in raw_model.parameters() if p.requires_grad):,} trained) | {world_size} rank(s) on {device}"
+           f"{' (FSDP2)' if args.fsdp else ''} | {run.total_steps} steps of {args.batch_size} pairs | "
+           f"{lora.regime(raw_model.lm)} lr {run.lr:g}, warmup {run.warmup_steps} | out {args.out_dir}")
+    logger = MetricsLogger(args.out_dir, report_to=args.report_to, config=vars(args) | run.resolved() | {"template": None})
     if args.resume:
         logger.truncate(step)                                         # the crashed run's later rows go
-    last_saved = step or None
-
-    # ---- training loop --------------------------------------------------------------------
-    t_last = time.time()
-    progress = Progress(total_steps - step, f"{args.objective} RM")
-    first_step = step
-    while step < total_steps:
-        batch = [train_pairs[i] for i in data.rank_batch(len(train_pairs), args.batch_size, step, args.seed, rank,
-                                                         world_size)]
-        ids, mask, labels = batch_tensors(batch, args, tok, device)
-        lr = lr_at(step, total_steps, args)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        loss, acc = loss_fn(model, ids, mask, labels, args, yes_no)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip or float("inf"))
-        # finite or nothing: one host sync; the means over ranks, so every rank stops alike
-        mean_loss, grad_norm = (all_reduce_sum(torch.stack([loss.detach().float(), grad_norm.float()]))
-                                / world_size).unbind()                   # the grad norm: the same on every rank
-        check_finite(step + 1, {f"{args.objective} RM loss": mean_loss, f"{args.objective} RM grad norm": grad_norm},
-                     f"--lr {args.lr:g} (this step's: {lr:.3g}), --warmup-steps, --grad-clip, --dtype, and the data",
-                     last_saved)
-        optimizer.step()
+    last_saved, first_step, t_last = step or None, step, time.time()
+    progress = Progress(run.total_steps - step, f"{args.objective} RM")
+    while step < run.total_steps:
+        batch = [train_pairs[i] for i in batching.rank_batch(len(train_pairs), args.batch_size, step, args.seed, rank,
+                                                             world_size)]
+        stats = train_step(model, raw_model, optimizer, batch, step, args, run, tok, yes_no, device, last_saved)
         step += 1
-        dt = time.time() - t_last
-        t_last = time.time()
-        logger.log(step, {"loss/rm": loss.item(), "train/accuracy": acc.item(), "train/grad_norm": grad_norm.item(),
-                          "lr": lr, "perf/ms": 1000 * dt}, total=total_steps)
+        stats["perf/ms"], t_last = 1000 * (time.time() - t_last), time.time()
+        logger.log(step, stats, total=run.total_steps)
         progress.update(step - first_step)
-        if step == total_steps or (args.save_every and step % args.save_every == 0):
-            rngs = [None] * world_size
-            if ddp:
-                dist.all_gather_object(rngs, get_rng_state())
-            else:
-                rngs = [get_rng_state()]
-            if rank == 0:
-                save_checkpoint(ckpt_dir, raw_model, tok, {"optimizer": optimizer.state_dict(), "step": step,
-                                                           "rng": rngs, "args": vars(args) | {"template": None},
-                                                           "trainable": lora.trainable_state_dict(raw_model)
-                                                           if args.lora_rank else None}, args)
+        if step == run.total_steps or (args.save_every and step % args.save_every == 0):
+            save_step(ckpt_dir, raw_model, tok, optimizer, step, args, run)
             last_saved = step
-            if ddp:
-                dist.barrier()
-
-    # ---- evaluation -----------------------------------------------------------------------
-    metrics = {}
-    if rank == 0 and eval_pairs:
-        metrics = evaluate(raw_model, eval_pairs, args, tok, yes_no)
-        atomic_write_text(os.path.join(args.out_dir, "eval.json"), dumps_json(metrics, indent=2))
-        scalars = {k: v for k, v in metrics.items() if k != "reliability"}  # eval.json has the diagram's bins too
-        print0("eval | " + " | ".join(f"{k} {v:.4f}" for k, v in scalars.items()))
-        logger.log(step, {f"eval/{k}": v for k, v in scalars.items()}, total=total_steps, console_keys=[])
+    metrics = evaluate(raw_model, eval_pairs, args, tok, logger, step, run) if eval_pairs else {}
     logger.close()
-    if ddp:
-        dist.barrier()
-    if owns_pg:
-        compute_cleanup()
+    barrier()
+    return metrics
+
+
+def train_step(model, raw_model, optimizer, batch, step, args, run, tok, yes_no, device, last_saved) -> dict:
+    """One optimizer step on this rank's pairs of global batch `step`; returns the logged stats (means
+    over ranks, checked finite before the step: a NaN stops the run, the last checkpoint kept)."""
+    ids, mask, labels = (x.to(device) if x is not None else None for x in
+                         encode_rm_batch(tok, args.template, batch, args.objective, args.max_response_tokens))
+    lr = lr_at(step, run)
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    loss, acc = loss_fn(model, ids, mask, labels, args, yes_no)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = clip_grad_norm(raw_model, args.grad_clip, loss.device)
+    stats = check_finite_over_ranks(      # one all-reduce and the step's one host sync
+        step + 1, {f"{args.objective} RM loss": loss, "train accuracy": acc, f"{args.objective} RM grad norm": grad_norm},
+        f"--lr {run.lr:g} (this step's: {lr:.3g}), --warmup-steps, --grad-clip, --dtype, and the data", last_saved)
+    optimizer.step()
+    return dict(zip(("loss/rm", "train/accuracy", "train/grad_norm"), stats.values())) | {"lr": lr}
+
+
+def evaluate(raw_model, eval_pairs, args, tok, logger, step, run) -> dict:
+    """Held-out metrics (every rank computes them: FSDP gathers are collective), eval.json by rank 0."""
+    with gathered(raw_model):                                           # verdict logits bypass forward()
+        metrics = evaluate_reward_model(raw_model, args.objective, eval_pairs, tok, args.template,
+                                        args.eval_batch_size, args.max_response_tokens)
+    if get_rank() == 0:
+        atomic_write_text(os.path.join(args.out_dir, "eval.json"), dumps_json(metrics, indent=2))
+    scalars = {k: v for k, v in metrics.items() if k != "reliability"}  # eval.json has the diagram's bins too
+    print0("eval | " + " | ".join(f"{k} {v:.4f}" for k, v in scalars.items()))
+    logger.log(step, {f"eval/{k}": v for k, v in scalars.items()}, total=run.total_steps, console_keys=[])
     return metrics
 
 

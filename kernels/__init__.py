@@ -8,6 +8,8 @@ The reference is the spec: each kernel must match it forward and backward (tests
 import only nanopairwise/losses.py (the references and their return types); the choice between
 kernel and reference at run time (the dispatch) lives in the library, nanopairwise/ops.py, which
 is the one module of nanopairwise/ that imports this package. Also here: inputs.py (the launchers'
-shared input check), aot.py (ahead-of-time compilation and resource checks for sm_80 / sm_90),
+shared input check), logits_tile.py (the LM-head logits tile linear_logprob.py's kernels share:
+tl.dot loop, tiles, padded width), aot.py (ahead-of-time compilation and resource checks for
+sm_80 / sm_90 at every size specialisation),
 bench.py and bench_harness.py (benchmark tables against eager and torch.compile).
 """

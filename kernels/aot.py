@@ -9,13 +9,16 @@ same wheel (triton/backends/nvidia/bin) reads the cubin's registers, stack (spil
 shared memory; the dynamic shared memory Triton allocates is in the kernel's metadata.
 
 What is compiled. `launches()` lists one Launch per (kernel, CUDA launch configuration, dtype,
-reachable constexpr flags). Tiles and warps come from the functions the launchers call
-(logprob._launch_config, linear_logprob._tiles and _dot_precision, ppo_loss.BLOCK), so this list
+reachable constexpr flags, size classes). Tiles and warps come from the functions the launchers
+call (logprob._launch_config, logits_tile.tiles and kernel_width, ppo_loss.BLOCK), so this list
 cannot drift from what runs. Arguments are small CPU tensors standing in for the real ones:
 Triton's own runtime binder (the code `kernel[grid](...)` runs) turns them into the signature and
-specialisation attributes, so pointers 16-byte aligned and integers divisible by 16 get the
-`tt.divisibility` hints a GPU run would give them (`aligned=True`), or sizes do not (`aligned=False`:
-odd token counts and vocabularies, the slower path a GPU run also compiles; see _sizes).
+specialisation attributes, so 16-byte aligned pointers and integers divisible by 16 get the
+`tt.divisibility` hints a GPU run would give them. Each size argument takes each class it can
+take, independently of the others (SIZES): two fixed corners (all divisible by 16; odd tokens
+and vocabulary at C = 896) missed that the fused head spilled at any width not divisible by 16,
+with an odd vocabulary or chunk in 16-bit and even alone in the fp32 backward. `distinct()`
+keeps one launch per compiled kernel, i.e. per distinct binder key.
 
 Occupancy (the CUDA occupancy calculator's rules, cc 8.0 to 10.0): registers are allocated per
 warp in units of 256 (per thread, rounded up to a multiple of 8), 64 K per SM; each block also
@@ -27,6 +30,7 @@ interpreted function that cannot be compiled): scripts/kernel_resources.py is th
 """
 
 import dataclasses
+import itertools
 import os
 import re
 import subprocess
@@ -35,7 +39,7 @@ import tempfile
 import torch
 import triton
 
-from kernels import linear_logprob, logprob, ppo_loss
+from kernels import linear_logprob, logits_tile, logprob, ppo_loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +64,8 @@ class Launch:
     args: tuple              # positional arguments: CPU tensors, ints, floats, None
     constexprs: tuple        # (name, value) pairs passed by keyword
     options: tuple           # (name, value): num_warps, num_stages as the launcher passes them
-    aligned: bool            # sizes divisible by 16 (pointers are 16-byte aligned either way)
+    aligned: bool            # every size argument divisible by 16 (pointers are 16-byte aligned either way)
+    sizes: str = "aligned"   # the size classes, e.g. "N=odd V=16k C=odd S=1" (see SIZES)
 
 
 def _t(dtype):
@@ -70,11 +75,32 @@ def _t(dtype):
     return torch.zeros(16, dtype=dtype)
 
 
-def _sizes(aligned):
-    """(N, V, C) as the launchers pass them. Aligned: all divisible by 16 (a Qwen2.5 head,
-    V = 151936, C = 896). Not: odd N and V, as token counts and some vocabularies (GPT-2's 50257)
-    are; C stays 896, since the widths of Llama-family models are multiples of 64."""
-    return (4096, 151936, 896) if aligned else (4095, 151935, 896)
+# Triton's binder specialises every integer argument on its value: divisible by 16 (a
+# `tt.divisibility` hint that lets loads and stores vectorise), not, or 1 (compiled in as a
+# constant), unless the kernel says do_not_specialize. A GPU run compiles one kernel per class
+# combination it meets, so the gate compiles every combination the launchers can pass: SIZES gives
+# each size argument its reachable classes (a value of each), KERNEL_SIZES which size arguments
+# each kernel takes. Not here: V = 1 (no vocabulary), and what the launchers fix: v_per_split and
+# v0 (multiples of BLOCK_V: "16k" always), the fused head's width (logits_tile.kernel_width: C
+# "odd" reaches it padded), pointers (16-byte aligned, see _t), ignore_index (-100, the default).
+SIZES = {
+    "N": {"16k": 4096, "odd": 4095, "1": 1},              # tokens: any count, one included
+    "V": {"16k": 151936, "odd": 151935},                   # vocabulary: Qwen2.5's; GPT-2's is odd
+    "C": {"16k": 896, "odd": 900},                         # width: real models' are multiples of 64
+    "stride": {"16k": 151936, "odd": 151937},              # logits row stride >= V (x[:, :V] views)
+    "S": {"16k": 16, "odd": 5, "1": 1},                    # vocabulary splits of the fused forward
+    "V_c": {"16k": 8192, "odd": 4863, "1": 1},             # fused backward chunk (the last: V mod chunk)
+}
+KERNEL_SIZES = {"logprob": ("stride", "V"), "linear_logprob_fwd": ("N", "V", "C", "S"),
+                "linear_logprob_bwd": ("N", "V_c", "C"), "ppo_loss": ("N",)}
+
+
+def size_cases(names, mixed=True):
+    """(label, {name: value}) for every combination of the classes of the size arguments `names`
+    (mixed), or only all of them divisible by 16 (the label 'aligned')."""
+    combos = itertools.product(*(SIZES[n] for n in names)) if mixed else [("16k",) * len(names)]
+    return [("aligned" if set(c) == {"16k"} else " ".join(f"{n}={k}" for n, k in zip(names, c)),
+             {n: SIZES[n][k] for n, k in zip(names, c)}) for c in combos]
 
 
 def logprob_configs():
@@ -82,11 +108,18 @@ def logprob_configs():
     return sorted({logprob._launch_config(v) for k in range(21) for v in (2**k - 1, 2**k, 2**k + 1) if v > 0})
 
 
-def launches(aligned=True):
-    """Every kernel x CUDA launch configuration x dtype x reachable constexpr flags."""
-    n, V, C = _sizes(aligned)
+def launches(mixed="all"):
+    """Every kernel x CUDA launch configuration x dtype x reachable constexpr flags x size classes.
+    mixed: "all" (every size-class combination for every variant), "heaviest" (every combination
+    for each kernel's heaviest variant only: the largest logprob BLOCK_V with entropy, the PPO loss
+    with all terms; the others aligned), "none" (aligned sizes only)."""
     f32, i64 = _t(torch.float32), _t(torch.int64)
     out = []
+
+    def add(kernel, dtype, flags, sizes, heaviest, build, cx, opt):
+        for label, z in size_cases(KERNEL_SIZES[sizes], mixed == "all" or (mixed == "heaviest" and heaviest)):
+            out.append(Launch(kernel, dtype, flags, build(z), cx, opt, label == "aligned", label))
+
     for name, dtype in DTYPES.items():
         x = _t(dtype)
         # 1. kernels/logprob.py: forward and backward, entropy on or off (its outputs None if off)
@@ -95,25 +128,26 @@ def launches(aligned=True):
                 flags = f"BLOCK_V={block_v} ENTROPY={int(ent)}"
                 cx = (("BLOCK_V", block_v), ("ENTROPY", ent))
                 opt = (("num_warps", num_warps),)
-                opt_ent = f32 if ent else None
-                out.append(Launch("logprob._logprob_fwd_kernel", name, flags,
-                                  (x, V, i64, f32, opt_ent, f32, f32, opt_ent, V, 0.7, -100), cx, opt, aligned))
-                out.append(Launch("logprob._logprob_bwd_kernel", name, flags,
-                                  (x, V, i64, _t(dtype), f32, opt_ent, f32, f32, opt_ent, V, 0.7, -100),
-                                  cx, opt, aligned))
+                oe = f32 if ent else None
+                heavy = ent and (block_v, num_warps) == logprob_configs()[-1]
+                add("logprob._logprob_fwd_kernel", name, flags, "logprob", heavy,
+                    lambda z: (x, z["stride"], i64, f32, oe, f32, f32, oe, z["V"], 0.7, -100), cx, opt)
+                add("logprob._logprob_bwd_kernel", name, flags, "logprob", heavy,
+                    lambda z: (x, z["stride"], i64, _t(dtype), f32, oe, f32, f32, oe, z["V"], 0.7, -100),
+                    cx, opt)
         # 2. kernels/linear_logprob.py: forward and backward at the CUDA tiles
-        tiles = linear_logprob._tiles(torch.device("cuda"), dtype)
-        cx = tuple((k, v) for k, v in tiles.items() if k.startswith("BLOCK_")) + (
-            ("DOT_PRECISION", linear_logprob._dot_precision(dtype)),)
+        tiles = logits_tile.tiles(torch.device("cuda"), dtype)
+        cx = tuple((k, v) for k, v in tiles.items() if not k.startswith("num_"))
         opt = tuple((k, v) for k, v in tiles.items() if k.startswith("num_"))
         flags = " ".join(f"{k}={v}" for k, v in cx)
-        splits, chunk = 4, 8192
-        out.append(Launch("linear_logprob._linear_logprob_fwd_kernel", name, flags,
-                          (x, _t(dtype), i64, f32, f32, f32, n, V, C, C, C, V // splits, splits, 0.7),
-                          cx, opt, aligned))
-        out.append(Launch("linear_logprob._linear_logprob_bwd_kernel", name, flags,
-                          (x, _t(dtype), i64, f32, f32, f32, f32, _t(dtype), n, chunk, C,
-                           chunk, C, C, 0.7), cx, opt, aligned))
+        v_per_split, v0 = 37888, 8192   # multiples of BLOCK_V, as the launcher makes them
+        width = logits_tile.kernel_width   # the launcher pads C to this
+        add("linear_logprob._linear_logprob_fwd_kernel", name, flags, "linear_logprob_fwd", True,
+            lambda z: (x, _t(dtype), i64, f32, f32, f32, z["N"], z["V"], width(z["C"]), v_per_split, z["S"], 0.7),
+            cx, opt)
+        add("linear_logprob._linear_logprob_bwd_kernel", name, flags, "linear_logprob_bwd", True,
+            lambda z: (x, _t(dtype), i64, f32, f32, f32, f32, _t(dtype), z["N"], z["V_c"], width(z["C"]), v0, 0.7),
+            cx, opt)
         # 3. kernels/ppo_loss.py: every KL kind x value loss on or off in fp32 (what the log-prob
         #    kernels return); bf16 / fp16 with all terms off and all on. Inputs share one dtype: the
         #    kernels cast each load to fp32, so dtypes change only the load instructions.
@@ -121,11 +155,11 @@ def launches(aligned=True):
         for kl_kind, has_value in (combos if name == "fp32" else [combos[0], combos[-1]]):
             flags = f"KL_KIND={kl_kind} HAS_VALUE={int(has_value)} BLOCK={ppo_loss.BLOCK}"
             cx = (("KL_KIND", kl_kind), ("HAS_VALUE", has_value), ("BLOCK", ppo_loss.BLOCK))
-            ins = (x,) * 8
-            out.append(Launch("ppo_loss._ppo_loss_fwd_kernel", name, flags,
-                              (*ins, f32, n, 0.8, 1.2, 0.2), cx, (), aligned))
-            out.append(Launch("ppo_loss._ppo_loss_bwd_kernel", name, flags,
-                              (*ins, f32, x, x, n, 0.8, 1.2, 0.2), cx, (), aligned))
+            ins, heavy = (x,) * 8, (kl_kind, has_value) == combos[-1]
+            add("ppo_loss._ppo_loss_fwd_kernel", name, flags, "ppo_loss", heavy,
+                lambda z: (*ins, f32, z["N"], 0.8, 1.2, 0.2), cx, ())
+            add("ppo_loss._ppo_loss_bwd_kernel", name, flags, "ppo_loss", heavy,
+                lambda z: (*ins, f32, x, x, z["N"], 0.8, 1.2, 0.2), cx, ())
     return out
 
 
@@ -134,23 +168,42 @@ def _jit_function(path):
     return getattr({"logprob": logprob, "linear_logprob": linear_logprob, "ppo_loss": ppo_loss}[module], fn)
 
 
-def compile_launch(launch: Launch, cc: int):
-    """triton.compile for one launch and target, with the signature, constexprs and attributes the
-    runtime would give these arguments. Returns the CompiledKernel (asm: ptx, cubin; metadata)."""
+def _bind(launch: Launch, cc: int):
+    """What `kernel[grid](*args)` computes before compiling: the backend and the binder's
+    (bound args, specialisation, options) for these arguments on target cc."""
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
+    from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
     fn = _jit_function(launch.kernel)
     if not isinstance(fn, triton.runtime.jit.JITFunction):
         raise RuntimeError("kernels/aot.py needs TRITON_INTERPRET unset (got an interpreted kernel)")
-    target = GPUTarget("cuda", cc, 32)
-    backend = make_backend(target)
+    backend = make_backend(GPUTarget("cuda", cc, 32))
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     kwargs = dict(launch.constexprs + launch.options)
-    bound_args, specialization, options = binder(*launch.args, **kwargs)
+    return fn, backend, kwargs, binder(*launch.args, **kwargs)
+
+
+def distinct(launches, cc: int) -> list:
+    """The launches that compile to distinct kernels on target cc (the first of each): size cases
+    an argument's class does not change, because the kernel does not specialise on it, drop out."""
+    seen, out = set(), []
+    for launch in launches:
+        _, _, kwargs, (_, specialization, _) = _bind(launch, cc)
+        key = (launch.kernel, repr(specialization), tuple(sorted(kwargs.items())))
+        if key not in seen:
+            seen.add(key)
+            out.append(launch)
+    return out
+
+
+def compile_launch(launch: Launch, cc: int):
+    """triton.compile for one launch and target, with the signature, constexprs and attributes the
+    runtime would give these arguments. Returns the CompiledKernel (asm: ptx, cubin; metadata)."""
+    from triton.compiler import ASTSource
+    fn, backend, kwargs, (bound_args, specialization, options) = _bind(launch, cc)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
-    src = ASTSource(fn, signature, constexprs, attrs)
-    return triton.compile(src, target=target, options=options.__dict__)
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=backend.target,
+                          options=options.__dict__)
 
 
 def cuda_bin(tool):
@@ -184,7 +237,7 @@ def check(launch: Launch, cc: int) -> dict:
     ld_v4 / st_v4 count the 128-bit global loads and stores in the PTX (ld.global.v4.b32 moves
     8 bf16/fp16 or 4 fp32 values)."""
     row = {"kernel": launch.kernel, "dtype": launch.dtype, "flags": launch.flags, "cc": cc,
-           "aligned": launch.aligned}
+           "aligned": launch.aligned, "sizes": launch.sizes}
     try:
         kernel = compile_launch(launch, cc)
     except Exception as e:  # noqa: BLE001 -- any compiler failure is a gate failure, reported as such

@@ -29,7 +29,6 @@ logit when the target falls in the tile. A split writes lse_s = m + log s and th
 softmax restricted to its columns, H_s = log s - t/s (no cancellation of logZ against E_p[z] at
 |z| ~ 20, which would cost ~10 ulp(|z|)). Torch merges the S partials, O(N·S), with the chain
 rule of entropy: logZ = logsumexp_s lse_s, w_s = e^(lse_s - logZ), H = sum_s w_s (H_s - log w_s).
-Splits exist for parallelism: with few tokens N / BLOCK_N programs would leave SMs idle.
 
 Backward (kernel 2 + two cuBLAS GEMMs per vocabulary chunk of V_c columns). Kernel 2 recomputes
 the logits tiles of the chunk (grid over (N, V_c) tiles, the natural GEMM tiling), turns them into
@@ -44,6 +43,8 @@ dlogits @ weight[chunk] (fp32 accumulator of N·C, small). Why not the two all-T
 The chunked design is deterministic (no atomics), recomputes the logits once, and gives the two
 gradient products to cuBLAS at full speed. Its price: d-logits for one chunk touch memory.
 
+The logits tiles of both kernels, their sizes and the width (padded to 16): kernels/logits_tile.py.
+
 Cost, with e = bytes per element of hidden/weight (2 for bf16), S splits, V_c chunk columns:
     FLOPs   forward 2·N·V·C     backward 2·N·V·C (recompute) + 4·N·V·C (two GEMMs) = 8·N·V·C total
             (unfused: 6·N·V·C, since it keeps the logits instead of recomputing them)
@@ -57,43 +58,26 @@ Cost, with e = bytes per element of hidden/weight (2 for bf16), S splits, V_c ch
 import os
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from kernels.inputs import KernelInputError, check_token_inputs
+from kernels.logits_tile import kernel_width, logits_tile, tiles
 from nanopairwise import losses
 
 DLOGITS_CHUNK_BYTES = 512 * 2**20  # backward: d-logits of one vocabulary chunk fit in this
 
 
-@triton.jit
-def _logits_tile(hidden_ptr, weight_ptr, rows, n_rows, cols, v_end, C, stride_h, stride_w,
-                 inv_temperature, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                 BLOCK_C: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """z = hidden[rows] @ weight[cols]^T / T as a (BLOCK_N, BLOCK_V) fp32 tile. Rows >= n_rows and
-    cols >= v_end read zeros; callers mask them. rows, cols are int64 (V·C passes 2^31 for big heads)."""
-    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        h = tl.load(hidden_ptr + rows[:, None] * stride_h + c[None, :],
-                    mask=(rows[:, None] < n_rows) & (c[None, :] < C), other=0.0)       # (BN, BC)
-        w_t = tl.load(weight_ptr + cols[None, :] * stride_w + c[:, None],
-                      mask=(cols[None, :] < v_end) & (c[:, None] < C), other=0.0)      # (BC, BV)
-        acc = tl.dot(h, w_t, acc, input_precision=DOT_PRECISION)                       # fp32 acc
-    return acc * inv_temperature
-
-
-@triton.jit
+@triton.jit(do_not_specialize=["N", "V", "n_splits"])
 def _linear_logprob_fwd_kernel(
-    hidden_ptr,        # (N, C) fp32 / fp16 / bf16, unit stride along C
-    weight_ptr,        # (V, C) same dtype, unit stride along C
+    hidden_ptr,        # (N, C) fp32 / fp16 / bf16, contiguous
+    weight_ptr,        # (V, C) same dtype, contiguous
     targets_ptr,       # (N,) int64 target ids (ignored rows: any value, masked by the caller)
     lse_ptr,           # (N, S) fp32 out: logsumexp of z over this program's vocabulary split
     ent_ptr,           # (N, S) fp32 out: entropy of the softmax restricted to the split
     target_logit_ptr,  # (N,) fp32 out, zero-filled: z[target], written by the split holding it
-    N, V, C,           # tokens, vocabulary, width
-    stride_h,          # row stride of hidden, in elements
-    stride_w,          # row stride of weight, in elements
+    N, V, C,           # tokens, vocabulary, width (divisible by 16: logits_tile.kernel_width)
     v_per_split,       # vocabulary columns per split, a multiple of BLOCK_V
     n_splits,          # S, the row stride of lse / ent
     inv_temperature,   # 1 / T
@@ -117,8 +101,8 @@ def _linear_logprob_fwd_kernel(
         # 2. one logits tile, never stored: (BN, BV) fp32, -inf beyond the split
         cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
         col_ok = cols < v_end
-        z = _logits_tile(hidden_ptr, weight_ptr, rows, N, cols, v_end, C, stride_h, stride_w,
-                         inv_temperature, BLOCK_N, BLOCK_V, BLOCK_C, DOT_PRECISION)
+        z = logits_tile(hidden_ptr, weight_ptr, rows, N, cols, v_end, C, inv_temperature,
+                        BLOCK_N, BLOCK_V, BLOCK_C, DOT_PRECISION)
         z = tl.where(col_ok[None, :], z, float("-inf"))
         # 3. online log-sum-exp; the first tile has a finite max, so alpha = e^-inf = 0 is exact
         #    (s = 0 there too: the where avoids (m - m_new) s = -inf * 0 = NaN)
@@ -138,7 +122,7 @@ def _linear_logprob_fwd_kernel(
     tl.store(target_logit_ptr + rows, z_y, mask=row_ok & (y >= v_start) & (y < v_end))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _linear_logprob_bwd_kernel(
     hidden_ptr,       # (N, C) as in the forward
     weight_ptr,       # (V, C) as in the forward
@@ -148,10 +132,8 @@ def _linear_logprob_bwd_kernel(
     g_lp_ptr,         # (N,) fp32 dL/d lp_raw (clamp and ignore mask already applied by autograd)
     g_ent_ptr,        # (N,) fp32 dL/dH
     dlogits_ptr,      # (N, V_c) out, operand dtype: dL/d logits of columns v0 .. v0 + V_c
-    N, V_c, C,        # tokens, chunk columns, width
+    N, V_c, C,        # tokens, chunk columns, width (as in the forward)
     v0,               # first vocabulary column of the chunk
-    stride_h,         # row stride of hidden, in elements
-    stride_w,         # row stride of weight, in elements
     inv_temperature,  # 1 / T
     BLOCK_N: tl.constexpr,        # tokens per program
     BLOCK_V: tl.constexpr,        # chunk columns per program
@@ -169,8 +151,8 @@ def _linear_logprob_bwd_kernel(
     g_lp = tl.load(g_lp_ptr + rows, mask=row_ok, other=0.0)
     g_ent = tl.load(g_ent_ptr + rows, mask=row_ok, other=0.0)
     # 2. recompute the logits tile and the softmax from the saved logZ
-    z = _logits_tile(hidden_ptr, weight_ptr, rows, N, v0 + local, v0 + V_c, C, stride_h, stride_w,
-                     inv_temperature, BLOCK_N, BLOCK_V, BLOCK_C, DOT_PRECISION)
+    z = logits_tile(hidden_ptr, weight_ptr, rows, N, v0 + local, v0 + V_c, C, inv_temperature,
+                    BLOCK_N, BLOCK_V, BLOCK_C, DOT_PRECISION)
     log_p = z - log_z[:, None]
     p = tl.exp(log_p)
     onehot = ((v0 + local)[None, :] == y[:, None]).to(tl.float32)
@@ -181,52 +163,16 @@ def _linear_logprob_bwd_kernel(
              dz.to(dlogits_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _tiles(device, dtype) -> dict:
-    """Tiles, warps and pipeline stages; the interpreter's are the smallest tl.dot accepts (16), so
-    CPU tests cover many (partial) tiles. On CUDA, chosen by ptxas's resource report (no GPU has
-    timed them yet; kernels/aot.py compiles them for sm_80/90/100 and the compile gate test fails
-    on any spill). The numbers, for 8 warps = 256 threads and a (BLOCK_N, BLOCK_V) fp32 logits tile:
-      registers   the tile is BN·BV / 256 floats per thread: 64 at 128 x 128, and the forward's
-                  online softmax keeps ~3 tile-sized temporaries (z masked, e, e·(z - m)) live
-                  with it, so 128 x 128 needed 255 registers and spilled 144-1320 B per thread
-                  (fwd and bwd, every dtype). At 64 x 128 the tile is 32 floats; the forward uses
-                  ~180 registers, the backward ~100-130, no spills.
-      shared      a pipeline stage holds one (BN, BC) slice of hidden and one (BC, BV) slice of
-                  weight: (64 + 128) · 64 · 2 B = 24 KB for 16-bit operands, 72 KB for 3 stages,
-                  well inside 163 KB (sm_80) and 227 KB (sm_90).
-      occupancy   ~180 registers x 256 threads leave room for one forward program per SM (8 warps
-                  of 64): latency is hidden by the 3-stage pipeline of loads, not by warps, as in
-                  GEMMs (the Triton matmul tutorial's first H100 config, 128 x 256 x 64, 3 stages,
-                  8 warps, holds a 128-float accumulator per thread but nothing else tile-sized).
-      bytes/FLOP  a C-step loads (BN + BV)·BC·e bytes for 2·BN·BV·BC FLOPs: 2·BN·BV / ((BN + BV)·e)
-                  = 43 FLOP/B at 64 x 128 in bf16 (64 at 128 x 128), from L2/shared memory; the
-                  programs of one wave share the weight tiles through L2.
-    fp32 operands run tl.dot as FMAs ("ieee", no tensor cores): their operand slices live in
-    registers, so they get a smaller tile, 32 x 128 x 32 with 8 warps (no spills, aligned or not;
-    with 4 warps the forward spilled for odd C, 64 x 128 spilled on sm_80).
-    """
-    if device.type != "cuda":
-        return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_C=16, num_warps=4, num_stages=1)
-    if dtype == torch.float32:
-        return dict(BLOCK_N=32, BLOCK_V=128, BLOCK_C=32, num_warps=8, num_stages=3)
-    return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_C=64, num_warps=8, num_stages=3)
-
-
-def _dot_precision(dtype) -> str:
-    """fp32: "ieee" (no TF32, as torch's default matmul); 16-bit operands: moot, "tf32" is the default."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 class LinearLogprobs(torch.autograd.Function):
     """(hidden (N, C), weight (V, C), targets (N,)) -> (lp_raw, entropy), (N,) fp32, unmasked."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, vocab_splits, vocab_chunk):
         (N, C), V = hidden.shape, weight.shape[0]
-        t = _tiles(hidden.device, hidden.dtype)
+        t = tiles(hidden.device, hidden.dtype)
         bn, bv = t["BLOCK_N"], t["BLOCK_V"]
         row_tiles, vocab_tiles = triton.cdiv(N, bn), triton.cdiv(V, bv)
-        # splits: one forward program fits per SM (_tiles: registers), so aim at 2 waves of them,
+        # splits: one forward program fits per SM (tiles: registers), so aim at 2 waves of them,
         # 2 x SMs programs: fewer leave SMs idle at small N, more re-read hidden and grow the O(N·S)
         # merge. N = 16384 on an H100 (132 SMs) has 256 row tiles already: 1 split. Interpreter: 2.
         if vocab_splits is None:
@@ -237,16 +183,14 @@ class LinearLogprobs(torch.autograd.Function):
         lse = torch.empty(N, S, dtype=torch.float32, device=hidden.device)
         ent = torch.empty_like(lse)
         target_logit = torch.zeros(N, dtype=torch.float32, device=hidden.device)
-        precision = _dot_precision(hidden.dtype)
         _linear_logprob_fwd_kernel[(row_tiles, S)](
-            hidden, weight, targets, lse, ent, target_logit, N, V, C, hidden.stride(0),
-            weight.stride(0), v_per_split, S, 1.0 / temperature, DOT_PRECISION=precision, **t)
+            hidden, weight, targets, lse, ent, target_logit, N, V, C, v_per_split, S, 1.0 / temperature, **t)
         # merge splits: logZ = logsumexp_s lse_s; H = sum_s w_s (H_s - log w_s), log w_s = lse_s - logZ
         log_z = torch.logsumexp(lse, 1)                                    # (N,)
         log_w = lse - log_z[:, None]                                       # (N, S)
         entropy = (log_w.exp() * (ent - log_w)).sum(1)                     # (N,)
         ctx.save_for_backward(hidden, weight, targets, log_z, entropy)
-        ctx.temperature, ctx.vocab_chunk, ctx.precision = temperature, vocab_chunk, precision
+        ctx.temperature, ctx.vocab_chunk = temperature, vocab_chunk
         return target_logit - log_z, entropy
 
     @staticmethod
@@ -254,14 +198,13 @@ class LinearLogprobs(torch.autograd.Function):
         hidden, weight, targets, log_z, entropy = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[:2]
         (N, C), V = hidden.shape, weight.shape[0]
-        t = _tiles(hidden.device, hidden.dtype)
+        t = tiles(hidden.device, hidden.dtype)
         # chunk: the d-logits (N, V_c) fill DLOGITS_CHUNK_BYTES, in whole BLOCK_V tiles: 16384 columns
         # at N = 16384 bf16, so each chunk's GEMMs are 2·N·V_c·C = 0.48 TFLOP (far past launch cost)
         # and the peak stays 512 MiB against the unfused path's 2·N·V·e = 10 GB. (Liger's fused
         # linear cross-entropy chunks tokens instead, sizing a chunk's logits like the hidden states.)
         bv = t["BLOCK_V"]
-        chunk = ctx.vocab_chunk or max(bv, DLOGITS_CHUNK_BYTES // (N * hidden.element_size()) // bv * bv)
-        chunk = min(chunk, V)
+        chunk = min(ctx.vocab_chunk or max(bv, DLOGITS_CHUNK_BYTES // (N * hidden.element_size()) // bv * bv), V)
         g_lp, g_ent = g_lp.float().contiguous(), g_ent.float().contiguous()
         grad_hidden = torch.zeros(N, C, dtype=torch.float32, device=hidden.device) if need_hidden else None
         grad_weight = torch.empty_like(weight) if need_weight else None
@@ -269,11 +212,9 @@ class LinearLogprobs(torch.autograd.Function):
         for v0 in range(0, V, chunk):
             vc = min(chunk, V - v0)
             dlogits = buf[:N * vc].view(N, vc)                               # (N, V_c)
-            grid = (triton.cdiv(N, t["BLOCK_N"]), triton.cdiv(vc, t["BLOCK_V"]))
-            _linear_logprob_bwd_kernel[grid](
+            _linear_logprob_bwd_kernel[(triton.cdiv(N, t["BLOCK_N"]), triton.cdiv(vc, bv))](
                 hidden, weight, targets, log_z, entropy, g_lp, g_ent, dlogits, N, vc, C, v0,
-                hidden.stride(0), weight.stride(0), 1.0 / ctx.temperature,
-                DOT_PRECISION=ctx.precision, **t)
+                1.0 / ctx.temperature, **t)
             if need_weight:  # rows v0 .. v0 + V_c of dW are this chunk's alone: one rounding
                 torch.mm(dlogits.t(), hidden, out=grad_weight[v0:v0 + vc])  # (V_c, C)
             if need_hidden:  # fp32 sum over chunks of (N, C) partial products (each rounded to e bytes)
@@ -297,6 +238,8 @@ def linear_token_logprobs(hidden, weight, targets, temperature=1.0, ref_logprobs
                                                 entropy, kl_estimator, ignore_index)
     if hidden.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1":
         hidden, weight = hidden.float(), weight.float()  # exact; bf16 tl.dot is wrong in the interpreter
+    pad = kernel_width(hidden.shape[1]) - hidden.shape[1]  # zero columns: exact; autograd slices the grads
+    hidden, weight = (F.pad(hidden, (0, pad)), F.pad(weight, (0, pad))) if pad else (hidden, weight)
     lp_raw, ent = LinearLogprobs.apply(hidden.contiguous(), weight.contiguous(), targets.long().contiguous(),
                                        float(temperature), vocab_splits, vocab_chunk)
     # the spec's O(N) epilogue, through autograd: clamp to <= 0, zero ignored rows, KL

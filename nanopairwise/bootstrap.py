@@ -1,9 +1,13 @@
 """Bootstrap of the built-in task: a tokenizer, an imperfect tiny SFT policy, pairs and RL prompts.
 
     python -m nanopairwise.bootstrap --out runs/task --seed 0
+    python -m nanopairwise.bootstrap --task principles --model DIR --out runs/principles   # the text task
 
-train_rm.py and train_ppo.py call `ensure_bootstrap` when the task directory is missing, so a
-user never has to run this by hand. About a minute on a 2-core CPU. Writes one directory,
+(`--task principles` is nanopairwise/principles_task.py: the same directory layout, pairs from the
+samples of --model, an existing chat model.)
+
+train_rm.py and train_ppo.py call `ensure_task` when the task directory is missing, so a user
+never has to run this by hand (about 2 minutes on a 2-core CPU: README). Writes one directory,
 atomically (it appears complete or not at all):
 
     policy/             HF checkpoint of the SFT policy (config.json, model.safetensors) + tokenizer
@@ -26,13 +30,14 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from nanopairwise import data, judge as J, tasks
+from nanopairwise import data, tasks
 from nanopairwise.common import Progress, atomic_dir, atomic_write_text
 from nanopairwise.distributed import barrier, get_rank, print0
+from nanopairwise.judge import verdict_token_ids
+from nanopairwise.layouts import JudgeTemplate, Sampling, encode_prompt, pack_prompt_response, sample
 from nanopairwise.losses import masked_mean
 from nanopairwise.model import ModelConfig, Transformer
-from nanopairwise.policy import PolicyLogprobs, encode_prompt, pack_prompt_response
-from nanopairwise.rollout import generate
+from nanopairwise.policy import PolicyLogprobs
 from nanopairwise.tokenizer import train_bpe
 
 # the tiny Llama-shaped policy of the built-in task (~0.9M parameters)
@@ -111,18 +116,31 @@ def sft(model, tok, examples, cfg: BootstrapConfig, seed: int):
         progress.update(step + 1, f"loss {loss.item():.3f}")
 
 
+def demonstrations(tok, rng, n: int) -> list:
+    """n SFT examples (prompt ids, response ids) of the built-in task: imperfect demonstrations
+    (tasks.make_demonstration), each closed by the end-of-turn id the policy is to emit."""
+    examples = []
+    for _ in range(n):
+        t = tasks.make_prompt(rng)
+        examples.append((encode_prompt(tok, t.prompt_text),
+                         tok.encode(tasks.make_demonstration(rng, t)) + [tok.end_of_turn_id]))
+    return examples
+
+
 @torch.no_grad()
-def sample_texts(model, tok, prompt_texts, k, cfg, seed, batch_size=256):
-    """k sampled responses (temperature 1) per prompt text, decoded."""
+def sample_texts(model, tok, prompt_texts, k, cfg, seed, batch_size=256, desc=None):
+    """k sampled responses (temperature 1, stopping at the end of turn) per prompt text, decoded;
+    with `desc`, a progress line with an ETA after each batch."""
     model.eval()
     g = torch.Generator().manual_seed(seed)
-    flat = [encode_prompt(tok, t) for t in prompt_texts for _ in range(k)]
+    flat = [t for t in prompt_texts for _ in range(k)]
     texts = []
+    progress = Progress(len(flat), desc, every=1) if desc else None
     for i in range(0, len(flat), batch_size):
-        ro = generate(model, flat[i:i + batch_size], cfg.max_new_tokens, tok.eos_token_id, tok.pad_token_id,
-                      temperature=1.0, generator=g)
-        for ids, m in zip(ro.response_ids.tolist(), ro.response_mask.tolist()):
-            texts.append(tok.decode([t for t, keep in zip(ids, m) if keep]).strip())
+        rollout = sample(model, tok, flat[i:i + batch_size], Sampling(cfg.max_new_tokens), g)
+        texts += rollout.texts(tok)
+        if progress:
+            progress.update(len(texts), f"{int(rollout.response_mask.sum())} tokens")
     model.train()
     return [texts[i * k:(i + 1) * k] for i in range(len(prompt_texts))]
 
@@ -131,22 +149,18 @@ def bootstrap(task_dir: str, seed: int = 0, cfg: BootstrapConfig = BootstrapConf
     t0 = time.time()
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    template = J.JudgeTemplate()
+    template = JudgeTemplate()
     # ---- tokenizer: trained on what the policy and the judge will read -------------------------
     judge_texts = [f"Principle: {p.description}" for p in tasks.PRINCIPLES]
     judge_texts += [f"{template.question}\nAnswer:{v}" for v in (template.yes, template.no)]
     tok = train_bpe(tasks.tokenizer_corpus(rng, extra_texts=judge_texts), cfg.vocab_size,
                     special_tokens=("<|endoftext|>",), chat_template="plain")
-    J.verdict_token_ids(tok, template)  # fail here, not in train_rm.py, if a verdict is not one token
+    verdict_token_ids(tok, template)  # fail here, not in train_rm.py, if a verdict is not one token
     # ---- SFT policy on imperfect demonstrations -----------------------------------------------
     config = ModelConfig.from_hf({**TINY_POLICY, "vocab_size": tok.vocab_size,
                                   "bos_token_id": None, "eos_token_id": tok.eos_token_id})
     model = Transformer(config)
-    demos = []
-    for _ in range(cfg.sft_prompts):
-        t = tasks.make_prompt(rng)
-        demos.append((encode_prompt(tok, t.prompt_text),
-                      tok.encode(tasks.make_demonstration(rng, t)) + [tok.eos_token_id]))
+    demos = demonstrations(tok, rng, cfg.sft_prompts)
     print0(f"bootstrap | tokenizer {tok.vocab_size} tokens | policy "
            f"{sum(p.numel() for p in model.parameters()):,} params | {len(demos):,} demonstrations")
     sft(model, tok, demos, cfg, seed)
@@ -178,9 +192,25 @@ def bootstrap(task_dir: str, seed: int = 0, cfg: BootstrapConfig = BootstrapConf
     return info
 
 
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="bootstrap the built-in task")
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="bootstrap a built-in task")
+    ap.add_argument("--task", choices=["digits", "principles"], default="digits",
+                    help="digits: the tiny-model task (its own SFT policy); principles: principle-following "
+                         "on everyday questions (nanopairwise/principles_task.py), pairs from --model's samples")
     ap.add_argument("--out", default="runs/task", help="task directory to write")
-    ap.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args()
-    bootstrap(a.out, a.seed)
+    ap.add_argument("--seed", type=int, default=0, help="seed of everything the task draws")
+    ap.add_argument("--model", default=None, help="principles: HF directory of the initial policy (e.g. "
+                    "SmolLM2-135M-Instruct); default: a tiny random model (tests, plumbing)")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes on the same code path (plumbing only)")
+    a = ap.parse_args(argv)
+    if a.task == "digits":
+        if a.model:
+            ap.error("--model: the digits task trains its own tiny policy; leave --model out")
+        return bootstrap(a.out, a.seed, BootstrapConfig.smoke() if a.smoke else BootstrapConfig())
+    from nanopairwise import principles_task  # (it imports this module)
+    cfg = principles_task.PrinciplesConfig.smoke() if a.smoke else principles_task.PrinciplesConfig()
+    return principles_task.bootstrap(a.out, a.model, a.seed, cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from nanopairwise.common import atomic_dir
-from nanopairwise.guards import NonFiniteError, nonfinite_tensors
+from nanopairwise.guards import NonFiniteError, UserError, nonfinite_tensors
 
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
@@ -228,3 +228,17 @@ def _carry_over(old: str, new: str):
             shutil.copytree(src, dst)
         else:
             shutil.copy2(src, dst)
+
+
+def load_trainer_state(path: str, file: str, lora_rank: int, adapters_key: str) -> dict:
+    """The trainer state (`path`/`file`) of a run's checkpoint, for --resume: refused when there is
+    none, or when it holds LoRA adapters (under `adapters_key`) and this run has no --lora-rank, or
+    the other way round."""
+    import torch
+    if not os.path.exists(os.path.join(path, file)):
+        raise UserError(f"--resume: no checkpoint at {path}")
+    state = torch.load(os.path.join(path, file), weights_only=False)
+    if bool(state.get(adapters_key)) != bool(lora_rank):
+        raise UserError(f"--resume: the checkpoint at {path} was written {'with' if lora_rank == 0 else 'without'} "
+                        "--lora-rank; resume with the same --lora-* flags")
+    return state

@@ -1,11 +1,11 @@
-"""Shared machinery for the scripts: seeding, dtypes, atomic checkpoint IO, the metrics logger.
+"""Shared machinery for the scripts: seeding, dtypes, atomic checkpoint IO, JSON without NaN, timers.
 
 Nothing here is RL math (that lives in losses.py, judge.py, scalar_head.py) and nothing here is
-distributed setup (distributed.py); this is the plumbing every script needs, written once.
+distributed setup (distributed.py); the metrics logger is in tracking.py, the run directory's
+lock in rundir.py. This is the plumbing every script needs, written once.
 """
 
 import contextlib
-import glob
 import json
 import math
 import os
@@ -17,7 +17,6 @@ import uuid
 import numpy as np
 import torch
 
-from nanopairwise import tracking
 from nanopairwise.distributed import barrier, broadcast_object, get_rank, get_world_size, print0
 
 # ----------------------------------------------------------------------------------------------
@@ -144,22 +143,6 @@ def atomic_dir_all_ranks(path: str):
     barrier()                                                  # the directory is in place
 
 
-def remove_leftovers(out_dir: str, name: str = "checkpoint") -> list:
-    """Clean up after a write killed mid-way, at the start of a run (the lock held, so no live
-    writer): `.NAME.tmp-*` (an unfinished new checkpoint) and `*.tmp-*` files are removed; a
-    `.NAME.old-*` is the previous complete checkpoint, put back if the kill fell between the
-    two renames of atomic_dir (no NAME), else removed. Returns what was removed."""
-    path = os.path.join(out_dir, name)
-    olds = sorted(glob.glob(os.path.join(out_dir, f".{name}.old-*")))
-    if olds and not os.path.exists(path):
-        os.replace(olds.pop(), path)
-    removed = olds + glob.glob(os.path.join(out_dir, f".{name}.tmp-*")) + glob.glob(os.path.join(out_dir, "*.tmp-*"))
-    removed += glob.glob(os.path.join(path, "**", "*.tmp-*"), recursive=True)
-    for r in removed:
-        shutil.rmtree(r, ignore_errors=True) if os.path.isdir(r) else os.remove(r)
-    return removed
-
-
 def atomic_torch_save(obj, path: str):
     """torch.save to `path` via a temp file + rename."""
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
@@ -172,67 +155,6 @@ def atomic_write_text(path: str, text: str):
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------------------------
-# logging
-
-
-class MetricsLogger:
-    """One console line per step (rank 0) and the same numbers appended to metrics.jsonl.
-
-    Keys are slash-namespaced (`loss/pg`, `judge/accuracy`). A logger with `out_dir=None` or on a
-    rank other than 0 is a dummy, so the training loop never branches on "is logging on".
-    `report_to` ("tensorboard", "wandb"; nanopairwise/tracking.py) also sends every row to a
-    dashboard; `config` (the run's arguments) goes to W&B.
-    """
-
-    def __init__(self, out_dir=None, report_to="none", config=None):
-        self.enabled = get_rank() == 0
-        self.path = self.tracker = None
-        if self.enabled and out_dir is not None:
-            os.makedirs(out_dir, exist_ok=True)
-            self.path = os.path.join(out_dir, "metrics.jsonl")
-            self.tracker = tracking.make_tracker(report_to, out_dir, config)
-
-    def log(self, step: int, metrics: dict, total: int = None, console_keys=None):
-        if not self.enabled:
-            return
-        row = {"step": step, **{k: _to_py(v) for k, v in metrics.items()}}
-        if self.path is not None:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(dumps_json(row) + "\n")
-        if self.tracker is not None:
-            self.tracker.log(step, row)
-        keys = console_keys if console_keys is not None else list(metrics)
-        head = f"step {step}/{total}" if total is not None else f"step {step}"
-        parts = [head] + [f"{k} {_fmt(row[k])}" for k in keys if k in row]
-        print(" | ".join(parts), flush=True)
-
-    def close(self):
-        """Flush and close the dashboard, if any (metrics.jsonl is written line by line)."""
-        if self.tracker is not None:
-            self.tracker.close()
-            self.tracker = None
-
-    def truncate(self, step: int):
-        """On resume: drop the rows logged after checkpoint `step` (the crashed run's), so the
-        resumed run does not log them twice; a half-written last line of a killed run goes too."""
-        if not self.enabled or self.path is None or not os.path.exists(self.path):
-            return
-        with open(self.path, encoding="utf-8") as f:
-            lines = [line for line in f if line.strip()]
-        atomic_write_text(self.path, "".join(line for line in lines if _row_step(line) <= step))
-        if self.tracker is not None:
-            self.tracker.purge(step + 1)
-
-
-def _row_step(line: str) -> float:
-    """The step of a metrics.jsonl line; inf for a line a killed write left unparseable."""
-    try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return float("inf")
 
 
 def json_safe(obj):
@@ -249,24 +171,6 @@ def json_safe(obj):
 def dumps_json(obj, **kw) -> str:
     """json.dumps that writes NaN / inf as null (valid JSON for every reader)."""
     return json.dumps(json_safe(obj), allow_nan=False, **kw)
-
-
-def _to_py(v):
-    if isinstance(v, torch.Tensor):
-        return v.item()
-    if isinstance(v, (np.floating, np.integer)):
-        return v.item()
-    return v
-
-
-def _fmt(v):
-    if isinstance(v, float):
-        if abs(v) >= 1000:
-            return f"{v:,.0f}"
-        return f"{v:.2e}" if 0 < abs(v) < 1e-3 else f"{v:.4f}"
-    if isinstance(v, int):
-        return f"{v:,}"
-    return str(v)
 
 
 def clock(device: torch.device) -> float:

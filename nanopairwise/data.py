@@ -1,4 +1,4 @@
-"""Data: validated JSONL readers for preference pairs and RL prompts, and token batching helpers.
+"""Data: the records (preference pairs, RL prompts) and their validated JSONL readers.
 
 Formats (docs/DESIGN.md §5), one JSON object per line, empty lines ignored:
 
@@ -15,18 +15,16 @@ with `skip_bad=True` bad lines are skipped, counted and reported (print0, and th
 `report` dict). Pairs whose chosen and rejected texts are equal carry no preference and are
 dropped, with a count (our reading: the paper does not say; docs/DESIGN.md §1).
 
-Preference pairs in other shapes (TRL conversational, Anthropic HH, UltraFeedback-binarized,
-Parquet files) are read by nanopairwise/formats.py, to which `load_preference_pairs(path,
-data_format=...)` hands every file; it maps them to these records and reuses `read_rows` here.
+Preference pairs are loaded by nanopairwise/formats.py (`load_preference_pairs`), which also reads
+other shapes (TRL conversational, Anthropic HH, UltraFeedback-binarized, Parquet files), maps
+them to these records and reuses `read_rows` here. Token tensors: nanopairwise/batching.py.
 """
 
 import json
 import os
 from dataclasses import dataclass, field, fields
 
-import torch
-
-from nanopairwise.common import atomic_write_text, derive_seed
+from nanopairwise.common import atomic_write_text
 from nanopairwise.distributed import print0
 from nanopairwise.guards import UserError
 
@@ -80,7 +78,7 @@ class RLPrompt(Record):
 # validation of one row
 
 
-def _check_prompt(row: dict, name: str = "prompt"):
+def check_prompt(row: dict, name: str = "prompt"):
     """row[name] is a string or a non-empty list of messages (formats.py checks message lists with it)."""
     if name not in row:
         raise FieldError(f"missing required field {name!r}")
@@ -89,42 +87,42 @@ def _check_prompt(row: dict, name: str = "prompt"):
         return
     if not isinstance(prompt, list) or not prompt:
         raise FieldError(f"field {name!r}: expected a string or a non-empty list of messages, "
-                         f"got {_describe(prompt)}")
+                         f"got {describe(prompt)}")
     for i, msg in enumerate(prompt):
         if not isinstance(msg, dict):
             raise FieldError(f"field {name!r}[{i}]: expected an object with 'role' and 'content', "
-                             f"got {_describe(msg)}")
+                             f"got {describe(msg)}")
         for key in ("role", "content"):
             if key not in msg:
                 raise FieldError(f"field {name!r}[{i}]: missing key {key!r}")
             if not isinstance(msg[key], str):
-                raise FieldError(f"field {name!r}[{i}][{key!r}]: expected a string, got {_describe(msg[key])}")
+                raise FieldError(f"field {name!r}[{i}][{key!r}]: expected a string, got {describe(msg[key])}")
 
 
-def _check_str(row: dict, key: str, required: bool):
+def check_str(row: dict, key: str, required: bool):
     if key not in row or (row[key] is None and not required):
         if required:
             raise FieldError(f"missing required field {key!r}")
         return
     if not isinstance(row[key], str):
-        raise FieldError(f"field {key!r}: expected a string, got {_describe(row[key])}")
+        raise FieldError(f"field {key!r}: expected a string, got {describe(row[key])}")
 
 
-def _describe(value) -> str:
+def describe(value) -> str:
     name = {bool: "bool", int: "int", float: "float", list: "list", dict: "object", type(None): "null"}
     return name.get(type(value), type(value).__name__)
 
 
 def check_pair_row(row: dict):
-    _check_prompt(row)
+    check_prompt(row)
     for key, required in (("chosen", True), ("rejected", True), ("principle", False)):
-        _check_str(row, key, required)
+        check_str(row, key, required)
 
 
 def check_rl_row(row: dict):
-    _check_prompt(row)
+    check_prompt(row)
     for key in ("anchor", "principle"):
-        _check_str(row, key, required=False)
+        check_str(row, key, required=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,7 +154,7 @@ def _parse_json_line(raw: bytes) -> dict:
     except json.JSONDecodeError as e:
         raise FieldError(f"malformed JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(row, dict):
-        raise FieldError(f"expected a JSON object, got {_describe(row)}")
+        raise FieldError(f"expected a JSON object, got {describe(row)}")
     return row
 
 
@@ -188,49 +186,23 @@ def read_rows(path: str, entries, validate=None, skip_bad: bool = False, report:
     return rows
 
 
-def load_preference_pairs(path: str, skip_bad: bool = False, report: dict = None, data_format: str = "pairs",
-                          default_principle: str = None) -> list:
-    """Read preference pairs; ties are dropped and counted in `report["ties"]`; a pair without a
-    principle gets `default_principle` (None: left None).
-
-    `data_format` other than "pairs", or a Parquet file, goes through nanopairwise/formats.py
-    (TRL conversational, Anthropic HH, UltraFeedback-binarized; "auto" detects). A tie is a pair
-    whose chosen and rejected texts are equal, or whose `score_chosen == score_rejected`.
-    """
-    from nanopairwise import formats  # formats.py builds on this module's readers
-
-    report = {} if report is None else report
-    rows = formats.read_pair_rows(path, data_format, skip_bad, report)
-    pairs = _with_source([PreferencePair.from_row(r) for r in rows], path, report)
-    kept = [p for p in pairs if not _is_tie(p)]
-    report.update(ties=len(pairs) - len(kept), kept=len(kept))
-    if report["ties"]:
-        print0(f"{path}: dropped {report['ties']} tie(s) (chosen == rejected or equal scores) of {len(pairs)} pairs")
-    return _with_principle(kept, default_principle)
-
-
-def _is_tie(p: PreferencePair) -> bool:
-    scores = p.meta.get("score_chosen"), p.meta.get("score_rejected")
-    return p.chosen == p.rejected or (None not in scores and scores[0] == scores[1])
-
-
 def load_rl_prompts(path: str, skip_bad: bool = False, report: dict = None, default_principle: str = None) -> list:
     """Read RL prompts; a prompt without a principle gets `default_principle` (None: left None)."""
     report = {} if report is None else report
-    prompts = _with_source([RLPrompt.from_row(r) for r in read_jsonl(path, check_rl_row, skip_bad, report)],
+    prompts = tag_sources([RLPrompt.from_row(r) for r in read_jsonl(path, check_rl_row, skip_bad, report)],
                            path, report)
     report.update(kept=len(prompts))
-    return _with_principle(prompts, default_principle)
+    return fill_principles(prompts, default_principle)
 
 
-def _with_principle(records, default_principle):
+def fill_principles(records, default_principle):
     if default_principle is not None:                   # None: keep each record's own ("" included)
         for r in records:
             r.principle = r.principle or default_principle
     return records
 
 
-def _with_source(records, path, report):
+def tag_sources(records, path, report):
     """Tag each record with where it came from (`path:line`, or `path:row N` for Parquet)."""
     for r, where in zip(records, report["lines"]):
         r.source = f"{path}:{where}"
@@ -243,85 +215,3 @@ def write_jsonl(path: str, rows):
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     atomic_write_text(path, "".join(line + "\n" for line in lines))
-
-
-# ----------------------------------------------------------------------------------------------
-# batching
-
-
-def pad_batch(seqs, pad_id: int, side: str = "right"):
-    """Pad token lists to one length. Returns (ids (B, T) long, mask (B, T) long, 1 = real token).
-
-    Right padding suits training (positions start at 0); left padding suits batched generation
-    (every prompt ends at the last column, so new tokens append in lockstep).
-    """
-    if side not in ("right", "left"):
-        raise ValueError(f"side must be 'right' or 'left', got {side!r}")
-    if len(seqs) == 0:
-        raise ValueError("pad_batch: empty batch")
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)  # (B, T)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)  # (B, T)
-    for b, s in enumerate(seqs):
-        n = len(s)
-        if n == 0:
-            continue
-        cols = slice(0, n) if side == "right" else slice(T - n, T)
-        ids[b, cols] = torch.as_tensor(list(s), dtype=torch.long)
-        mask[b, cols] = 1
-    return ids, mask
-
-
-def score_batches(score, encode, items, pad_id: int, batch_size: int, device) -> torch.Tensor:
-    """One number per item, `batch_size` items per forward: (n,) fp32 on the CPU. Each item becomes
-    token ids by `encode(item)`; a batch is right-padded and `score(ids (b, T), mask (b, T))`, on
-    `device`, returns its (b,) numbers (the judge's verdict probability, the BT model's score)."""
-    out = []
-    for i in range(0, len(items), batch_size):
-        ids, mask = pad_batch([encode(it) for it in items[i:i + batch_size]], pad_id, side="right")
-        out.append(score(ids.to(device), mask.to(device)).cpu())
-    return torch.cat(out) if out else torch.zeros(0)
-
-
-def last_index(mask: torch.Tensor) -> torch.Tensor:
-    """(B,) index of the last real token of each right-padded row of mask (B, T) (0 for an empty row)."""
-    return mask.long().sum(1).clamp(min=1) - 1
-
-
-def gather_last(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """x (B, T, ...) at each right-padded row's last real token: (B, ...). Where a causal model
-    has read the whole input: the judge's verdict logits, the BT reward model's score."""
-    rows = torch.arange(x.size(0), device=x.device)
-    return x[rows, last_index(mask.to(x.device))]
-
-
-def rank_batch(n: int, batch_size: int, step: int, seed: int, rank: int, world_size: int) -> list:
-    """Indices (into n records) of this rank's share of global batch `step`.
-
-    The data order is one permutation of range(n) per epoch, the same on every rank and a function
-    of (seed, epoch) only, so a resumed run continues exactly; epoch e holds n // batch_size batches
-    (the remainder is not used that epoch), and rank r takes the r-th of world_size equal slices.
-    """
-    epoch, pos = divmod(step, n // batch_size)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, "data_order", epoch)))
-    per_rank = batch_size // world_size
-    start = pos * batch_size + rank * per_rank
-    return order[start:start + per_rank].tolist()
-
-
-def iterate_minibatches(n: int, batch_size: int, generator: torch.Generator = None, shuffle: bool = True,
-                        drop_last: bool = False):
-    """Yield LongTensor index batches covering range(n) once (a fresh permutation if shuffle)."""
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    stop = n - n % batch_size if drop_last else n
-    for start in range(0, stop, batch_size):
-        yield order[start:start + batch_size]
-
-
-def shard_for_rank(items, rank: int, world_size: int) -> list:
-    """Items rank, rank + world_size, ... (strided, so shard sizes differ by at most one)."""
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    return list(items)[rank::world_size]

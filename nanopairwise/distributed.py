@@ -6,8 +6,9 @@ nanochat's `compute_init()` / `print0`.
 
     compute_init / compute_cleanup     process group (gloo on CPU, NCCL on CUDA) and the device
     get_rank / get_world_size / print0
-    all_reduce_sum, mean_over_ranks, broadcast_object, barrier
+    all_reduce_sum, mean_over_ranks, broadcast_object, all_gather_object, barrier
     wrap_data_parallel, shard_model    DDP (replicated weights) or FSDP2 (sharded weights)
+    clip_grad_norm                     the gradient norm of a model however it is wrapped
     unwrap, gathered, full_state_dict  the model inside a wrapper, full weights for a while, gathered state
 """
 
@@ -105,6 +106,15 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def all_gather_object(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank ([obj] when not distributed)."""
+    if get_world_size() == 1:
+        return [obj]
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier():
     if get_world_size() > 1:
         dist.barrier()
@@ -146,6 +156,14 @@ def wrap_data_parallel(module: torch.nn.Module, fsdp: bool, block_type: type, de
         return shard_model(module, block_type)
     from torch.nn.parallel import DistributedDataParallel as DDP
     return DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def clip_grad_norm(module: torch.nn.Module, max_norm: float, device) -> torch.Tensor:
+    """Clip the gradients of `module` to a total norm of `max_norm` (0 = no clipping) and return
+    that norm before clipping, a plain 0-d tensor on `device` (under FSDP2 the norm is global: a
+    DTensor, made full here); a module without gradients gives 0."""
+    norm = torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm or float("inf"))
+    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).to(device)
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:

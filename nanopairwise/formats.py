@@ -13,7 +13,7 @@ Every reader ends in the record of nanopairwise/data.py: `{"prompt": P, "chosen"
                     "\\n\\nHuman: ...\\n\\nAssistant: ...", parsed into messages, then as trl.
     ultrafeedback   UltraFeedback-binarized (HuggingFaceH4): message lists as trl plus
                     "score_chosen" / "score_rejected"; pairs with equal scores are ties and
-                    dropped like equal texts (data.load_preference_pairs). Its "prompt" string
+                    dropped like equal texts (load_preference_pairs). Its "prompt" string
                     repeats the first user turn and is kept as meta "prompt_text".
     auto            detected from the fields of the first readable row; the choice is printed.
 
@@ -32,7 +32,7 @@ for Parquet, as nanopairwise/data.py does for its own format.
 
 import re
 
-from nanopairwise import data as D
+from nanopairwise import data
 from nanopairwise.distributed import print0
 from nanopairwise.guards import UserError
 
@@ -45,21 +45,45 @@ HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 # files
 
 
+def load_preference_pairs(path: str, skip_bad: bool = False, report: dict = None, data_format: str = "pairs",
+                          default_principle: str = None) -> list:
+    """Read preference pairs; ties are dropped and counted in `report["ties"]`; a pair without a
+    principle gets `default_principle` (None: left None).
+
+    `data_format` (above; "auto" detects) picks the converter; a Parquet file is read with
+    pyarrow. A tie is a pair
+    whose chosen and rejected texts are equal, or whose `score_chosen == score_rejected`.
+    """
+    report = {} if report is None else report
+    rows = read_pair_rows(path, data_format, skip_bad, report)
+    pairs = data.tag_sources([data.PreferencePair.from_row(r) for r in rows], path, report)
+    kept = [p for p in pairs if not _is_tie(p)]
+    report.update(ties=len(pairs) - len(kept), kept=len(kept))
+    if report["ties"]:
+        print0(f"{path}: dropped {report['ties']} tie(s) (chosen == rejected or equal scores) of {len(pairs)} pairs")
+    return data.fill_principles(kept, default_principle)
+
+
+def _is_tie(p: data.PreferencePair) -> bool:
+    scores = p.meta.get("score_chosen"), p.meta.get("score_rejected")
+    return p.chosen == p.rejected or (None not in scores and scores[0] == scores[1])
+
+
 def read_pair_rows(path: str, data_format: str = "pairs", skip_bad: bool = False, report: dict = None) -> list:
     """Rows of a pairs file in `data_format`, each converted to a nanopairwise pair dict."""
     if data_format not in FORMATS:
         raise ValueError(f"unknown data format {data_format!r}; choose one of {', '.join(FORMATS)}")
-    entries = _parquet_entries(path) if _is_parquet(path) else D.jsonl_entries(path)
+    entries = _parquet_entries(path) if _is_parquet(path) else data.jsonl_entries(path)
     if data_format == "auto":  # a file with no rows at all has no format: the caller says it is empty
         data_format = detect_format(path, entries) if entries else "pairs"
     convert = CONVERTERS[data_format]
 
     def validate(row):
         pair = convert(row)
-        D.check_pair_row(pair)  # what every format ends in: a valid nanopairwise pair
+        data.check_pair_row(pair)  # what every format ends in: a valid nanopairwise pair
         return pair
 
-    return D.read_rows(path, entries, validate, skip_bad, report)
+    return data.read_rows(path, entries, validate, skip_bad, report)
 
 
 def _is_parquet(path: str) -> bool:
@@ -76,7 +100,7 @@ def _parquet_entries(path: str) -> list:
     try:
         rows = pq.read_table(path).to_pylist()
     except Exception as e:  # pyarrow's errors name neither the file nor a row
-        raise D.DataError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+        raise data.DataError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
     return [(f"row {i}", lambda row=row: row) for i, row in enumerate(rows, start=1)]
 
 
@@ -85,7 +109,7 @@ def detect_format(path: str, entries) -> str:
     for where, get_row in entries:
         try:
             row = get_row()
-        except D.FieldError:
+        except data.FieldError:
             continue
         chosen = row.get("chosen")
         if "score_chosen" in row and "score_rejected" in row:
@@ -97,15 +121,15 @@ def detect_format(path: str, entries) -> str:
         elif isinstance(chosen, str) and "prompt" in row:
             fmt, why = "pairs", "'prompt' and a string 'chosen'"
         else:
-            raise D.DataError(f"{path}:{where}: --data-format auto: cannot tell the format from fields "
+            raise data.DataError(f"{path}:{where}: --data-format auto: cannot tell the format from fields "
                               f"{sorted(row)}; pass --data-format {'|'.join(FORMATS[1:])}")
         print0(f"{path}: data format '{fmt}' detected from {path}:{where} ({why})")
         return fmt
-    raise D.DataError(f"{path}: --data-format auto: no readable row to detect the format from")
+    raise data.DataError(f"{path}: --data-format auto: no readable row to detect the format from")
 
 
 # ----------------------------------------------------------------------------------------------
-# row converters: a source row -> a nanopairwise pair dict (or D.FieldError)
+# row converters: a source row -> a nanopairwise pair dict (or data.FieldError)
 
 
 def convert_pairs(row: dict) -> dict:
@@ -117,7 +141,7 @@ def convert_trl(row: dict) -> dict:
         return convert_pairs(row)  # TRL's standard (string) format is ours
     prompt = row.get("prompt")
     if prompt is not None:
-        D._check_prompt(row)
+        data.check_prompt(row)
     chosen, rejected = _messages(row, "chosen"), _messages(row, "rejected")
     pair = split_conversations(chosen, rejected, prompt)
     return {**{k: v for k, v in row.items() if k not in ("prompt", "chosen", "rejected")}, **pair}
@@ -126,9 +150,9 @@ def convert_trl(row: dict) -> dict:
 def convert_ultrafeedback(row: dict) -> dict:
     for key in ("score_chosen", "score_rejected"):
         if key not in row:
-            raise D.FieldError(f"missing required field {key!r}")
+            raise data.FieldError(f"missing required field {key!r}")
         if isinstance(row[key], bool) or not isinstance(row[key], (int, float)):
-            raise D.FieldError(f"field {key!r}: expected a number, got {D._describe(row[key])}")
+            raise data.FieldError(f"field {key!r}: expected a number, got {data.describe(row[key])}")
     pair = split_conversations(_messages(row, "chosen"), _messages(row, "rejected"))
     meta = {k: v for k, v in row.items() if k not in ("prompt", "chosen", "rejected", "messages")}
     return {**meta, "prompt_text": row.get("prompt"), **pair}
@@ -149,19 +173,19 @@ CONVERTERS = {"pairs": convert_pairs, "trl": convert_trl, "hh": convert_hh, "ult
 
 def _messages(row: dict, key: str) -> list:
     """row[key] checked as a non-empty list of {"role": str, "content": str} messages."""
-    D._check_prompt(row, key)  # a string or a well-formed non-empty message list ...
+    data.check_prompt(row, key)  # a string or a well-formed non-empty message list ...
     if not isinstance(row[key], list):  # ... and here not a string
-        raise D.FieldError(f"field {key!r}: expected a list of messages, got {D._describe(row[key])}")
+        raise data.FieldError(f"field {key!r}: expected a list of messages, got {data.describe(row[key])}")
     return row[key]
 
 
 def parse_hh(row: dict, key: str) -> list:
     """'\\n\\nHuman: q\\n\\nAssistant: a ...' -> [{"role": "user", ...}, {"role": "assistant", ...}, ...]."""
-    D._check_str(row, key, required=True)
+    data.check_str(row, key, required=True)
     text = row[key]
     parts = HH_TURN.split(text)  # [text before the first turn, speaker, content, speaker, content, ...]
     if len(parts) < 3 or parts[0].strip():
-        raise D.FieldError(f"field {key!r}: expected a dialogue starting with '\\n\\nHuman: ', got {text[:40]!r}")
+        raise data.FieldError(f"field {key!r}: expected a dialogue starting with '\\n\\nHuman: ', got {text[:40]!r}")
     return [{"role": HH_ROLES[s], "content": c} for s, c in zip(parts[1::2], parts[2::2])]
 
 
@@ -175,12 +199,12 @@ def split_conversations(chosen: list, rejected: list, prompt=None) -> dict:
     shared = chosen[:k]
     for key, tail in (("chosen", chosen[k:]), ("rejected", rejected[k:])):
         if len(tail) != 1:
-            raise D.FieldError(f"field {key!r}: {len(tail)} messages after the shared prompt "
+            raise data.FieldError(f"field {key!r}: {len(tail)} messages after the shared prompt "
                                f"(roles {[m['role'] for m in tail]}); expected one final assistant response")
         if tail[0]["role"] != "assistant":
-            raise D.FieldError(f"field {key!r}: the final message has role {tail[0]['role']!r}, expected 'assistant'")
+            raise data.FieldError(f"field {key!r}: the final message has role {tail[0]['role']!r}, expected 'assistant'")
     if prompt is None and not shared:
-        raise D.FieldError("no prompt: field 'prompt' is missing and 'chosen' and 'rejected' share no first message")
+        raise data.FieldError("no prompt: field 'prompt' is missing and 'chosen' and 'rejected' share no first message")
     if shared and isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}]
     full = shared if prompt is None else (prompt + shared if shared else prompt)

@@ -3,7 +3,7 @@
 Three kinds of failure, three behaviours:
 
   - an expected user error (a bad flag, a missing or empty file, a prompt longer than the model
-    can read, a second run on the same --out-dir, a loss that turned NaN) is a `UserError`: the
+    can read, a second run on the same --out-dir (rundir.py), a loss that turned NaN) is a `UserError`: the
     script prints one line, `error: <what> (<which flag / file:line>)`, and exits with status 2.
     `cli_main` is that one place. Under torchrun only rank 0 prints it (these errors are found
     the same way on every rank: flags and files are checked by all, a NaN is all-reduced first).
@@ -15,13 +15,10 @@ Validation happens before any model is loaded (`check_flag`, `check_input_file`,
 `check_model_dir`, `check_out_dir`, `check_rows`), so a typo costs a second, not a model load.
 """
 
-import contextlib
-import fcntl
 import json
 import math
 import operator
 import os
-import socket
 import sys
 import time
 
@@ -178,6 +175,16 @@ def check_finite(step: int, values: dict, hint: str, last_saved=None):
                              f"Look at {hint}")
 
 
+def check_finite_over_ranks(step: int, values: dict, hint: str, last_saved=None) -> dict:
+    """`values` (name -> 0-d tensor) averaged over the ranks in one all-reduce, then check_finite,
+    so every rank stops alike. Returns name -> float: the caller's one host sync for them."""
+    from nanopairwise.distributed import all_reduce_sum, get_world_size
+    means = all_reduce_sum(torch.stack([v.detach().float() for v in values.values()])) / get_world_size()
+    out = dict(zip(values, means.tolist()))
+    check_finite(step, out, hint, last_saved)
+    return out
+
+
 def check_divergence(step: int, what: str, value: float, flag: str, limit: float, hint: str, last_saved=None,
                      device="cpu"):
     """The divergence guard: a policy far from the reference (or from the rollout policy within an
@@ -198,67 +205,3 @@ def check_divergence(step: int, what: str, value: float, flag: str, limit: float
 def nonfinite_tensors(state: dict) -> list:
     """Names of floating-point tensors of `state` holding a NaN or inf."""
     return [k for k, t in state.items() if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()]
-
-
-# ----------------------------------------------------------------------------------------------
-# one run per output directory
-
-
-@contextlib.contextmanager
-def claim_out_dir(out_dir: str):
-    """The run owns `out_dir` for its life: rank 0 takes the RunLock (a second run on it stops at
-    once, naming this one's pid), then removes what a killed checkpoint write left behind (safe:
-    with the lock held no live writer is there); the lock is released on the way out."""
-    from nanopairwise.common import remove_leftovers
-    from nanopairwise.distributed import barrier, get_rank, print0
-    lock = on_rank0(lambda: RunLock(out_dir).acquire())
-    try:
-        if get_rank() == 0:
-            for path in remove_leftovers(out_dir):
-                print0(f"removed {path} (left by a write that was killed)")
-        barrier()                        # a checkpoint put back is there before any rank looks for it
-        yield
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-class RunLock:
-    """`OUT_DIR/.lock`, held for the run's life: an flock (released by the kernel when the process
-    dies, so a lock left by a killed run is stale and taken over) plus the holder's pid and host
-    in the file, so a second run can name it. Under torchrun rank 0 takes it."""
-
-    def __init__(self, out_dir: str):
-        self.path = os.path.join(out_dir, ".lock")
-        self.file = None
-
-    def acquire(self):
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        f = open(self.path, "a+", encoding="utf-8")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "unknown pid"
-            f.close()
-            raise UserError(f"--out-dir {os.path.dirname(self.path)} is in use by another run ({holder}); "
-                            "wait for it to finish or pick another --out-dir") from None
-        f.seek(0)
-        previous = f.read().strip()
-        if previous:
-            print(f"note: taking over the stale lock of a run that ended without releasing it ({previous})",
-                  flush=True)
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        f.flush()
-        self.file = f
-        return self
-
-    def release(self):
-        if self.file is not None:
-            self.file.truncate(0)                 # an empty lock file: ended cleanly (a pid: it was killed)
-            self.file.flush()
-            fcntl.flock(self.file, fcntl.LOCK_UN)
-            self.file.close()
-            self.file = None

@@ -17,18 +17,14 @@ verdict logits:
 so P(a > b) + P(b > a) = 1 exactly, and an identical pair scores exactly 0.5. In code:
 `verdict_probs` gives p(a, b) (one order), `symmetrize` the formula, `win_probs` both at once.
 
-The template here also lays out the inputs of the scalar-head models (nanopairwise/scalar_head.py:
-the Bradley-Terry reward model of the baseline and the PPO critic), so the four layouts agree
-token for token (JudgeTemplate).
+The judge's input (JudgeTemplate, encode_pair) is laid out in nanopairwise/layouts.py, with every
+other model input, so the layouts agree token for token.
 
 Metrics (`pair_metrics`) on held-out pairs: accuracy against the labels and against the oracle's
 true ordering, position consistency, ECE (10 bins) and Brier score of the pair probability
 against the oracle's true preference probability.
 """
 
-import json
-import os
-from dataclasses import asdict, dataclass
 from typing import NamedTuple, Optional
 
 import torch
@@ -36,92 +32,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanopairwise import ops
-from nanopairwise.common import atomic_write_text
-from nanopairwise.data import gather_last, score_batches
+from nanopairwise.batching import gather_last, score_batches
 from nanopairwise.guards import UserError
+from nanopairwise.layouts import JudgeTemplate, encode_pair
 
 # ----------------------------------------------------------------------------------------------
-# templates
+# verdict tokens
 
 
 class VerdictTokenError(UserError, ValueError):
     """The tokenizer cannot express a verdict as a single token."""
-
-
-RM_CONFIG = "rm_config.json"  # beside a reward model's weights: its objective and template
-
-
-@dataclass(frozen=True)
-class JudgeTemplate:
-    """The judge's text layout (our reading: the paper does not publish its template).
-
-    Each response is shown the way the policy produced it: the prompt rendered by the tokenizer's
-    chat template as a user turn with a generation prompt, then the response as the assistant's
-    turn, closed by the end-of-turn token the policy emits (eos, <|im_end|>, <|eot_id|>). The
-    judge thus reads each response in the format its generative training saw, which is the point
-    of a generative RM: each end-of-turn token sees the same context as the LM deciding to stop,
-    and as the BT head, which reads its score at that token. For the plain
-    template of the built-in task (<eos> = <|endoftext|>):
-
-        Principle: {principle}
-        User: {prompt}
-        Assistant: {response A}<eos>
-        User: {prompt}
-        Assistant: {response B}<eos>
-        {question}
-        Answer:                                  -> next token " Yes" / " No"
-
-    Every layout is built from token-id pieces, each encoded on its own: bos (where the chat
-    family has one: `Tokenizer.chat_bos_ids`) once at position 0, the principle line, each turn
-    as `Tokenizer.encode_chat` renders it without bos, each response's own ids, the end-of-turn
-    ids. So a response has the same ids as in a rollout (BPE on a joined string could merge
-    "Assistant: " + "1" into one token), can be cut to a token budget without re-tokenizing, and
-    the four layouts agree token for token where they overlap:
-
-        policy prompt       encode_chat(prompt)                        (policy.encode_prompt)
-        BT single / critic  prefix_ids + response + end-of-turn id     (encode_single)
-        judge pair          pair_ids(a, b)                             (encode_pair)
-        pairwise critic     pair_ids(anchor) = the judge's input up to where B starts
-    """
-
-    question: str = "Is the first answer better than the second? Answer Yes or No."
-    yes: str = " Yes"
-    no: str = " No"
-
-    def prefix_ids(self, tokenizer, principle: str, prompt) -> list:
-        """bos (if any) + "Principle: ...\n" + the prompt as a user turn with the generation prompt."""
-        return (tokenizer.chat_bos_ids + tokenizer.encode(f"Principle: {principle}\n")
-                + tokenizer.encode_chat(prompt, bos=False))
-
-    def pair_ids(self, tokenizer, principle: str, prompt, a_ids, b_ids=None) -> list:
-        """The judge's input from the responses' ids; with b_ids None, the pairwise critic's prefix
-        (the same ids, cut where response B would start)."""
-        end = tokenizer.encode(tokenizer.turn_end_text)
-        ids = (self.prefix_ids(tokenizer, principle, prompt) + list(a_ids) + end
-               + tokenizer.encode_chat(prompt, bos=False))
-        if b_ids is None:
-            return ids
-        return ids + list(b_ids) + end + tokenizer.encode(f"{self.question}\nAnswer:")
-
-    def render(self, tokenizer, principle: str, prompt, a: str, b: str) -> str:
-        """The judge's input as text, for reading: its ids decoded with the special tokens kept."""
-        return tokenizer.decode(encode_pair(tokenizer, self, principle, prompt, a, b), skip_special_tokens=False)
-
-
-def save_rm_config(path: str, objective: str, template: JudgeTemplate):
-    """Write RM_CONFIG into checkpoint directory `path` (the template travels with the weights)."""
-    atomic_write_text(os.path.join(path, RM_CONFIG), json.dumps({"objective": objective, **asdict(template)}, indent=2))
-
-
-def load_rm_config(path: str):
-    """(objective, JudgeTemplate) of the reward model in `path`; ("pairwise", default) if it has none."""
-    file = os.path.join(path, RM_CONFIG)
-    if not os.path.isfile(file):
-        return "pairwise", JudgeTemplate()
-    with open(file, encoding="utf-8") as f:
-        cfg = json.load(f)
-    known = {k: cfg[k] for k in ("question", "yes", "no") if k in cfg}
-    return cfg.get("objective", "pairwise"), JudgeTemplate(**known)
 
 
 def verdict_token_ids(tokenizer, template: JudgeTemplate):
@@ -138,32 +58,6 @@ def verdict_token_ids(tokenizer, template: JudgeTemplate):
     if ids[0] == ids[1]:
         raise VerdictTokenError(f"verdicts {template.yes!r} and {template.no!r} map to the same token {ids[0]}")
     return ids[0], ids[1]
-
-
-def encode_pair(tokenizer, template: JudgeTemplate, principle, prompt, a, b, max_response_tokens=256):
-    """Token ids of one judge input; each response is cut to `max_response_tokens`."""
-    return template.pair_ids(tokenizer, principle, prompt, tokenizer.encode(a)[:max_response_tokens],
-                             tokenizer.encode(b)[:max_response_tokens])
-
-
-def encode_single(tokenizer, template: JudgeTemplate, principle, prompt, response, max_response_tokens=256):
-    """Token ids of one BT reward-model input: prefix + response + the end-of-turn id the policy
-    emits (eos for plain, <|im_end|> for chatml): the score is read there."""
-    return (template.prefix_ids(tokenizer, principle, prompt) + tokenizer.encode(response)[:max_response_tokens]
-            + [tokenizer.end_of_turn_id])
-
-
-def encode_both_orders(tokenizer, template: JudgeTemplate, pairs, max_response_tokens=256):
-    """Judge inputs of preference pairs (objects with .principle, .prompt, .chosen, .rejected), each
-    in both orders on adjacent rows: 2i chosen first (label 1, the yes verdict), 2i + 1 rejected
-    first (label 0). Returns (token id lists, labels); position_consistency_loss reads the rows
-    in these pairs."""
-    seqs, labels = [], []
-    for p in pairs:
-        for a, b, label in ((p.chosen, p.rejected, 1), (p.rejected, p.chosen, 0)):
-            seqs.append(encode_pair(tokenizer, template, p.principle, p.prompt, a, b, max_response_tokens))
-            labels.append(label)
-    return seqs, labels
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,9 +11,10 @@ Shapes: N flattened tokens, V vocabulary, B batch, T time (every letter: docs/DE
 
 Contents
 - token_logprobs_ref: log softmax(z / T)[target], entropy of softmax(z / T), KL estimate (token_kl)
-- kl_estimate: Schulman's k1 / k2 / k3 estimators of KL(pi || pi_ref) from sampled log-probs
+- kl_estimate: Schulman's k1 / k2 / k3 estimators of KL(pi || pi_ref) from sampled log-probs;
+  sequence_kl sums one over a response
 - ppo_loss_ref: clipped surrogate (separate low/high clip) + optional KL term + clipped value loss
-- gae_ref: generalized advantage estimation (Schulman et al. 2015, arXiv 1506.02438)
+- gae: generalized advantage estimation (Schulman et al. 2015, arXiv 1506.02438)
 - masked_mean / masked_whiten (optionally over all DDP ranks) / explained_variance
 """
 
@@ -98,6 +99,12 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = 
     if kind == "k3":
         return torch.expm1(log_r) - log_r
     raise ValueError(f"unknown KL estimator {kind!r}; choose k1, k2 or k3")
+
+
+def sequence_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, kind: str = "k1") -> torch.Tensor:
+    """(B,) KL of each sampled response to the reference: kl_estimate summed over its tokens
+    (mask (B, R), 1 = response token); its mean over responses estimates KL(pi || pi_ref)."""
+    return (kl_estimate(logprobs, ref_logprobs, kind) * mask).sum(1)
 
 
 def token_kl(logprobs: torch.Tensor, ref_logprobs: Optional[torch.Tensor], valid: torch.Tensor,
@@ -205,8 +212,8 @@ def ppo_loss_ref(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages:
 # advantages
 
 
-def gae_ref(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-            gamma: float = 1.0, lam: float = 0.95):
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+        gamma: float = 1.0, lam: float = 0.95):
     """Generalized advantage estimation over (B, T) response tokens.
 
     mask marks the response tokens (a contiguous run starting at t = 0 per row). With m the mask,

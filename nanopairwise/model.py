@@ -297,11 +297,9 @@ class Transformer(nn.Module):
             kv_cache.next_pos += real[:, start:].sum(1)
         return self.model.norm(x)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None, return_hidden=False):
-        """Logits (B, T, V); with return_hidden=True the trunk's hidden states (B, T, C) instead
-        (the same computation as `trunk`, but through `forward` so DDP/FSDP wrappers see it)."""
-        hidden = self.trunk(input_ids, attention_mask, position_ids, kv_cache)
-        return hidden if return_hidden else self.lm_head(hidden)
+    def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None):
+        """Logits (B, T, V): the LM head on `trunk`'s hidden states."""
+        return self.lm_head(self.trunk(input_ids, attention_mask, position_ids, kv_cache))
 
     # ------------------------------------------------------------------------------------------
     # HF checkpoint IO (file handling and validation live in checkpoint.py)

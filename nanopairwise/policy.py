@@ -7,7 +7,6 @@ and the log-prob are one kernel (kernels/linear_logprob.py) and the (B*R, V) log
 otherwise the logits are formed and read once by the fused log-prob kernel.
 """
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -45,21 +44,3 @@ class PolicyLogprobs(nn.Module):
         them would bias the KL: under bf16 the fused head's logits are fp32 accumulators while
         F.linear rounds them to bf16, so KL(policy || reference) would not be 0 at step 0."""
         return PolicyLogprobs(lm, self.fused_head).eval().requires_grad_(False)
-
-
-def encode_prompt(tokenizer, prompt) -> list:
-    """Token ids the policy is conditioned on: the prompt (a string or chat messages) rendered with
-    the tokenizer's chat template and a generation prompt. SFT, rollout and evaluation all use
-    this one function, so the policy always sees the same format; bos (where the family has one)
-    is the first id, as in the judge's layouts (Tokenizer.encode_chat)."""
-    return tokenizer.encode_chat(prompt, add_generation_prompt=True)
-
-
-def pack_prompt_response(prompts, responses, pad_id: int):
-    """Training layout of (prompt, response) token lists, the same as a rollout's:
-    (input_ids (B, P + R), attention_mask (B, P + R), response_mask (B, R)) with prompts
-    left-padded to P and responses right-padded to R."""
-    from nanopairwise.data import pad_batch
-    p_ids, p_mask = pad_batch(prompts, pad_id, side="left")
-    r_ids, r_mask = pad_batch(responses, pad_id, side="right")
-    return torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask], 1), r_mask

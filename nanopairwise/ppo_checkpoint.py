@@ -15,6 +15,7 @@ import os
 
 import torch
 
+from nanopairwise.checkpoint import load_trainer_state
 from nanopairwise.common import atomic_dir_all_ranks, atomic_torch_save
 from nanopairwise.distributed import full_state_dict, get_rank
 from nanopairwise.guards import UserError
@@ -43,12 +44,7 @@ def save(path: str, policy, critic, optimizers, tok, state: dict, fsdp: bool):
 
 def load_state(path: str, lora_rank: int, fsdp: bool, world_size: int) -> dict:
     """The trainer state of the checkpoint at `path`, checked against this run's flags."""
-    if not os.path.exists(os.path.join(path, TRAINER_STATE)):
-        raise UserError(f"--resume: no checkpoint at {path}")
-    state = torch.load(os.path.join(path, TRAINER_STATE), weights_only=False)
-    if bool(state.get("policy_trainable")) != bool(lora_rank):
-        raise UserError(f"--resume: the checkpoint at {path} was written {'with' if lora_rank == 0 else 'without'} "
-                        "--lora-rank; resume with the same --lora-* flags")
+    state = load_trainer_state(path, TRAINER_STATE, lora_rank, "policy_trainable")
     if fsdp and state["world_size"] != world_size:
         raise UserError(f"--resume --fsdp: the checkpoint holds optimizer shards of {state['world_size']} "
                         f"ranks; run on {state['world_size']} ranks")

@@ -13,48 +13,47 @@ of the initial policy ranked by the judge: fill_anchors) and, for bt, mu and sig
 policy's scores (measure_reward_norm).
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from nanopairwise import data, losses
+from nanopairwise import batching, losses
 from nanopairwise.common import derive_seed
 from nanopairwise.distributed import gathered, get_rank, get_world_size
 from nanopairwise.guards import UserError
-from nanopairwise.judge import JudgeTemplate, win_probs
-from nanopairwise.policy import encode_prompt
-from nanopairwise.rollout import generate
+from nanopairwise.judge import win_probs
+from nanopairwise.layouts import JudgeTemplate, Sampling, sample
 from nanopairwise.scalar_head import bt_anchor_win_probs, scalar_scores
 
 
-@dataclass
+@dataclass(frozen=True)
 class RewardConfig:
-    """How a response is scored: train_ppo.py's reward flags and the reward model's own layout."""
+    """How a response is scored, fixed for the run: train_ppo.py's reward flags, the reward model's
+    own layout and (bt) the normalisation measured at the start."""
     kind: str                          # --reward: pairwise, bt or bt-anchor
     template: JudgeTemplate            # the reward model's text layout (its rm_config.json)
     transform: str = "prob"            # --reward-transform, for the win probabilities
     symmetric: bool = True             # --symmetric: the judge scores both orders
     norm: dict = None                  # bt: {"mean": mu, "std": sigma, "n"}; None: raw scores
-    anchor_r: dict = field(default_factory=dict)   # bt-anchor: r(x, y*) per anchor, scored once
 
 
 @torch.no_grad()
-def score_responses(prompts, texts, rm, tok, reward: RewardConfig):
+def score_responses(prompts, texts, rm, tok, reward: RewardConfig, anchor_scores: dict = None):
     """Sequence scores (B,) of responses `texts` to `prompts` (objects with .principle, .prompt,
-    .anchor), and the raw win probability against the anchor (B,) (None for bt), on the CPU."""
+    .anchor), and the raw win probability against the anchor (B,) (None for bt), on the CPU.
+    bt-anchor: `anchor_scores`, a dict the caller keeps for the run, caches r(x, y*) per anchor."""
     if reward.kind != "bt":
         items = [(p.principle, p.prompt, y, p.anchor) for p, y in zip(prompts, texts)]
         with gathered(rm):                      # verdict logits bypass forward(); per-rank anchor cache misses
             win = (win_probs(rm, tok, reward.template, items, symmetric=reward.symmetric).win
-                   if reward.kind == "pairwise" else bt_anchor_win_probs(rm, tok, reward.template, items, reward.anchor_r))
+                   if reward.kind == "pairwise" else bt_anchor_win_probs(rm, tok, reward.template, items, anchor_scores))
         return losses.transform_score(win, reward.transform), win
     items = [(p.principle, p.prompt, y) for p, y in zip(prompts, texts)]
     return losses.normalize_scores(scalar_scores(rm, tok, reward.template, items), reward.norm), None
 
 
 @torch.no_grad()
-def fill_anchors(prompts, policy, judge, tok, template, n: int, max_new_tokens: int, temperature: float, seed: int,
-                 device):
+def fill_anchors(prompts, policy, judge, tok, template, n: int, sampling: Sampling, seed: int, device):
     """Best-of-n anchors for prompts without one: n samples of the initial `policy` (a
     PolicyLogprobs), each scored by its mean symmetric win probability against the other n - 1
     (round robin, n (n - 1) judge calls in both orders), the best kept. Every rank does the same
@@ -65,19 +64,17 @@ def fill_anchors(prompts, policy, judge, tok, template, n: int, max_new_tokens: 
     if judge is None:
         raise UserError("prompts without an anchor need a judge (--judge) to pick best-of-N anchors")
     generator = torch.Generator(device=device).manual_seed(derive_seed(seed, "anchors"))
-    with gathered(policy), gathered(judge):
+    with gathered(judge):
         for p in missing:
-            rollout = generate(policy.lm, [encode_prompt(tok, p.prompt)] * n, max_new_tokens, tok.stop_token_ids,
-                               tok.pad_token_id, temperature=temperature, generator=generator)
-            texts = rollout.texts(tok)
+            texts = sample(policy, tok, [p.prompt] * n, sampling, generator).texts(tok)
             items = [(p.principle, p.prompt, texts[i], texts[j]) for i in range(n) for j in range(n) if i != j]
             win = win_probs(judge, tok, template, items).win.view(n, n - 1).mean(1)   # (n,)
             p.anchor = texts[int(win.argmax())]
 
 
 @torch.no_grad()
-def measure_reward_norm(initial_lm, rm, rm_dir: str, tok, prompts, reward: RewardConfig, n_prompts: int, K: int,
-                        max_new_tokens: int, temperature: float, top_p: float, seed: int, device) -> dict:
+def measure_reward_norm(initial_lm, rm, rm_dir: str, tok, prompts, template: JudgeTemplate, n_prompts: int, K: int,
+                        sampling: Sampling, seed: int, device) -> dict:
     """Mean and std of the BT score r(x, y) over K rollouts of the initial policy `initial_lm` on
     `n_prompts` of `prompts` (a seeded draw, split over the ranks; moments all-reduced). 64 prompts x
     K=4 = 256 scores put the std within ~5% (relative standard error 1/sqrt(2n)) for the cost of
@@ -89,11 +86,10 @@ def measure_reward_norm(initial_lm, rm, rm_dir: str, tok, prompts, reward: Rewar
         raise UserError(f"--reward-norm-prompts {n_prompts}: fewer than one prompt per rank "
                         f"({world}); raise it, or pass 0 for raw BT scores")
     pick = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(derive_seed(seed, "reward_norm_prompts")))
-    rows = [prompts[i] for i in data.shard_for_rank(pick[:n].tolist(), get_rank(), world) for _ in range(K)]
+    rows = [prompts[i] for i in batching.shard_for_rank(pick[:n].tolist(), get_rank(), world) for _ in range(K)]
     generator = torch.Generator(device=device).manual_seed(derive_seed(seed, "reward_norm_rollouts", get_rank()))
-    rollout = generate(initial_lm, [encode_prompt(tok, p.prompt) for p in rows], max_new_tokens, tok.stop_token_ids,
-                       tok.pad_token_id, temperature=temperature, top_p=top_p, generator=generator)
-    r = scalar_scores(rm, tok, reward.template, [(p.principle, p.prompt, y) for p, y in zip(rows, rollout.texts(tok))])
+    rollout = sample(initial_lm, tok, [p.prompt for p in rows], sampling, generator)
+    r = scalar_scores(rm, tok, template, [(p.principle, p.prompt, y) for p, y in zip(rows, rollout.texts(tok))])
     mean, var = losses.masked_moments(r.to(device), torch.ones_like(r, device=device), distributed=True)
     if not var.sqrt().item() > 1e-6:
         raise UserError(f"the BT reward model gives every one of {n * K} initial-policy rollouts the same score "

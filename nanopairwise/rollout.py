@@ -18,7 +18,7 @@ Two engines run the model, with one loop and one sampler (sampling.py):
 `logprobs` are the sampler's: log softmax(logits / T)[token] in fp32 of the engine that sampled.
 The fast engine's arithmetic (bf16, fused and compiled kernels) differs from the training
 forward's, so PPO recomputes them with its training path and logs the gap (train_ppo.py).
-Sampling draws one uniform per row and token from the given generator, so a seed fixes the output
+Sampler draws one uniform per row and token from the given generator, so a seed fixes the output
 and the global RNG is never touched.
 """
 
@@ -27,9 +27,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from nanopairwise.data import pad_batch
+from nanopairwise.batching import pad_batch
 from nanopairwise.decode import decoder_for
-from nanopairwise.sampling import Sampling
+from nanopairwise.sampling import Sampler
 
 EOS_CHECK_EVERY = {"cpu": 1}  # tokens between host-side "has every row ended?" checks; 8 elsewhere
 
@@ -96,7 +96,7 @@ def generate(model, prompts: list, max_new_tokens: int, eos_token_id, pad_token_
     "fast" or "model" (module docstring); dtype / compile: the fast engine's, None = automatic
     (decode.decoder_for).
     """
-    sampling = Sampling(temperature, top_k, top_p, greedy)
+    sampling = Sampler(temperature, top_k, top_p, greedy)
     if engine not in ("fast", "model"):
         raise ValueError(f"engine must be 'fast' or 'model', got {engine!r}")
     device = model.lm_head_weight.device

@@ -59,7 +59,7 @@ def inverse_cdf(probs, u):
 
 
 @dataclass(frozen=True)
-class Sampling:
+class Sampler:
     """How a token is drawn; hashable, so a compiled decode step is cached per setting."""
     temperature: float = 1.0
     top_k: int = 0  # 0 = off

@@ -4,7 +4,7 @@ One module, two uses: a transformer trunk with a linear head that reads a scalar
 position, (B, T) fp32.
 
 Bradley-Terry reward model. The input is the principle, the prompt's user turn and the response y,
-closed by the end-of-turn token (judge.encode_single); the score r(x, y) is read at that last
+closed by the end-of-turn token (layouts.encode_single); the score r(x, y) is read at that last
 token. Trained with -log sigmoid(r(x, y_w) - r(x, y_l)) (bt_loss), so its pair probability is
 P(a > b) = sigmoid(r_a - r_b) (bt_win_prob), and its win probability against an anchor y* is
 sigmoid(r(x, y) - r(x, y*)) (bt_anchor_win_probs: the bt-anchor reward of train_ppo.py).
@@ -12,7 +12,7 @@ sigmoid(r(x, y) - r(x, y*)) (bt_anchor_win_probs: the bt-anchor reward of train_
 PPO critic. The value of response token t is read where the critic has read the prefix and the
 response tokens before t (critic_values). The prefix is the principle and the prompt; the
 pairwise critic of Pairwise-RL also reads the anchor as the first answer, exactly as the judge
-would see it (critic_inputs, JudgeTemplate.pair_ids). Started from the judge's or the reward
+would see it (layouts.critic_inputs). Started from the judge's or the reward
 model's weights (from_pretrained, new_head=True for a fresh zero head).
 """
 
@@ -23,8 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanopairwise import checkpoint
-from nanopairwise.data import gather_last, pad_batch, score_batches
-from nanopairwise.judge import JudgeTemplate, encode_single
+from nanopairwise.batching import gather_last, score_batches
+from nanopairwise.layouts import encode_single
 
 # ----------------------------------------------------------------------------------------------
 # the model
@@ -129,23 +129,6 @@ def bt_anchor_win_probs(model: ScalarHeadModel, tokenizer, template, items, cach
 
 # ----------------------------------------------------------------------------------------------
 # critic
-
-
-def critic_inputs(tokenizer, template: JudgeTemplate, prompts, response_ids, response_mask, pairwise: bool):
-    """Critic sequences for sampled responses: a left-padded prefix, then the response tokens.
-
-    prompts: objects with .principle, .prompt, .anchor, one per row of response_ids (B, R).
-    The pairwise critic's prefix holds the anchor as the first answer (template.pair_ids);
-    the standard critic's does not (template.prefix_ids). Returns (ids (B, P' + R), mask,
-    P'): the value of response token t is read at position P' - 1 + t (critic_values).
-    """
-    prefixes = [template.pair_ids(tokenizer, p.principle, p.prompt, tokenizer.encode(p.anchor)) if pairwise
-                else template.prefix_ids(tokenizer, p.principle, p.prompt) for p in prompts]
-    pre_ids, pre_mask = pad_batch(prefixes, tokenizer.pad_token_id, side="left")                   # (B, P)
-    device = response_ids.device
-    ids = torch.cat([pre_ids.to(device), response_ids], 1)
-    mask = torch.cat([pre_mask.to(device), response_mask.long()], 1)
-    return ids, mask, pre_ids.size(1)
 
 
 def critic_values(critic: "ScalarHeadModel", ids, mask, prefix_len: int, R: int) -> torch.Tensor:

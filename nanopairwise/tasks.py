@@ -107,7 +107,6 @@ PRINCIPLES = (
     Principle("add_one", "add one", "Add one to each number.", _add_one, 4.0),
 )
 _BY_NAME = {p.name: p for p in PRINCIPLES}
-_BY_KEYWORD = {p.keyword: p for p in PRINCIPLES}
 
 
 def get_principle(principle) -> Principle:
@@ -169,15 +168,6 @@ def make_prompt(rng: random.Random, principle=None, length: int = None) -> TaskP
     return build_prompt(p, numbers)
 
 
-def parse_prompt(prompt_text: str) -> TaskPrompt:
-    """Inverse of make_prompt's text: "sort ascending: 5 3 9 1" -> TaskPrompt."""
-    keyword, sep, rest = prompt_text.partition(":")
-    numbers = parse_numbers(rest)
-    if not sep or keyword.strip() not in _BY_KEYWORD or numbers is None:
-        raise ValueError(f"not a built-in task prompt: {prompt_text!r}")
-    return build_prompt(_BY_KEYWORD[keyword.strip()], numbers)
-
-
 # ----------------------------------------------------------------------------------------------
 # the oracle and the label model
 
@@ -196,15 +186,30 @@ def oracle_score(principle_name, numbers, response: str) -> float:
     return W_POS * pos + W_BAG * bag
 
 
-def preference_prob(principle, q_a: float, q_b: float) -> float:
-    """P(a ≻ b) = σ(β · (q_a − q_b)), the labeller model (written to be stable for large |x|)."""
-    x = get_principle(principle).beta * (q_a - q_b)
+def bradley_terry(beta: float, q_a: float, q_b: float) -> float:
+    """P(a ≻ b) = σ(β · (q_a − q_b)), the labeller model of both built-in tasks (stable for large |x|)."""
+    x = beta * (q_a - q_b)
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+def preference_prob(principle, q_a: float, q_b: float) -> float:
+    """P(a ≻ b) under this principle's β."""
+    return bradley_terry(get_principle(principle).beta, q_a, q_b)
 
 
 def sample_label(rng: random.Random, principle, q_a: float, q_b: float) -> bool:
     """One noisy human label: True when the labeller prefers a."""
     return rng.random() < preference_prob(principle, q_a, q_b)
+
+
+def label_pair(rng: random.Random, beta: float, a: str, b: str, q_a: float, q_b: float) -> dict:
+    """One noisy label of responses a and b with oracle scores q_a, q_b: the pair record's fields
+    chosen, rejected, chosen_score, rejected_score and p_true = σ(β (q_chosen − q_rejected)), below
+    0.5 when the label went against the oracle."""
+    if rng.random() >= bradley_terry(beta, q_a, q_b):  # the labeller preferred b
+        a, b, q_a, q_b = b, a, q_b, q_a
+    return {"chosen": a, "rejected": b, "chosen_score": q_a, "rejected_score": q_b,
+            "p_true": bradley_terry(beta, q_a, q_b)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,12 +291,11 @@ def make_pair(rng: random.Random, prompt: TaskPrompt, response_a: str, response_
         return None
     p = prompt.principle
     q_a, q_b = (oracle_score(p, prompt.numbers, r) for r in (response_a, response_b))
-    chosen, rejected, q_c, q_r = response_a, response_b, q_a, q_b
-    if not sample_label(rng, p, q_a, q_b):  # the labeller preferred b
-        chosen, rejected, q_c, q_r = response_b, response_a, q_b, q_a
-    return {"prompt": prompt.prompt_text, "chosen": chosen, "rejected": rejected, "principle": p.description,
-            "principle_name": p.name, "numbers": list(prompt.numbers), "chosen_score": q_c, "rejected_score": q_r,
-            "p_true": preference_prob(p, q_c, q_r), "source": source}
+    label = label_pair(rng, p.beta, response_a, response_b, q_a, q_b)
+    return {"prompt": prompt.prompt_text, "chosen": label["chosen"], "rejected": label["rejected"],
+            "principle": p.description, "principle_name": p.name, "numbers": list(prompt.numbers),
+            "chosen_score": label["chosen_score"], "rejected_score": label["rejected_score"],
+            "p_true": label["p_true"], "source": source}
 
 
 def make_pairs(rng: random.Random, prompts, responses=None, synthetic_per_prompt: int = 1,

@@ -35,8 +35,11 @@ Encode a rendered prompt and its response separately and concatenate the ids: th
 ends in a space, which BPE on the joined string would merge into the first response token, so the
 ids would differ from those seen at generation time.
 The template is picked by name, else from `chat_template_name` in tokenizer_config.json, else
-from the config's Jinja text, else from the vocabulary (`<|im_start|>` -> chatml,
-`<|start_header_id|>` -> llama3, otherwise plain).
+from the checkpoint's Jinja text, else from the vocabulary (`<|im_start|>` -> chatml,
+`<|start_header_id|>` -> llama3, otherwise plain). The Jinja text is `chat_template.jinja` beside
+tokenizer.json where that file exists (recent transformers write the template there and not into
+tokenizer_config.json; the file wins over the config, as in transformers), else the config's
+`chat_template`. Named extra templates (`additional_chat_templates/`) are not read.
 """
 
 import hashlib
@@ -81,6 +84,9 @@ JINJA_TEMPLATES = {
               "message['content'] + '\\n' }}{% endfor %}"
               "{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}"),
 }
+
+# where recent transformers (>= 4.50 or so) save the Jinja chat template instead of tokenizer_config.json
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 # a default system message hard-coded in a ChatML Jinja template, e.g. Qwen2.5's
 # '<|im_start|>system\nYou are Qwen, ...<|im_end|>\n' (the \n may be an escape or a real newline)
@@ -211,6 +217,10 @@ class Tokenizer:
         if os.path.isfile(cfg_file):
             with open(cfg_file, encoding="utf-8") as f:
                 config = json.load(f)
+        jinja_file = os.path.join(os.path.dirname(tok_file), CHAT_TEMPLATE_FILE)
+        if os.path.isfile(jinja_file):  # kept in the config, so save_pretrained writes it on
+            with open(jinja_file, encoding="utf-8") as f:
+                config["chat_template"] = f.read()
         vocab = tokenizer.get_vocab(with_added_tokens=True)
 
         def pick(key, candidates):
@@ -233,8 +243,10 @@ class Tokenizer:
         """Write tokenizer.json and tokenizer_config.json into directory `path` (each atomically).
 
         The config keeps every key of the one we loaded (so a fine-tuned Qwen keeps its Jinja
-        template) and sets bos/eos/pad, `chat_template_name` and, if there was none, a Jinja
-        `chat_template` equivalent to our renderer, so transformers can load the directory too.
+        template, read from `chat_template.jinja` or the config) and sets bos/eos/pad,
+        `chat_template_name` and, if there was none, a Jinja `chat_template` equivalent to our
+        renderer, so transformers can load the directory too. The template goes into the config; a
+        `chat_template.jinja` already in `path` is overwritten with it, since it would win on loading.
         """
         os.makedirs(path, exist_ok=True)
         atomic_write_text(os.path.join(path, "tokenizer.json"), self.tokenizer.to_str(pretty=True))
@@ -246,14 +258,19 @@ class Tokenizer:
             config["chat_template"] = JINJA_TEMPLATES[self.chat_template]
         atomic_write_text(os.path.join(path, "tokenizer_config.json"),
                           json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        if os.path.isfile(os.path.join(path, CHAT_TEMPLATE_FILE)):  # it would win over the config on loading
+            atomic_write_text(os.path.join(path, CHAT_TEMPLATE_FILE), _jinja_text(config))
 
     def fingerprint(self) -> str:
-        """A hash of everything that decides which ids a string becomes: normalizer, pre-tokenizer,
-        model (vocabulary and merges), post-processor, added tokens, and the bos / eos / pad ids.
-        Two tokenizers with one fingerprint encode every string alike; equal sizes prove nothing."""
+        """A hash of everything that decides which ids a string or a conversation becomes:
+        normalizer, pre-tokenizer, model (vocabulary and merges), post-processor, added tokens, the
+        bos / eos / pad ids, and the chat rendering (template family, default system message, the
+        bos a conversation opens with). Two tokenizers with one fingerprint encode every string and
+        every conversation alike; equal sizes prove nothing."""
         d = json.loads(self.tokenizer.to_str())
         keep = {k: d.get(k) for k in ("normalizer", "pre_tokenizer", "model", "post_processor", "added_tokens")}
         keep["special_ids"] = [self.bos_token_id, self.eos_token_id, self.pad_token_id]
+        keep["chat"] = [self.chat_template, self.default_system, self.chat_bos_ids]
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
     # -- ids <-> text --------------------------------------------------------------------------
@@ -272,15 +289,9 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = False) -> list:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def encode_batch(self, texts, add_special_tokens: bool = False) -> list:
-        return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
-
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         ids = ids.tolist() if hasattr(ids, "tolist") else ids  # a tensor or array is fine too
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
-
-    def decode_batch(self, batch, skip_special_tokens: bool = True) -> list:
-        return [self.decode(ids, skip_special_tokens=skip_special_tokens) for ids in batch]
 
     # -- chat ----------------------------------------------------------------------------------
 

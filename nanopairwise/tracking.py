@@ -1,7 +1,7 @@
 """Experiment tracking: the metrics.jsonl rows, also sent to TensorBoard or Weights & Biases.
 
 `--report-to none|tensorboard|wandb` in train_rm.py and train_ppo.py. The tracker receives
-exactly the rows common.MetricsLogger appends to metrics.jsonl (one `log(step, row)` per row,
+exactly the rows MetricsLogger (below) appends to metrics.jsonl (one `log(step, row)` per row,
 rank 0 only, since only rank 0's logger is live), so a dashboard never shows a number the run
 directory does not hold. Numbers become scalars under their slash-namespaced key (`loss/pg`,
 `eval/oracle_score`: TensorBoard and W&B both group by the part before the slash); anything
@@ -15,10 +15,99 @@ Backends are optional installs (`pip install 'nanopairwise[tracking]'`):
 """
 
 import importlib.util
+import json
 import math
 import os
 
+import numpy as np
+import torch
+
+from nanopairwise.common import atomic_write_text, dumps_json
+from nanopairwise.distributed import get_rank
 from nanopairwise.guards import UserError
+
+# ----------------------------------------------------------------------------------------------
+# the metrics logger
+
+
+class MetricsLogger:
+    """One console line per step (rank 0) and the same numbers appended to metrics.jsonl.
+
+    Keys are slash-namespaced (`loss/pg`, `judge/accuracy`). A logger with `out_dir=None` or on a
+    rank other than 0 is a dummy, so the training loop never branches on "is logging on".
+    `report_to` ("tensorboard", "wandb"; nanopairwise/tracking.py) also sends every row to a
+    dashboard; `config` (the run's arguments) goes to W&B.
+    """
+
+    def __init__(self, out_dir=None, report_to="none", config=None):
+        self.enabled = get_rank() == 0
+        self.path = self.tracker = None
+        if self.enabled and out_dir is not None:
+            os.makedirs(out_dir, exist_ok=True)
+            self.path = os.path.join(out_dir, "metrics.jsonl")
+            self.tracker = make_tracker(report_to, out_dir, config)
+
+    def log(self, step: int, metrics: dict, total: int = None, console_keys=None):
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: _to_py(v) for k, v in metrics.items()}}
+        if self.path is not None:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(dumps_json(row) + "\n")
+        if self.tracker is not None:
+            self.tracker.log(step, row)
+        keys = console_keys if console_keys is not None else list(metrics)
+        head = f"step {step}/{total}" if total is not None else f"step {step}"
+        parts = [head] + [f"{k} {_fmt(row[k])}" for k in keys if k in row]
+        print(" | ".join(parts), flush=True)
+
+    def close(self):
+        """Flush and close the dashboard, if any (metrics.jsonl is written line by line)."""
+        if self.tracker is not None:
+            self.tracker.close()
+            self.tracker = None
+
+    def truncate(self, step: int):
+        """On resume: drop the rows logged after checkpoint `step` (the crashed run's), so the
+        resumed run does not log them twice; a half-written last line of a killed run goes too."""
+        if not self.enabled or self.path is None or not os.path.exists(self.path):
+            return
+        with open(self.path, encoding="utf-8") as f:
+            lines = [line for line in f if line.strip()]
+        atomic_write_text(self.path, "".join(line for line in lines if _row_step(line) <= step))
+        if self.tracker is not None:
+            self.tracker.purge(step + 1)
+
+
+def _row_step(line: str) -> float:
+    """The step of a metrics.jsonl line; inf for a line a killed write left unparseable."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
+
+
+def _to_py(v):
+    if isinstance(v, torch.Tensor):
+        return v.item()
+    if isinstance(v, (np.floating, np.integer)):
+        return v.item()
+    return v
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        return f"{v:.2e}" if 0 < abs(v) < 1e-3 else f"{v:.4f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+# ----------------------------------------------------------------------------------------------
+# dashboards
+
 
 BACKENDS = ("none", "tensorboard", "wandb")
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # backend -> the package it needs

@@ -5,8 +5,8 @@
     python scripts/bench_ppo_step.py --prompts 16 --samples-per-prompt 4
     TRITON_INTERPRET=1 python scripts/bench_ppo_step.py --smoke   # tiny models on the CPU (what the test runs)
 
-What is timed is train_ppo's own step, not a copy of it: train_ppo.make_experience (whose clock()
-timers give the rollout, judge and forward rows) and then train_ppo.ppo_update, as train_ppo.main
+What is timed is train_ppo's own step, not a copy of it: nanopairwise/ppo.py's make_experience (whose clock()
+timers give the rollout, judge and forward rows) and then ppo_update, as train_ppo.main
 calls them, with train_ppo's defaults (get_args) for every setting this script has no flag for
 (pairwise reward, both orders, pairwise critic, k1 KL in the reward, AdamW betas, clips, ...).
 
@@ -72,14 +72,18 @@ import sys
 
 import torch
 
-import train_ppo
+import train_ppo  # its flags and defaults (get_args): the one script a script imports (tests/test_imports.py)
 from bench_generate import QWEN25_05B, TINY  # this script's own directory is on sys.path
-from nanopairwise import data, judge as J, ops, scalar_head as SH
+from nanopairwise import data, ops
 from nanopairwise.common import clock, derive_seed, parse_dtype
+from nanopairwise.judge import PairwiseJudge, verdict_probs, verdict_token_ids
+from nanopairwise.layouts import JudgeTemplate, Sampling, encode_pair
 from nanopairwise.model import ModelConfig, Transformer
 from nanopairwise.policy import PolicyLogprobs
+from nanopairwise.ppo import Models, RunState, make_experience, ppo_update, resolve_lrs
 from nanopairwise.reward import RewardConfig
 from nanopairwise.rollout import Rollout  # noqa: E402
+from nanopairwise.scalar_head import ScalarHeadModel, critic_values
 from nanopairwise.tokenizer import Tokenizer, render_chat, train_bpe  # noqa: E402
 
 # max |old_logprobs - ref_logprobs| allowed in the warm-up check. The reference is the policy's copy
@@ -126,9 +130,10 @@ def get_args(argv=None):
                                    "--prompts-per-step", str(args.prompts), "--max-new-tokens", str(args.new_tokens),
                                    "--ppo-epochs", str(args.ppo_epochs), "--minibatches", str(args.minibatches),
                                    "--seed", str(args.seed)])
-    template = J.JudgeTemplate()                                              # the judge's, also the critic's
-    args.run = train_ppo.RunState(policy=None, prompts=None, eval_prompts=None, judge_template=template,
-                                  reward=RewardConfig("pairwise", template, args.ppo.reward_transform, args.ppo.symmetric))
+    template = JudgeTemplate()                                              # the judge's, also the critic's
+    args.run = RunState(policy=None, prompts=None, eval_prompts=None, judge_template=template,
+                        reward=RewardConfig("pairwise", template, args.ppo.reward_transform, args.ppo.symmetric),
+                        sampling=Sampling(args.ppo.max_new_tokens, args.ppo.temperature, args.ppo.top_p))
     return args
 
 
@@ -145,7 +150,7 @@ class FullLengthTokenizer(Tokenizer):
         return [self.eos_token_id]
 
 
-def build_tokenizer(template: J.JudgeTemplate, V: int, principle: str):
+def build_tokenizer(template: JudgeTemplate, V: int, principle: str):
     """(tokenizer, n_bpe): a chatml BPE of n_bpe ids trained on synthetic judge inputs, filler
     tokens "<|t{id}|>" up to V, and eos at id V, outside the model (see the docstring)."""
     lines = [f"Principle: {principle}\n" + render_chat(f"question {i}", "chatml") + f"answer {7 * i}<|im_end|>\n"
@@ -173,14 +178,14 @@ def build_models(args, tok):
     policy_lm, judge_lm = random_lm(), random_lm()
     policy = PolicyLogprobs(policy_lm, args.fused_head)
     ref = policy.reference(copy.deepcopy(policy_lm))
-    critic = SH.ScalarHeadModel(copy.deepcopy(judge_lm))                      # fresh zero head
-    judge = J.PairwiseJudge(judge_lm, *J.verdict_token_ids(tok, args.run.judge_template))
+    critic = ScalarHeadModel(copy.deepcopy(judge_lm))                      # fresh zero head
+    judge = PairwiseJudge(judge_lm, *verdict_token_ids(tok, args.run.judge_template))
     judge.eval().requires_grad_(False)
     run = args.run
-    run.lr, run.critic_lr = train_ppo.resolve_lrs(args.ppo, policy_lm, critic.lm)
+    run.lr, run.critic_lr = resolve_lrs(args.ppo, policy_lm, critic.lm)
     optimizers = [torch.optim.AdamW(policy.parameters(), lr=run.lr, betas=(0.9, 0.95), weight_decay=0.0),
                   torch.optim.AdamW(critic.parameters(), lr=run.critic_lr, betas=(0.9, 0.95), weight_decay=0.0)]
-    return train_ppo.Models(policy, ref, critic, judge), optimizers
+    return Models(policy, ref, critic, judge), optimizers
 
 
 def bench_prompts(tok, n_bpe, args):
@@ -202,9 +207,9 @@ def ppo_step(prompts, models, optimizers, tok, args, step):
     rollout_generator = torch.Generator(device=device).manual_seed(derive_seed(args.seed, "rollout", step))
     minibatch_generator = torch.Generator().manual_seed(derive_seed(args.seed, "minibatches", step))
     t0 = clock(device)
-    exp, stats = train_ppo.make_experience(prompts, models, tok, a, args.run, device, rollout_generator)
+    exp, stats = make_experience(prompts, models, tok, a, args.run, device, rollout_generator)
     t_update = clock(device)
-    stats.update(train_ppo.ppo_update(exp, models, optimizers, a, args.run, minibatch_generator))
+    stats.update(ppo_update(exp, models, optimizers, a, args.run, minibatch_generator))
     t_end = clock(device)
     s = {"rollout": stats["perf/rollout_s"], "judge": stats["perf/score_s"], "forward": stats["perf/forward_s"],
          "update": t_end - t_update, "step": t_end - t0}
@@ -217,7 +222,7 @@ def rollout_of(exp, R):
     ids, attn = exp.input_ids, exp.attention_mask
     P = ids.size(1) - R
     ended = torch.zeros(ids.size(0), dtype=torch.bool, device=ids.device)
-    return Rollout(ids[:, :P], attn[:, :P], ids[:, P:], exp.response_mask, exp.old_logprobs, ended)
+    return Rollout(ids[:, :P], attn[:, :P], ids[:, P:], exp.response_mask.long(), exp.old_logprobs, ended)
 
 
 def judge_items(prompts, exp, tok, args):
@@ -253,7 +258,7 @@ def token_counts(exp, items, tok, args):
     """Real tokens each phase reads (see the docstring's table)."""
     policy_tokens, critic_tokens = int(exp.attention_mask.sum()), int(exp.critic_mask.sum())
     a = args.ppo
-    per_order = sum(len(J.encode_pair(tok, args.run.reward.template, *it)) for it in items)   # swapping a, b keeps the length
+    per_order = sum(len(encode_pair(tok, args.run.reward.template, *it)) for it in items)   # swapping a, b keeps the length
     generated = args.rows * args.new_tokens
     return {"rollout": generated, "judge": per_order * (2 if a.symmetric else 1),
             "forward": 2 * policy_tokens + critic_tokens, "update": a.ppo_epochs * (policy_tokens + critic_tokens),
@@ -268,11 +273,11 @@ def time_forwards(prompts, exp, models, tok, args):
     items = judge_items(prompts, exp, tok, args)
     swapped = [(pr, q, b, y) for pr, q, y, b in items]
     calls = {
-        "judge, order (y, anchor)": lambda: J.verdict_probs(judge, tok, template, items),
-        "judge, order (anchor, y)": lambda: J.verdict_probs(judge, tok, template, swapped),
+        "judge, order (y, anchor)": lambda: verdict_probs(judge, tok, template, items),
+        "judge, order (anchor, y)": lambda: verdict_probs(judge, tok, template, swapped),
         "old log-probs": lambda: policy(exp.input_ids, exp.attention_mask, exp.response_mask, a.temperature),
         "ref log-probs": lambda: ref(exp.input_ids, exp.attention_mask, exp.response_mask, a.temperature),
-        "critic values": lambda: SH.critic_values(critic, exp.critic_ids, exp.critic_mask, exp.critic_prefix_len, R),
+        "critic values": lambda: critic_values(critic, exp.critic_ids, exp.critic_mask, exp.critic_prefix_len, R),
     }
     policy.eval()                                                             # as in make_experience
     out = {}

@@ -40,10 +40,8 @@ import time
 import torch
 
 import plot  # scripts/plot.py (this script's own directory is on sys.path)
-import train_ppo
-import train_rm
-from nanopairwise.bootstrap import BootstrapConfig, bootstrap, task_paths
 from nanopairwise.common import atomic_write_text
+from nanopairwise.pipeline import run_seed as run_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIGURE = os.path.join(ROOT, "docs", "compare.png")
@@ -52,7 +50,6 @@ FIGURE_MD = ("\n![Pairwise-RL vs the Bradley-Terry arms (bt, bt-anchor) over PPO
 METHODS = {"Pairwise-RL (generative judge + pairwise PPO)": ("judge", "ppo_pairwise"),  # label: (RM dir, PPO dir)
            "Bradley-Terry RM + standard PPO": ("bt", "ppo_bt"),
            "BT anchor win prob (BT RM, sigmoid(r(y) - r(y*)) + standard PPO)": ("bt", "ppo_bt-anchor")}
-REWARDS = ("pairwise", "bt", "bt-anchor")  # train_ppo.py --reward, one PPO run each
 
 README_START, README_END = "<!-- compare:start -->", "<!-- compare:end -->"
 SMOKE_RM = ["--max-steps", "2", "--batch-size", "8"]
@@ -86,7 +83,7 @@ def get_args(argv=None):
 
 def _worker_threads(threads: int):
     """Pool initializer: this worker's torch (and every train_*.py it runs) uses `threads` threads."""
-    os.environ["NANOPAIRWISE_NUM_THREADS"] = str(threads)  # what compute_init() in train_*.py then sets
+    os.environ["NANOPAIRWISE_NUM_THREADS"] = str(threads)  # what compute_init() in the train_*.py children then sets
     torch.set_num_threads(threads)
 
 
@@ -101,25 +98,9 @@ def run_seeds(args) -> dict:
 
 
 def run_seed(seed, args) -> dict:
-    """All stages for one seed; returns {"judge": eval, "bt": eval, "ppo_<reward>": history for each of REWARDS}."""
-    run = os.path.join(args.run_dir, f"seed{seed}")
-    task = os.path.join(run, "task")
-    if not os.path.exists(task_paths(task)["info"]):
-        bootstrap(task, seed, BootstrapConfig.smoke() if args.smoke else BootstrapConfig())
-    out = {}
-    for objective, name in (("pairwise", "judge"), ("bt", "bt")):
-        path = os.path.join(run, name)
-        if not os.path.exists(os.path.join(path, "eval.json")):
-            train_rm.main(["--objective", objective, "--task-dir", task, "--out-dir", path, "--seed", str(seed)]
-                          + (SMOKE_RM if args.smoke else []))
-        out[name] = json.load(open(os.path.join(path, "eval.json")))
-    for reward in REWARDS:
-        path = os.path.join(run, f"ppo_{reward}")
-        if not os.path.exists(os.path.join(path, "eval.json")):
-            train_ppo.main(["--run-dir", run, "--reward", reward, "--seed", str(seed), "--out-dir", path]
-                           + (SMOKE_PPO if args.smoke else []) + args.ppo_args.split())
-        out[f"ppo_{reward}"] = json.load(open(os.path.join(path, "eval.json")))
-    return out
+    """All stages for one seed (nanopairwise/pipeline.py); {"judge": eval, "bt": eval, "ppo_<reward>": history}."""
+    return run_pipeline(os.path.join(args.run_dir, f"seed{seed}"), seed, args.smoke, SMOKE_RM if args.smoke else [],
+                        (SMOKE_PPO if args.smoke else []) + args.ppo_args.split())
 
 
 def mean_std(values, signed: bool = False) -> str:
@@ -138,6 +119,17 @@ def table(results: dict, seconds: float, command: str = "python scripts/compare.
     head = (f"Seeds {', '.join(map(str, sorted(results)))} (mean ± std), {os.cpu_count()}-core CPU ({cpu}), torch "
             f"{torch.__version__}, {datetime.date.today()}, {seconds / 60:.0f} min; produced by `{command}`.")
     return head + "\n\n" + body(results)
+
+
+def header_command(argv: list) -> str:
+    """The command line for the table's header without paths of the machine that ran it: --run-dir
+    relative to the repository when inside it, else left out (a reader reruns with the default)."""
+    words = [w for arg in argv for w in (arg.split("=", 1) if arg.startswith("--run-dir=") else [arg])]
+    if "--run-dir" in words[:-1]:
+        i = words.index("--run-dir")
+        rel = os.path.relpath(os.path.abspath(words[i + 1]), ROOT)
+        words[i:i + 2] = [] if rel.startswith("..") else ["--run-dir", rel]
+    return shlex.join(["python", "scripts/compare.py", *words])
 
 
 def body(results: dict) -> str:
@@ -209,7 +201,9 @@ def main(argv=None):
                 if set(args.seeds) - set(results):
                     raise SystemExit(f"--plot-only: {results_json} has no results for seeds "
                                      f"{sorted(set(args.seeds) - set(results))}; run scripts/compare.py with them")
-                head = text.split("\n\n", 1)[0]
+                head = re.sub(r"produced by `python scripts/compare.py(.*)`",   # written before paths were left out
+                              lambda m: f"produced by `{header_command(shlex.split(m.group(1)))}`",
+                              text.split("\n\n", 1)[0])
                 if sorted(results) != sorted(args.seeds):
                     head = re.sub(r"^Seeds [\d, ]+", f"Seeds {', '.join(map(str, args.seeds))} (of the runs below) ", head)
                 text = head + "\n\n" + body({s: results[s] for s in args.seeds})
@@ -219,7 +213,7 @@ def main(argv=None):
         return outs
     t0 = time.time()
     results = run_seeds(args)
-    text = table(results, time.time() - t0, shlex.join(["python", "scripts/compare.py"] + (argv if argv is not None else sys.argv[1:])))
+    text = table(results, time.time() - t0, header_command(argv if argv is not None else sys.argv[1:]))
     os.makedirs(args.run_dir, exist_ok=True)
     atomic_write_text(os.path.join(args.run_dir, "results.json"), json.dumps(results, indent=2))
     atomic_write_text(results_md, text)

@@ -127,7 +127,7 @@ def main():
         rows.append((name, rc, last, tb))
     # a second run on a --out-dir in use, then the same directory after that run was killed (-9)
     lock_dir = os.path.join(w, "out", "locked")
-    holder = subprocess.Popen([py, "-c", "import time; from nanopairwise.guards import RunLock; "
+    holder = subprocess.Popen([py, "-c", "import time; from nanopairwise.rundir import RunLock; "
                                f"lock = RunLock({lock_dir!r}).acquire(); print('held', flush=True); time.sleep(600)"],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     holder.stdout.readline()

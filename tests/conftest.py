@@ -6,6 +6,7 @@ test module imports kernels/. On a machine with CUDA the kernel tests run compil
 """
 
 import os
+import shutil
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,6 +29,19 @@ def tiny_task(tmp_path_factory):
     task_dir = str(tmp_path_factory.mktemp("task") / "task")
     bootstrap(task_dir, seed=0, cfg=BootstrapConfig.smoke())
     return task_dir
+
+
+@pytest.fixture(scope="session")
+def run_dir(tiny_task, tmp_path_factory):
+    """RUN_DIR of train_ppo.py (--run-dir): the tiny task and a briefly trained judge and BT reward
+    model in it (tests/test_train_ppo.py, tests/test_two_nodes.py; the tests only read it)."""
+    import train_rm
+    run = tmp_path_factory.mktemp("run")
+    shutil.copytree(tiny_task, run / "task")
+    for objective, name in (("pairwise", "judge"), ("bt", "bt")):
+        train_rm.main(["--objective", objective, "--task-dir", str(run / "task"), "--out-dir", str(run / name),
+                       "--max-steps", "2", "--batch-size", "8", "--eval-batch-size", "32", "--warmup-steps", "1"])
+    return run
 
 
 @pytest.fixture(scope="session")

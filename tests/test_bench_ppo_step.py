@@ -22,6 +22,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 import bench_ppo_step as bench  # noqa: E402
+from nanopairwise.judge import verdict_token_ids
+from nanopairwise.layouts import encode_pair
 
 PHASES = ("rollout", "judge", "forward", "update", "other", "step")
 FORWARDS = ("judge, order (y, anchor)", "judge, order (anchor, y)", "old log-probs", "ref log-probs", "critic values")
@@ -66,14 +68,14 @@ def test_tokenizer_round_trips_filler_and_keeps_eos_outside_the_model():
     V = args.shape["vocab_size"]
     tok, n_bpe = bench.build_tokenizer(args.run.judge_template, V, args.ppo.default_principle)
     assert tok.eos_token_id == V and tok.pad_token_id < n_bpe < V
-    yes, no = bench.J.verdict_token_ids(tok, args.run.judge_template)        # raises unless single tokens
+    yes, no = verdict_token_ids(tok, args.run.judge_template)        # raises unless single tokens
     assert max(yes, no) < n_bpe
     ids = list(range(n_bpe, V, 7))
     assert tok.encode(tok.decode(ids)) == ids                                 # filler ids survive decode/encode
     prompts = bench.bench_prompts(tok, n_bpe, args)
     p = prompts[0]
     assert len(prompts) == 4 and len(tok.encode(p.prompt)) == 8 and len(tok.encode(p.anchor)) == 8
-    assert max(bench.J.encode_pair(tok, args.run.judge_template, p.principle, p.prompt, "x", p.anchor)) < V  # no eos
+    assert max(encode_pair(tok, args.run.judge_template, p.principle, p.prompt, "x", p.anchor)) < V  # no eos
 
 
 def test_models_as_train_ppo_builds_them():

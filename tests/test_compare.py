@@ -7,6 +7,9 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+import compare  # noqa: E402
 
 
 def test_compare_smoke_two_seeds_in_two_jobs(tmp_path):
@@ -29,5 +32,15 @@ def test_compare_smoke_two_seeds_in_two_jobs(tmp_path):
     assert (run_dir / "seed0" / "task" / "pairs_train.jsonl").read_text() != \
         (run_dir / "seed1" / "task" / "pairs_train.jsonl").read_text()
     table = (run_dir / "results.md").read_text()
+    assert str(tmp_path) not in table                                      # no path of this machine
     assert "Seeds 0, 1 (mean ± std)" in table and "--jobs 2" in table and table.count("\n| ") == 4 + 3  # head + 3 arms, paired head + 2
     assert (run_dir / "compare.png").stat().st_size > 10_000
+
+
+def test_header_command_names_no_path_of_the_machine():
+    """The README's header is read on other machines: --run-dir inside the repository is written
+    relative to it, outside it left out; every other word as it was."""
+    assert compare.header_command(["--seeds", "0", "1", "--jobs", "2", "--run-dir", "/elsewhere/runs_compare"]) == \
+        "python scripts/compare.py --seeds 0 1 --jobs 2"
+    assert compare.header_command([f"--run-dir={ROOT}/runs/c", "--ppo-args", "--steps 60"]) == \
+        "python scripts/compare.py --run-dir runs/c --ppo-args '--steps 60'"

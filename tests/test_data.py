@@ -7,8 +7,9 @@ import os
 import pytest
 import torch
 
-from nanopairwise.data import (DataError, PreferencePair, RLPrompt, iterate_minibatches, load_preference_pairs,
-                               load_rl_prompts, pad_batch, read_jsonl, shard_for_rank, write_jsonl)
+from nanopairwise.batching import iterate_minibatches, pad_batch, shard_for_rank
+from nanopairwise.data import DataError, PreferencePair, RLPrompt, load_rl_prompts, read_jsonl, write_jsonl
+from nanopairwise.formats import load_preference_pairs
 
 GOOD_PAIR = {"prompt": "sort ascending: 3 1 2", "chosen": "1 2 3", "rejected": "3 2 1",
              "principle": "Sort the numbers in ascending order."}

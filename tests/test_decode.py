@@ -18,7 +18,7 @@ import torch
 from nanopairwise import decode, lora
 from nanopairwise.model import Transformer
 from nanopairwise.rollout import generate
-from nanopairwise.sampling import Sampling, inverse_cdf, top_k_filter, top_p_filter
+from nanopairwise.sampling import Sampler, inverse_cdf, top_k_filter, top_p_filter
 from tests.test_model import saved_hf
 from tests.test_rollout import PAD, full_logprobs, prompts_of, top2_margin
 
@@ -121,10 +121,10 @@ def test_sampling_frequencies():
     torch.testing.assert_close(freq, probs, atol=0.015, rtol=0)  # 4.5 sigma of a binomial at n=20000
     assert inverse_cdf(probs[None], torch.tensor([1 - 2 ** -24]))[0] == 4  # u -> 1 still lands on a token
     logits = probs.clamp(min=1e-30).log().expand(n, 5)
-    tokens, lp = Sampling(top_p=0.75)(logits, u)
+    tokens, lp = Sampler(top_p=0.75)(logits, u)
     assert set(tokens.tolist()) == {0, 2}
     torch.testing.assert_close(lp, logits[0].log_softmax(-1)[tokens])
-    assert set(Sampling(top_k=3)(logits, u)[0].tolist()) == {0, 2, 3}
-    assert Sampling(greedy=True)(logits, u)[0].eq(0).all()
+    assert set(Sampler(top_k=3)(logits, u)[0].tolist()) == {0, 2, 3}
+    assert Sampler(greedy=True)(logits, u)[0].eq(0).all()
     with pytest.raises(ValueError, match="top_k"):
-        Sampling(top_k=-1)
+        Sampler(top_k=-1)

@@ -22,9 +22,10 @@ import torch
 
 import train_ppo
 import train_rm
-from nanopairwise import model as model_module
-from nanopairwise.common import MetricsLogger, remove_leftovers
-from nanopairwise.guards import NonFiniteError, RunLock, UserError
+from nanopairwise import model as model_module, rm_checkpoint
+from nanopairwise.guards import NonFiniteError, UserError
+from nanopairwise.rundir import RunLock, remove_leftovers
+from nanopairwise.tracking import MetricsLogger
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAIR = {"prompt": "q", "chosen": "a", "rejected": "b"}
@@ -58,13 +59,13 @@ def test_nan_grad_norm_stops_before_the_step_and_keeps_the_last_checkpoint(tiny_
     """The issue's case: at step 2 the loss is finite, the gradient norm NaN."""
     out = str(tmp_path / "rm")
     saved = {}
-    save = train_rm.save_checkpoint
+    save = rm_checkpoint.save
 
     def save_and_record(path, *a):
         save(path, *a)
         saved[torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)["step"]] = dir_bytes(path)
 
-    monkeypatch.setattr(train_rm, "save_checkpoint", save_and_record)
+    monkeypatch.setattr(rm_checkpoint, "save", save_and_record)
     argv = ["--task-dir", tiny_task, "--out-dir", out, "--lr", "1e3", "--warmup-steps", "0", "--save-every", "1",
             "--max-steps", "6", "--batch-size", "8"]
     with pytest.raises(NonFiniteError) as e:
@@ -215,7 +216,7 @@ def test_a_judge_tokenizer_of_the_same_size_but_another_mapping_is_refused(tiny_
 
 def test_a_second_run_on_the_same_out_dir_is_refused_and_a_stale_lock_taken_over(tiny_task, tmp_path, capsys):
     out = str(tmp_path / "o")
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from nanopairwise.guards import RunLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from nanopairwise.rundir import RunLock; "
                                f"lock = RunLock({out!r}).acquire(); print('held', flush=True); time.sleep(60)"],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:

@@ -9,7 +9,8 @@ import os
 import pytest
 
 from nanopairwise import formats
-from nanopairwise.data import DataError, load_preference_pairs
+from nanopairwise.data import DataError
+from nanopairwise.formats import load_preference_pairs
 from nanopairwise.guards import UserError
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")

@@ -9,13 +9,17 @@ import math
 import pytest
 import torch
 
-from nanopairwise import judge as J, scalar_head as SH
-from nanopairwise import losses as L
-from nanopairwise.data import pad_batch
+from nanopairwise.batching import pad_batch
+from nanopairwise.judge import (PairwiseJudge, VerdictTokenError, expected_calibration_error, judge_loss, pair_metrics,
+                                position_consistency_loss, verdict_token_ids, win_probs)
+from nanopairwise.layouts import JudgeTemplate, encode_pair, encode_single
+from nanopairwise.losses import masked_moments, normalize_scores
 from nanopairwise.model import ModelConfig, Transformer
+from nanopairwise.rm_checkpoint import load_rm_config, save_rm_config
+from nanopairwise.scalar_head import ScalarHeadModel, bt_anchor_win_probs, bt_loss, scalar_scores
 from nanopairwise.tokenizer import train_bpe
 
-TEMPLATE = J.JudgeTemplate()
+TEMPLATE = JudgeTemplate()
 CORPUS = ["Principle: Sort the numbers in ascending order.", "User: sort ascending: 3 1 2\nAssistant: 1 2 3",
           f"{TEMPLATE.question}\nAnswer: Yes", f"{TEMPLATE.question}\nAnswer: No"] * 20
 
@@ -34,7 +38,7 @@ def judge(tok):
     with torch.no_grad():  # larger random weights than the 0.02 init, so verdicts differ by input
         for p in lm.parameters():
             p.add_(0.3 * torch.randn_like(p))
-    return J.PairwiseJudge(lm, *J.verdict_token_ids(tok, TEMPLATE)).eval()
+    return PairwiseJudge(lm, *verdict_token_ids(tok, TEMPLATE)).eval()
 
 
 def test_template_renders_literal_strings(tok):
@@ -59,25 +63,25 @@ def test_encode_pair_is_pieces_concatenated_and_truncates(tok):
     head = e("Principle: P.\n") + e("User: q\nAssistant: ")       # plain: no bos
     mid = e("<|endoftext|>\n") + e("User: q\nAssistant: ")
     tail = e("<|endoftext|>\n") + e(f"{TEMPLATE.question}\nAnswer:")
-    assert J.encode_pair(tok, TEMPLATE, "P.", "q", "1 2 3", "3 2 1") == head + e("1 2 3") + mid + e("3 2 1") + tail
-    cut = J.encode_pair(tok, TEMPLATE, "P.", "q", "1 2 3", "3 2 1", max_response_tokens=1)
+    assert encode_pair(tok, TEMPLATE, "P.", "q", "1 2 3", "3 2 1") == head + e("1 2 3") + mid + e("3 2 1") + tail
+    cut = encode_pair(tok, TEMPLATE, "P.", "q", "1 2 3", "3 2 1", max_response_tokens=1)
     assert cut == head + e("1 2 3")[:1] + mid + e("3 2 1")[:1] + tail
-    assert J.encode_single(tok, TEMPLATE, "P.", "q", "1 2 3") == head + e("1 2 3") + [tok.eos_token_id]
+    assert encode_single(tok, TEMPLATE, "P.", "q", "1 2 3") == head + e("1 2 3") + [tok.eos_token_id]
 
 
 def test_verdicts_must_be_single_distinct_tokens(tok):
-    assert len(set(J.verdict_token_ids(tok, TEMPLATE))) == 2
-    with pytest.raises(J.VerdictTokenError, match=r"verdict ' Absolutely' is \d+ tokens"):
-        J.verdict_token_ids(tok, J.JudgeTemplate(yes=" Absolutely"))
-    with pytest.raises(J.VerdictTokenError, match="map to the same token"):
-        J.verdict_token_ids(tok, J.JudgeTemplate(yes=" Yes", no=" Yes"))
+    assert len(set(verdict_token_ids(tok, TEMPLATE))) == 2
+    with pytest.raises(VerdictTokenError, match=r"verdict ' Absolutely' is \d+ tokens"):
+        verdict_token_ids(tok, JudgeTemplate(yes=" Absolutely"))
+    with pytest.raises(VerdictTokenError, match="map to the same token"):
+        verdict_token_ids(tok, JudgeTemplate(yes=" Yes", no=" Yes"))
 
 
 def test_rm_config_roundtrip(tmp_path):
-    t = J.JudgeTemplate(question="Better?", yes=" A", no=" B")
-    J.save_rm_config(str(tmp_path), "bt", t)
-    assert J.load_rm_config(str(tmp_path)) == ("bt", t)
-    assert J.load_rm_config(str(tmp_path / "none")) == ("pairwise", J.JudgeTemplate())
+    t = JudgeTemplate(question="Better?", yes=" A", no=" B")
+    save_rm_config(str(tmp_path), "bt", t)
+    assert load_rm_config(str(tmp_path)) == ("bt", t)
+    assert load_rm_config(str(tmp_path / "none")) == ("pairwise", JudgeTemplate())
 
 
 def both_orders_batch(tok, pairs, flip=False):
@@ -86,7 +90,7 @@ def both_orders_batch(tok, pairs, flip=False):
     for c, r in pairs:
         rows = [(c, r, 1), (r, c, 0)]
         for a, b, label in (rows[::-1] if flip else rows):
-            seqs.append(J.encode_pair(tok, TEMPLATE, "P.", "sort ascending: 3 1 2", a, b))
+            seqs.append(encode_pair(tok, TEMPLATE, "P.", "sort ascending: 3 1 2", a, b))
             labels.append(label)
     ids, mask = pad_batch(seqs, tok.pad_token_id)
     return ids, mask, torch.tensor(labels)
@@ -98,18 +102,18 @@ def test_swapping_a_b_with_the_label_leaves_the_loss_unchanged(tok, judge):
     for flip in (False, True):
         ids, mask, labels = both_orders_batch(tok, pairs, flip)
         with torch.no_grad():
-            losses.append(J.judge_loss(judge(ids, mask), labels, judge.yes_id, judge.no_id)[0])
+            losses.append(judge_loss(judge(ids, mask), labels, judge.yes_id, judge.no_id)[0])
     torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=0)
     ids, mask, labels = both_orders_batch(tok, pairs)
     with torch.no_grad():  # the test can fail: labels attached to the wrong order change the loss
-        wrong = J.judge_loss(judge(ids, mask), 1 - labels, judge.yes_id, judge.no_id)[0]
+        wrong = judge_loss(judge(ids, mask), 1 - labels, judge.yes_id, judge.no_id)[0]
     assert abs(wrong.item() - losses[0].item()) > 1e-2
 
 
 def test_judge_loss_is_verdict_cross_entropy():
     logits = torch.randn(4, 11, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([1, 0, 0, 1])
-    loss, p_yes = J.judge_loss(logits, labels, yes_id=3, no_id=7)
+    loss, p_yes = judge_loss(logits, labels, yes_id=3, no_id=7)
     want = torch.nn.functional.cross_entropy(logits, torch.where(labels.bool(), 3, 7))
     torch.testing.assert_close(loss, want)
     torch.testing.assert_close(p_yes, torch.sigmoid(logits[:, 3] - logits[:, 7]))
@@ -117,26 +121,26 @@ def test_judge_loss_is_verdict_cross_entropy():
 
 def test_symmetric_win_probability(tok, judge):
     items = [("P.", "q", "1 2 3", "3 2 1"), ("P.", "q", "7", "7 7"), ("P.", "q", "1 2", "1 2")]
-    p, p_ab, p_ba = J.win_probs(judge, tok, TEMPLATE, items, batch_size=2)
-    q, _, _ = J.win_probs(judge, tok, TEMPLATE, [(a, b, y, x) for a, b, x, y in items])
+    p, p_ab, p_ba = win_probs(judge, tok, TEMPLATE, items, batch_size=2)
+    q, _, _ = win_probs(judge, tok, TEMPLATE, [(a, b, y, x) for a, b, x, y in items])
     torch.testing.assert_close(p + q, torch.ones(3), atol=1e-6, rtol=0)
     assert p[2].item() == 0.5                                      # identical responses tie exactly
     assert not torch.allclose(p_ab, 1 - p_ba)                      # the raw orders differ (position bias)
-    one, p_one, none = J.win_probs(judge, tok, TEMPLATE, items, symmetric=False, batch_size=2)
+    one, p_one, none = win_probs(judge, tok, TEMPLATE, items, symmetric=False, batch_size=2)
     assert none is None and torch.equal(one, p_one) and torch.equal(p_one, p_ab)
-    z = judge.verdict_logits(*pad_batch([J.encode_pair(tok, TEMPLATE, *items[0])], tok.pad_token_id))
-    full = judge(*pad_batch([J.encode_pair(tok, TEMPLATE, *items[0])], tok.pad_token_id))
+    z = judge.verdict_logits(*pad_batch([encode_pair(tok, TEMPLATE, *items[0])], tok.pad_token_id))
+    full = judge(*pad_batch([encode_pair(tok, TEMPLATE, *items[0])], tok.pad_token_id))
     torch.testing.assert_close(z[0], full[0, [judge.yes_id, judge.no_id]], atol=1e-5, rtol=1e-5)
 
 
 def test_bt_loss_and_scalar_head(tok):
-    torch.testing.assert_close(SH.bt_loss(torch.tensor([2.0, 0.0]), torch.tensor([0.0, 0.0])),
+    torch.testing.assert_close(bt_loss(torch.tensor([2.0, 0.0]), torch.tensor([0.0, 0.0])),
                                torch.tensor((math.log1p(math.exp(-2.0)) + math.log(2.0)) / 2))
     cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=4, tie_word_embeddings=False)
-    rm = SH.ScalarHeadModel(Transformer(cfg))
+    rm = ScalarHeadModel(Transformer(cfg))
     assert not rm.lm.lm_head.weight.requires_grad                  # unused by a scalar head: frozen for DDP
-    scores = SH.scalar_scores(rm, tok, TEMPLATE, [("P.", "q", "1 2 3")])
+    scores = scalar_scores(rm, tok, TEMPLATE, [("P.", "q", "1 2 3")])
     assert scores.tolist() == [0.0]                                # the fresh head starts at zero
 
 
@@ -145,37 +149,37 @@ def test_bt_anchor_win_prob_is_sigmoid_of_the_score_gap_and_symmetric(tok):
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=4)
-    rm = SH.ScalarHeadModel(Transformer(cfg)).eval()
+    rm = ScalarHeadModel(Transformer(cfg)).eval()
     torch.nn.init.normal_(rm.score_head.weight, std=1.0)           # a non-zero head: scores differ by response
     items = [("P.", "q", "1 2 3", "3 2 1"), ("P.", "q", "7", "3 2 1"), ("P.", "r", "7 7", "1")]
     cache = {}
-    p = SH.bt_anchor_win_probs(rm, tok, TEMPLATE, items, cache)
-    r_y = SH.scalar_scores(rm, tok, TEMPLATE, [(a, b, y) for a, b, y, _ in items])
-    r_star = SH.scalar_scores(rm, tok, TEMPLATE, [(a, b, s) for a, b, _, s in items])
+    p = bt_anchor_win_probs(rm, tok, TEMPLATE, items, cache)
+    r_y = scalar_scores(rm, tok, TEMPLATE, [(a, b, y) for a, b, y, _ in items])
+    r_star = scalar_scores(rm, tok, TEMPLATE, [(a, b, s) for a, b, _, s in items])
     torch.testing.assert_close(p, torch.sigmoid(r_y - r_star), atol=1e-6, rtol=0)
     assert len(cache) == 2 and not torch.allclose(p, torch.full_like(p, 0.5))   # two distinct anchors, scored once
-    swapped = SH.bt_anchor_win_probs(rm, tok, TEMPLATE, [(a, b, s, y) for a, b, y, s in items], {})
+    swapped = bt_anchor_win_probs(rm, tok, TEMPLATE, [(a, b, s, y) for a, b, y, s in items], {})
     torch.testing.assert_close(p + swapped, torch.ones(3), atol=1e-6, rtol=0)
     cache[("P.", "q", "3 2 1")] = 100.0                            # the cached anchor score is the one used
-    assert SH.bt_anchor_win_probs(rm, tok, TEMPLATE, items[:1], cache).item() < 1e-6
+    assert bt_anchor_win_probs(rm, tok, TEMPLATE, items[:1], cache).item() < 1e-6
 
 
 def test_normalize_scores_and_head():
     r = torch.tensor([1.0, 3.0, 5.0])
     mean, var = torch.tensor(3.0), torch.tensor(8.0 / 3.0)
-    m, v = L.masked_moments(r, torch.ones(3))
+    m, v = masked_moments(r, torch.ones(3))
     torch.testing.assert_close((m, v), (mean, var))
     norm = {"mean": m.item(), "std": v.sqrt().item()}
-    z = L.normalize_scores(r, norm)
+    z = normalize_scores(r, norm)
     torch.testing.assert_close((z.mean(), z.std(unbiased=False)), (torch.tensor(0.0), torch.tensor(1.0)))
-    assert L.normalize_scores(r, None) is r
+    assert normalize_scores(r, None) is r
     cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
-    rm = SH.ScalarHeadModel(Transformer(cfg))
+    rm = ScalarHeadModel(Transformer(cfg))
     torch.nn.init.normal_(rm.score_head.weight)
     ids, mask = torch.randint(0, 64, (2, 5)), torch.ones(2, 5, dtype=torch.long)
     raw = rm(ids, mask)
     rm.normalize_head_(norm["mean"], norm["std"])                  # the critic predicts the normalised score
-    torch.testing.assert_close(rm(ids, mask), L.normalize_scores(raw, norm), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rm(ids, mask), normalize_scores(raw, norm), atol=1e-5, rtol=1e-5)
 
 
 def test_position_consistency_loss_by_hand():
@@ -185,7 +189,7 @@ def test_position_consistency_loss_by_hand():
     logits[2, 1], logits[3, 1] = 2.0, 2.0               # pair 2: Yes in both orders, position bias
     s = torch.sigmoid(torch.tensor(2.0))
     expected = (0.0 + (s - (1 - s)) ** 2) / 2
-    torch.testing.assert_close(J.position_consistency_loss(logits, 1, 2), expected)
+    torch.testing.assert_close(position_consistency_loss(logits, 1, 2), expected)
 
 
 def test_pair_metrics_by_hand():
@@ -195,16 +199,16 @@ def test_pair_metrics_by_hand():
     q_r = torch.tensor([0.5, 0.4, 0.6, 0.7])          # last pair: equal quality, left out of oracle accuracy
     p_ab = torch.tensor([0.9, 0.6, 0.4, 0.7])
     p_ba = torch.tensor([0.2, 0.3, 0.7, 0.6])         # pair 4 gets the same verdict in both orders
-    m = J.pair_metrics(p, p_true, q_c, q_r, p_ab, p_ba)
+    m = pair_metrics(p, p_true, q_c, q_r, p_ab, p_ba)
     assert m["accuracy"] == 0.75 and m["oracle_accuracy"] == 1.0 and m["position_consistency"] == 0.75
     # bins 9, 8, 3, 6: one prediction each, so ECE = mean |p - p_true|
     assert m["ece"] == pytest.approx((0.05 + 0.25 + 0.05 + 0.15) / 4)
     assert m["brier"] == pytest.approx((0.05 ** 2 + 0.25 ** 2 + 0.05 ** 2 + 0.15 ** 2) / 4)
-    two = J.expected_calibration_error(torch.tensor([0.71, 0.79]), torch.tensor([1.0, 0.0]))
+    two = expected_calibration_error(torch.tensor([0.71, 0.79]), torch.tensor([1.0, 0.0]))
     assert two == pytest.approx(abs(0.75 - 0.5))     # same bin: averages cancel before the |.|
     rel = m["reliability"]                            # the reliability diagram's bins
     assert rel["count"] == [0, 0, 0, 1, 0, 0, 1, 0, 1, 1] and rel["bin_edges"][3:5] == [0.3, 0.4]
     assert rel["mean_prob"][8] == pytest.approx(0.85) and rel["mean_target"][8] == pytest.approx(0.6)
     assert rel["mean_prob"][0] is None and rel["mean_target"][5] is None  # empty bins
-    bare = J.pair_metrics(p, None, None, None)
+    bare = pair_metrics(p, None, None, None)
     assert set(bare) == {"accuracy", "position_consistency"}

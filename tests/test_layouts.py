@@ -10,13 +10,14 @@ prefixes of the judge's and BT inputs.
 """
 
 import pytest
+import torch
 
-from nanopairwise import judge as J
-from nanopairwise.policy import encode_prompt
+from nanopairwise.layouts import JudgeTemplate, encode_pair, encode_prompt, encode_single
 from nanopairwise.tokenizer import Tokenizer, train_bpe
+
 from test_tokenizer import LLAMA3_JINJA, QWEN25_JINJA, corpus
 
-T = J.JudgeTemplate()
+T = JudgeTemplate()
 PRINCIPLE = "Sort the numbers in ascending order."
 PROMPT, A, B = "sort ascending: 5 3 9 1", "1 3 5 9", "9 5 3 1"
 OPEN_CLOSE = {"chatml": ("<|im_start|>", "<|im_end|>"), "llama3": ("<|start_header_id|>", "<|eot_id|>")}
@@ -63,15 +64,15 @@ def test_every_layout_is_the_same_pieces(family):
     end = e(tok.turn_end_text)
     assert end[0] == tok.end_of_turn_id
     head = bos + e(f"Principle: {PRINCIPLE}\n") + turn
-    pair = J.encode_pair(tok, T, PRINCIPLE, PROMPT, A, B)
+    pair = encode_pair(tok, T, PRINCIPLE, PROMPT, A, B)
     assert pair == head + e(A) + end + turn + e(B) + end + e(f"{T.question}\nAnswer:")  # judge pair
     if bos:
         assert pair.count(bos[0]) == 1 and pair[0] == bos[0]
     opener, closer = OPEN_CLOSE[tok.chat_template]
     assert pair.count(tok.token_to_id(opener)) == pair.count(tok.token_to_id(closer)) > 0   # turns intact
-    single = J.encode_single(tok, T, PRINCIPLE, PROMPT, A)
+    single = encode_single(tok, T, PRINCIPLE, PROMPT, A)
     assert single == head + e(A) + [tok.end_of_turn_id] == pair[:len(single)]          # BT single
-    critic = J.JudgeTemplate().pair_ids(tok, PRINCIPLE, PROMPT, e(A))
+    critic = JudgeTemplate().pair_ids(tok, PRINCIPLE, PROMPT, e(A))
     assert critic == pair[:len(critic)] and pair[len(critic):len(critic) + len(e(B))] == e(B)  # critic
 
 
@@ -91,4 +92,37 @@ def test_plain_template_anchor_keeps_the_rollout_tokens(smollm2_dir):
     critic = T.pair_ids(tok, PRINCIPLE, PROMPT, tok.encode(A))
     assert critic[len(prefix):len(prefix) + len(tok.encode(A))] == tok.encode(A)
     assert tok.id_to_token(prefix[-1]) == "Ġ" and tok.id_to_token(tok.encode(A)[0]) == "1"
-    assert J.encode_pair(tok, T, PRINCIPLE, PROMPT, A, B)[:len(critic)] == critic
+    assert encode_pair(tok, T, PRINCIPLE, PROMPT, A, B)[:len(critic)] == critic
+
+
+def test_sample_stops_at_every_stop_token_and_keeps_top_p(monkeypatch):
+    """Every caller samples through layouts.sample: the tokenizer's stop ids (eos and the end of
+    turn, which differ for chatml) and all three sampling settings reach the engine."""
+    import nanopairwise.layouts as layouts
+    seen = {}
+    monkeypatch.setattr(layouts, "generate", lambda lm, prompts, R, stop, pad, **kw: seen.update(stop=stop, R=R, **kw))
+    tok = train_bpe(corpus(), 400, chat_template="chatml", eos_token="<|endoftext|>")
+    layouts.sample(torch.nn.Linear(1, 1), tok, ["q"], layouts.Sampling(7, temperature=0.5, top_p=0.9))
+    assert seen["stop"] == tok.stop_token_ids and len(seen["stop"]) == 2
+    assert (seen["R"], seen["temperature"], seen["top_p"]) == (7, 0.5, 0.9)
+
+
+def test_smollm2_chat_template_jinja_layout(smollm2_dir, tmp_path):
+    """A directory as recent transformers save it (the template in chat_template.jinja, none in
+    tokenizer_config.json) renders with SmolLM2's default system turn: the exact ids of
+    transformers' apply_chat_template (41 for one user turn, not 20), and the fingerprint of the
+    directory as it came equals the re-saved one's."""
+    from transformers import AutoTokenizer
+    hf = AutoTokenizer.from_pretrained(smollm2_dir)
+    hf.save_pretrained(str(tmp_path / "saved"))
+    assert (tmp_path / "saved" / "chat_template.jinja").is_file()
+    assert "chat_template" not in (tmp_path / "saved" / "tokenizer_config.json").read_text()
+    tok = Tokenizer.from_pretrained(str(tmp_path / "saved"))
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    expected = hf.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    expected = hf.encode(expected, add_special_tokens=False)
+    assert encode_prompt(tok, msgs) == expected and len(expected) > 30
+    assert tok.default_system is not None
+    assert tok.fingerprint() == Tokenizer.from_pretrained(smollm2_dir).fingerprint()
+    tok.save_pretrained(str(tmp_path / "ours"))                       # our save keeps the template
+    assert encode_prompt(Tokenizer.from_pretrained(str(tmp_path / "ours")), msgs) == expected

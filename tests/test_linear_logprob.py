@@ -2,8 +2,9 @@
 
 Runs under TRITON_INTERPRET=1 on the CPU (tests/conftest.py), compiled on a GPU with
 NANOPAIRWISE_TEST_GPU=1. Shapes are odd on purpose: with the interpreter tiles (BLOCK_N 16,
-BLOCK_V 32, BLOCK_C 16) N = 37, C = 40, V = 333 leave partial tiles in all three dimensions, and
-the forward's vocabulary splits and the backward's vocabulary chunks are forced to several.
+BLOCK_V 32, BLOCK_C 32) N = 37, C = 40 (the kernels see it padded to 48), V = 333 leave partial
+tiles in all three dimensions, and the forward's vocabulary splits and the backward's vocabulary
+chunks are forced to several.
 Upstream gradients are random on all three outputs (log-probs, entropy, KL), and on ref_logprobs.
 
 Operand dtypes: the interpreter runs tl.dot with numpy, which holds bf16 as uint16 bit patterns,

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from nanopairwise import judge as J
+from nanopairwise.judge import pair_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
@@ -42,7 +42,7 @@ def write_rm_run(path, seed, n=200):
             f.write(json.dumps({"step": step, "loss/rm": 0.7 - 0.05 * step, "lr": 1e-3}) + "\n")
     p_true = torch.rand(n, generator=g)
     p_chosen = (0.5 + 1.4 * (p_true - 0.5)).clamp(0, 1)  # over-confident
-    metrics = J.pair_metrics(p_chosen, p_true, p_true, 1 - p_true)
+    metrics = pair_metrics(p_chosen, p_true, p_true, 1 - p_true)
     json.dump(metrics, open(os.path.join(path, "eval.json"), "w"))
     return metrics
 
@@ -98,8 +98,9 @@ def test_compare_plot_only_redraws_without_training(tmp_path, monkeypatch):
 
 
 def test_plot_only_rerenders_the_table_from_results_json_with_paired_differences(tmp_path, monkeypatch):
-    """The README table comes from results.json (header line kept from results.md; its seeds by default); the paired rows
-    are Pairwise-RL minus each arm, seed by seed: here +0.03 and +0.01 over bt, -0.02 and 0.00 over bt-anchor."""
+    """The README table comes from results.json (header line kept from results.md, less machine
+    paths; its seeds by default); the paired rows are Pairwise-RL minus each arm, seed by seed:
+    here +0.03 and +0.01 over bt, -0.02 and 0.00 over bt-anchor."""
     pytest.importorskip("matplotlib")
     monkeypatch.setattr(compare, "draw", lambda args: [])
     readme = tmp_path / "README.md"
@@ -111,10 +112,12 @@ def test_plot_only_rerenders_the_table_from_results_json_with_paired_differences
     results = {seed: {"judge": rm, "bt": rm, "ppo_pairwise": ppo(0.80 + d, 0.25), "ppo_bt": ppo(0.77 + d + e, 0.20),
                       "ppo_bt-anchor": ppo(0.82 + d - e, 0.25)} for seed, d, e in ((0, 0.0, 0.0), (1, 0.05, 0.02))}
     (tmp_path / "results.json").write_text(json.dumps(results))
-    (tmp_path / "results.md").write_text("Seeds 0, 1 (mean ± std), the header line.\n\nan old table\n")
+    (tmp_path / "results.md").write_text("Seeds 0, 1 (mean ± std), the header line; produced by `python "
+                                         "scripts/compare.py --seeds 0 1 --run-dir /a/machine/path`.\n\nan old table\n")
     compare.main(["--run-dir", str(tmp_path), "--plot-only"])        # --seeds: every seed of results.json
     text = readme.read_text()
-    assert "the header line." in text and "an old table" not in text
+    assert "the header line; produced by `python scripts/compare.py --seeds 0 1`." in text  # no machine path
+    assert "an old table" not in text
     assert "| Bradley-Terry RM + standard PPO | +0.020 ± 0.014 | 2 of 2 | +0.050 ± 0.000 | 2 of 2 |" in text
     assert "| BT anchor win prob | -0.010 ± 0.014 | 0 of 2 | +0.000 ± 0.000 | 0 of 2 |" in text
     assert "| n/a |" in text                                          # KL null in every run

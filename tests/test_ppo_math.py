@@ -40,7 +40,7 @@ def test_gae_matches_reversed_loop(gamma, lam):
     for b, n in enumerate(lengths):
         mask[b, :n] = 1
     rewards, values = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
-    adv, ret = losses.gae_ref(rewards, values, mask, gamma, lam)
+    adv, ret = losses.gae(rewards, values, mask, gamma, lam)
     want = gae_loop(rewards, values, lengths, gamma, lam)
     torch.testing.assert_close(adv, want, **TOL[torch.float32])
     torch.testing.assert_close(ret, (want + values) * mask, **TOL[torch.float32])
@@ -51,7 +51,7 @@ def test_gae_lambda1_gamma1_is_return_to_go_minus_value():
     rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
     values = torch.tensor([[0.2, 0.4, 0.6, 9.0]])
     mask = torch.tensor([[1, 1, 1, 0]])
-    adv, ret = losses.gae_ref(rewards, values, mask, 1.0, 1.0)
+    adv, ret = losses.gae(rewards, values, mask, 1.0, 1.0)
     torch.testing.assert_close(ret, torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
     torch.testing.assert_close(adv, torch.tensor([[0.8, 0.6, 0.4, 0.0]]))
 
@@ -118,7 +118,7 @@ def test_only_sampled_tokens_get_advantages_and_gradients():
     rewards = losses.shape_rewards(scores, mask, kl, kl_coef=0.1)
     assert (rewards[mask == 0] == 0).all()
     torch.testing.assert_close(rewards[0, 2], scores[0] - 0.1 * kl[0, 2])      # score lands on the last token
-    adv, ret = losses.gae_ref(rewards, torch.randn(B, T, generator=g), mask)
+    adv, ret = losses.gae(rewards, torch.randn(B, T, generator=g), mask)
     adv = losses.masked_whiten(adv, mask)
     assert (adv[mask == 0] == 0).all()
     lp = torch.randn(B, T, generator=g, requires_grad=True)

@@ -13,7 +13,7 @@ import pytest
 import train_ppo
 import train_rm
 from nanopairwise import tracking
-from nanopairwise.common import MetricsLogger
+from nanopairwise.tracking import MetricsLogger
 
 FAST = ["--batch-size", "8", "--eval-batch-size", "32", "--warmup-steps", "2"]
 
@@ -76,8 +76,7 @@ def test_logger_sends_numbers_only(tmp_path):
 
 
 def test_only_rank_0_reports(tmp_path, monkeypatch):
-    import nanopairwise.common as common
-    monkeypatch.setattr(common, "get_rank", lambda: 1)
+    monkeypatch.setattr(tracking, "get_rank", lambda: 1)
     monkeypatch.setattr(tracking, "make_tracker", lambda *a: pytest.fail("rank 1 must not open a dashboard"))
     logger = MetricsLogger(str(tmp_path), report_to="tensorboard")
     logger.log(1, {"a/x": 1.0})

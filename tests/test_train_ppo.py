@@ -1,11 +1,11 @@
-"""train_ppo.py end to end on the tiny built-in task (tests/conftest.py::tiny_task): the one-command
-pipeline under 2-process torchrun (DDP and FSDP2, gloo), exact resume after a crash, the BT
-baseline (its reward normalisation kept for --resume), bt-anchor with critic warm-up, and refusals. Models and prompts are tiny, so these check plumbing, not learning.
+"""train_ppo.py end to end on the tiny built-in task (tests/conftest.py::run_dir): the one-command
+pipeline under 2-process torchrun (DDP and FSDP2, gloo; two nodes: tests/test_two_nodes.py), exact
+resume after a crash, the BT baseline (its reward normalisation kept for --resume), bt-anchor with
+critic warm-up, and refusals. Models and prompts are tiny, so these check plumbing, not learning.
 """
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -13,25 +13,12 @@ import pytest
 import torch
 
 import train_ppo
-import train_rm
-from nanopairwise import ops
+from nanopairwise import ops, ppo
 from nanopairwise.guards import NonFiniteError, UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--steps", "3", "--prompts-per-step", "4", "--samples-per-prompt", "2", "--max-new-tokens", "8",
         "--eval-size", "4", "--ppo-epochs", "1", "--minibatches", "2", "--anchor-samples", "2"]
-RM_FAST = ["--max-steps", "2", "--batch-size", "8", "--eval-batch-size", "32", "--warmup-steps", "1"]
-
-
-@pytest.fixture(scope="module")
-def run_dir(tiny_task, tmp_path_factory):
-    """RUN_DIR with the tiny task and a briefly trained judge and BT reward model in it."""
-    run = tmp_path_factory.mktemp("run")
-    shutil.copytree(tiny_task, run / "task")
-    for objective, name in (("pairwise", "judge"), ("bt", "bt")):
-        train_rm.main(["--objective", objective, "--task-dir", str(run / "task"), "--out-dir", str(run / name),
-                       *RM_FAST])
-    return run
 
 
 def metrics(out_dir):
@@ -146,9 +133,8 @@ def test_bt_normalisation_is_stored_and_reused_on_resume(run_dir, tmp_path, monk
     assert norm["n"] == 32 * 2 and norm["std"] > 0 and norm["mean"] == norm["mean"]   # 32 tiny prompts x K=2
     monkeypatch.setattr(train_ppo, "measure_reward_norm", lambda *a: pytest.fail("measured again on --resume"))
     seen = []
-    score = train_ppo.score_responses
-    monkeypatch.setattr(train_ppo, "score_responses",
-                        lambda *a: seen.append(a[-1].norm) or score(*a))
+    score = ppo.score_responses
+    monkeypatch.setattr(ppo, "score_responses", lambda *a, **kw: seen.append(a[4].norm) or score(*a, **kw))
     history = train_ppo.main(args + ["--steps", "2", "--resume"])
     assert seen and all(s == norm for s in seen)
     again = torch.load(os.path.join(out, "checkpoint", "trainer_state.pt"), weights_only=False)
@@ -181,3 +167,10 @@ def test_critic_warmup_leaves_the_policy_unchanged(run_dir, tmp_path, monkeypatc
     assert not same(policy1, policy2)                              # then the policy trains
     rows = step_rows(out)
     assert "oracle_score" in history["after"] and all(0.0 <= rows[s]["rollout/win_rate"] <= 1.0 for s in rows)
+
+
+def test_minibatches_must_divide_the_rank_batch(tmp_path):
+    """4 prompts x 2 samples = 8 rows do not split into 3 minibatches: a UserError naming the flag,
+    before anything is read (was: rows silently dropped)."""
+    with pytest.raises(UserError, match="--minibatches 3: each rank's batch of 4 prompts x 2 samples"):
+        train_ppo.main(["--run-dir", str(tmp_path / "never"), *FAST, "--minibatches", "3"])

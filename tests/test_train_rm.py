@@ -11,9 +11,11 @@ import pytest
 import torch
 
 import train_rm
-from nanopairwise import judge as J
 from nanopairwise.data import DataError
+from nanopairwise.judge import VerdictTokenError
+from nanopairwise.layouts import JudgeTemplate
 from nanopairwise.model import Transformer
+from nanopairwise.rm_checkpoint import load_rm_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--batch-size", "8", "--eval-batch-size", "32", "--warmup-steps", "2"]
@@ -24,10 +26,14 @@ def read_metrics(out_dir):
         return [json.loads(line) for line in f]
 
 
-def test_torchrun_two_processes(tiny_task, tmp_path):
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_torchrun_two_processes(tiny_task, tmp_path, sharding):
+    """DDP, or FSDP2 with each rank's optimiser shards saved beside the weights (--save-every 2: a
+    checkpoint written over an earlier one)."""
     out = str(tmp_path / "judge")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "train_rm.py"), "--task-dir", tiny_task, "--out-dir", out, "--max-steps", "3", *FAST]
+           os.path.join(ROOT, "train_rm.py"), "--task-dir", tiny_task, "--out-dir", out, "--max-steps", "3",
+           "--save-every", "2", *FAST] + (["--fsdp"] if sharding == "fsdp" else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 rank(s) on cpu" in proc.stdout and proc.stdout.count("step 3/3 |") == 1  # rank 0 logs alone
@@ -37,8 +43,10 @@ def test_torchrun_two_processes(tiny_task, tmp_path):
     metrics = json.load(open(os.path.join(out, "eval.json")))
     assert {"accuracy", "oracle_accuracy", "position_consistency", "ece", "brier"} <= set(metrics)
     ckpt = os.path.join(out, "checkpoint")
-    assert J.load_rm_config(ckpt) == ("pairwise", J.JudgeTemplate())
+    assert load_rm_config(ckpt) == ("pairwise", JudgeTemplate())
     Transformer.from_pretrained(ckpt)  # loads back
+    shards = [os.path.exists(os.path.join(ckpt, f"optimizer.rank{r}.pt")) for r in (0, 1)]
+    assert shards == ([True, True] if sharding == "fsdp" else [False, False])
 
 
 class Crash(Exception):
@@ -54,10 +62,10 @@ def test_resume_after_a_crash_is_exact(tiny_task, tmp_path, monkeypatch, objecti
     train_rm.main(args + ["--out-dir", str(tmp_path / "straight")])
     lr_at = train_rm.lr_at
 
-    def crash_at_step_4(step, total, a):
+    def crash_at_step_4(step, run):
         if step == 3:
             raise Crash()
-        return lr_at(step, total, a)
+        return lr_at(step, run)
 
     monkeypatch.setattr(train_rm, "lr_at", crash_at_step_4)
     with pytest.raises(Crash):
@@ -78,7 +86,7 @@ def test_resume_after_a_crash_is_exact(tiny_task, tmp_path, monkeypatch, objecti
 
 def test_resume_keeps_the_epochs_the_run_started_with(tiny_task, tmp_path, capsys):
     """--epochs left out on --resume: the schedule of the run being resumed (its stored epochs), not
-    today's default (DEFAULT_EPOCHS: 12 for this tiny judge), which would lengthen it and change the lr."""
+    today's default (lora.DEFAULT_EPOCHS: 12 for this tiny judge), which would lengthen it and change the lr."""
     args = ["--task-dir", tiny_task, "--out-dir", str(tmp_path / "o"), *FAST]
     train_rm.main(args + ["--epochs", "0.25"])                      # 96 pairs / 8 = 12 steps an epoch: 3 steps
     assert "| 3 steps of 8 pairs |" in capsys.readouterr().out
@@ -96,7 +104,7 @@ def test_bad_jsonl_is_named_with_file_and_line(tiny_task, tmp_path):
 
 
 def test_verdict_that_is_not_one_token_is_refused(tiny_task, tmp_path):
-    with pytest.raises(J.VerdictTokenError, match="Absolutely"):
+    with pytest.raises(VerdictTokenError, match="Absolutely"):
         train_rm.main(["--task-dir", tiny_task, "--verdicts", " Absolutely, No", "--out-dir", str(tmp_path / "o")])
 
 
