@@ -273,14 +273,19 @@ def pad_batch(seqs, pad_id: int, side: str = "right"):
 
 
 def score_batches(score, encode, items, pad_id: int, batch_size: int, device) -> torch.Tensor:
-    """One number per item, `batch_size` items per forward: (n,) fp32 on the CPU. Each item becomes
-    token ids by `encode(item)`; a batch is right-padded and `score(ids (b, T), mask (b, T))`, on
-    `device`, returns its (b,) numbers (the judge's verdict probability, the BT model's score)."""
-    out = []
-    for i in range(0, len(items), batch_size):
-        ids, mask = pad_batch([encode(it) for it in items[i:i + batch_size]], pad_id, side="right")
-        out.append(score(ids.to(device), mask.to(device)).cpu())
-    return torch.cat(out) if out else torch.zeros(0)
+    """One number per item, `batch_size` items per forward: (n,) fp32 on the CPU, in the items'
+    order. Each item becomes token ids by `encode(item)`; the inputs are sorted by length and cut
+    into batches (length-bucketed: little padding); a batch is right-padded and `score(ids (b, T),
+    mask (b, T))`, on `device`, returns its (b,) numbers (the judge's verdict probability, the BT
+    model's score)."""
+    seqs = [encode(it) for it in items]
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    out = torch.zeros(len(seqs))
+    for i in range(0, len(order), batch_size):
+        rows = order[i:i + batch_size]
+        ids, mask = pad_batch([seqs[r] for r in rows], pad_id, side="right")
+        out[rows] = score(ids.to(device), mask.to(device)).float().cpu()
+    return out
 
 
 def last_index(mask: torch.Tensor) -> torch.Tensor:

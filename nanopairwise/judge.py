@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanopairwise import ops
+from nanopairwise import ops, prefix_sharing
 from nanopairwise.common import atomic_write_text
 from nanopairwise.data import gather_last, score_batches
 from nanopairwise.guards import UserError
@@ -93,15 +93,20 @@ class JudgeTemplate:
         return (tokenizer.chat_bos_ids + tokenizer.encode(f"Principle: {principle}\n")
                 + tokenizer.encode_chat(prompt, bos=False))
 
+    def pair_segments(self, tokenizer, principle: str, prompt, a_ids, b_ids) -> tuple:
+        """The judge's input in three pieces, (prefix_ids, A + end + the prompt's second user turn,
+        B + end + question): the first is shared by every input of a prompt, the first two by the
+        inputs with the same first answer (prefix_sharing.py runs each shared piece once)."""
+        end = tokenizer.encode(tokenizer.turn_end_text)
+        return (self.prefix_ids(tokenizer, principle, prompt),
+                list(a_ids) + end + tokenizer.encode_chat(prompt, bos=False),
+                list(b_ids) + end + tokenizer.encode(f"{self.question}\nAnswer:"))
+
     def pair_ids(self, tokenizer, principle: str, prompt, a_ids, b_ids=None) -> list:
         """The judge's input from the responses' ids; with b_ids None, the pairwise critic's prefix
         (the same ids, cut where response B would start)."""
-        end = tokenizer.encode(tokenizer.turn_end_text)
-        ids = (self.prefix_ids(tokenizer, principle, prompt) + list(a_ids) + end
-               + tokenizer.encode_chat(prompt, bos=False))
-        if b_ids is None:
-            return ids
-        return ids + list(b_ids) + end + tokenizer.encode(f"{self.question}\nAnswer:")
+        prefix, first, second = self.pair_segments(tokenizer, principle, prompt, a_ids, b_ids or [])
+        return prefix + first + ([] if b_ids is None else second)
 
     def render(self, tokenizer, principle: str, prompt, a: str, b: str) -> str:
         """The judge's input as text, for reading: its ids decoded with the special tokens kept."""
@@ -140,10 +145,16 @@ def verdict_token_ids(tokenizer, template: JudgeTemplate):
     return ids[0], ids[1]
 
 
+def encode_pair_segments(tokenizer, template: JudgeTemplate, principle, prompt, a, b, max_response_tokens=256):
+    """One judge input as JudgeTemplate.pair_segments' three pieces; each response is cut to
+    `max_response_tokens`."""
+    return template.pair_segments(tokenizer, principle, prompt, tokenizer.encode(a)[:max_response_tokens],
+                                  tokenizer.encode(b)[:max_response_tokens])
+
+
 def encode_pair(tokenizer, template: JudgeTemplate, principle, prompt, a, b, max_response_tokens=256):
     """Token ids of one judge input; each response is cut to `max_response_tokens`."""
-    return template.pair_ids(tokenizer, principle, prompt, tokenizer.encode(a)[:max_response_tokens],
-                             tokenizer.encode(b)[:max_response_tokens])
+    return sum(encode_pair_segments(tokenizer, template, principle, prompt, a, b, max_response_tokens), [])
 
 
 def encode_single(tokenizer, template: JudgeTemplate, principle, prompt, response, max_response_tokens=256):
@@ -188,9 +199,12 @@ class PairwiseJudge(nn.Module):
     def verdict_logits(self, input_ids, attention_mask):
         """(B, 2) fp32 [z_yes, z_no] without forming the full vocabulary row."""
         hidden = self.lm.trunk(input_ids, attention_mask=attention_mask)                # (B, T, C)
-        h_last = gather_last(hidden, attention_mask).float()                            # (B, C)
+        return self.verdict_logits_at(gather_last(hidden, attention_mask))
+
+    def verdict_logits_at(self, h_last):
+        """(B, 2) fp32 [z_yes, z_no] from the final hidden states at the answer position (B, C)."""
         w = self.lm.lm_head_weight[[self.yes_id, self.no_id]].float()                   # (2, C)
-        return h_last @ w.t()
+        return h_last.float() @ w.t()
 
 
 def judge_loss(logits: torch.Tensor, labels: torch.Tensor, yes_id: int, no_id: int):
@@ -226,9 +240,17 @@ def symmetrize(p_ab: torch.Tensor, p_ba: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def verdict_probs(judge: PairwiseJudge, tokenizer, template, items, batch_size=64,
-                  max_response_tokens=256, device=None):
+                  max_response_tokens=256, device=None, shared_prefix=True):
     """p(a, b) = sigmoid(z_yes - z_no), the judge's verdict for each (principle, prompt, a, b)
-    item in the order given: (n,) fp32 on CPU."""
+    item in the order given: (n,) fp32 on CPU. With `shared_prefix` every prefix the items share
+    (principle + prompt, and the first answer) is run once (nanopairwise/prefix_sharing.py; the
+    same probabilities); without, each input is run whole, in length-sorted batches."""
+    if shared_prefix and items:
+        segmented = [encode_pair_segments(tokenizer, template, *it, max_response_tokens=max_response_tokens)
+                     for it in items]
+        h_last = prefix_sharing.last_hidden_states(judge.lm, segmented, tokenizer.pad_token_id, batch_size)
+        z = judge.verdict_logits_at(h_last)                                             # (n, 2)
+        return torch.sigmoid(z[:, 0] - z[:, 1]).cpu()
     encode = lambda it: encode_pair(tokenizer, template, *it, max_response_tokens=max_response_tokens)
 
     def score(ids, mask):
@@ -246,13 +268,14 @@ class WinProbs(NamedTuple):
 
 @torch.no_grad()
 def win_probs(judge, tokenizer, template, items, symmetric=True, **kw) -> WinProbs:
-    """Win probability of a over b for each (principle, prompt, a, b), both orders by default;
-    with symmetric=False only one order is scored (half the cost) and win = p_ab."""
-    p_ab = verdict_probs(judge, tokenizer, template, items, **kw)
+    """Win probability of a over b for each (principle, prompt, a, b), both orders by default
+    (scored in one verdict_probs call, so the orders share their prefix); with symmetric=False
+    only one order is scored (half the cost) and win = p_ab. `kw`: verdict_probs' options."""
     if not symmetric:
+        p_ab = verdict_probs(judge, tokenizer, template, items, **kw)
         return WinProbs(p_ab, p_ab, None)
     swapped = [(pr, q, b, a) for pr, q, a, b in items]
-    p_ba = verdict_probs(judge, tokenizer, template, swapped, **kw)
+    p_ab, p_ba = verdict_probs(judge, tokenizer, template, list(items) + swapped, **kw).split(len(items))
     return WinProbs(symmetrize(p_ab, p_ba), p_ab, p_ba)
 
 
