@@ -157,10 +157,15 @@ def get_args(argv=None):
     # experiment tracking (nanopairwise/tracking.py)
     tracking.add_arguments(p)
     lora.add_lora_args(p)  # on the policy; its reference is then the base weights with adapters off
+    p.add_argument("--critic-lora-rank", type=int, default=0,
+                   help="the critic as rank-R adapters (alpha 2R, every projection) on the reward model's trunk "
+                        "plus its scalar head, not a fully trained second model (0 = full fine-tuning)")
     args = p.parse_args(argv)
     tracking.check_arguments(p, args)
     if args.lora_rank and args.fsdp:
         p.error("--lora-rank with --fsdp is not supported (the reference shares the policy's weights)")
+    if args.critic_lora_rank and args.fsdp:
+        p.error("--critic-lora-rank with --fsdp is not supported")
     args.critic = args.critic or ("pairwise" if args.reward == "pairwise" else "standard")
     args.out_dir = args.out_dir or os.path.join(args.run_dir, f"ppo_{args.reward}")
     args.task_dir = os.path.join(args.run_dir, "task")
@@ -176,6 +181,7 @@ def validate_args(args):
         check_flag(args, name, lo=1)
     check_flag(args, "--anchor-samples", lo=2)                     # best of one is no ranking
     check_flag(args, "--lora-rank", lo=0)
+    check_flag(args, "--critic-lora-rank", lo=0)
     check_flag(args, "--reward-norm-prompts", lo=0)
     check_flag(args, "--critic-warmup-steps", lo=0)
     check_flag(args, "--lora-alpha", above=0)
@@ -421,7 +427,7 @@ def train(args, rank, world_size, device, owns_pg, t_start):
     ckpt = os.path.join(args.out_dir, "checkpoint")
     state = {"step": 0, "anchors": None, "reward_norm": None}
     if args.resume:
-        state = ppo_checkpoint.load_state(ckpt, args.lora_rank, args.fsdp, world_size)
+        state = ppo_checkpoint.load_state(ckpt, args.lora_rank, args.fsdp, world_size, args.critic_lora_rank)
     # with LoRA the base weights are re-read from --policy and the adapters from the trainer state
     policy_dir = os.path.join(ckpt, "policy") if args.resume and not args.lora_rank else run.policy
     rm_dir = args.judge if args.reward == "pairwise" else args.bt_rm
@@ -471,8 +477,14 @@ def train(args, rank, world_size, device, owns_pg, t_start):
     # the BT critic starts as the RM, head included (InstructGPT, N+ details, OpenRLHF); the judge has no
     # scalar head, and bt-anchor's probability is not affine in r, so those critics get a fresh zero head
     rm_head = args.reward == "bt" and args.critic == "standard" and not args.critic_fresh_head
-    critic = (ScalarHeadModel.from_pretrained(os.path.join(ckpt, "critic"), dtype, device) if args.resume
+    critic = (ScalarHeadModel.from_pretrained(os.path.join(ckpt, "critic"), dtype, device)
+              if args.resume and not args.critic_lora_rank
               else ScalarHeadModel.from_pretrained(rm_dir, dtype, device, new_head=not rm_head))
+    if args.critic_lora_rank:  # adapters on the trunk + the head train; resume: both from the trainer state
+        lora.apply_lora(critic.lm, args.critic_lora_rank, 2.0 * args.critic_lora_rank)
+        if args.resume:
+            lora.load_trainable_state_dict(critic, state["critic_trainable"],
+                                           os.path.join(ckpt, ppo_checkpoint.TRAINER_STATE))
     if args.reward == "bt" and args.reward_norm_prompts and state.get("reward_norm") is None:
         with lora.adapters_disabled(policy.lm):                     # LoRA: the base weights are the reference
             initial_lm = policy.lm if args.lora_rank else ref.lm
@@ -493,7 +505,8 @@ def train(args, rank, world_size, device, owns_pg, t_start):
     run.lr, run.critic_lr = resolve_lrs(args, policy.lm, critic.lm)
     optimizers = [torch.optim.AdamW([w for w in policy.parameters() if w.requires_grad], lr=run.lr, betas=(0.9, 0.95),
                                     weight_decay=0.0),
-                  torch.optim.AdamW(critic.parameters(), lr=run.critic_lr, betas=(0.9, 0.95), weight_decay=0.0)]
+                  torch.optim.AdamW([w for w in critic.parameters() if w.requires_grad], lr=run.critic_lr,
+                                    betas=(0.9, 0.95), weight_decay=0.0)]
     if args.resume:
         ppo_checkpoint.load_optimizers(ckpt, optimizers, args.fsdp, rank)
 
@@ -564,7 +577,8 @@ def train(args, rank, world_size, device, owns_pg, t_start):
                                  "--max-kl", args.max_kl, divergence_hint, last_saved, device)
             trainer_state = {"step": step, "anchors": [p.anchor for p in train_prompts + eval_prompts],
                              "world_size": world_size, "history": history, "reward_norm": state.get("reward_norm"),
-                             "policy_trainable": lora.trainable_state_dict(policy) if args.lora_rank else None}
+                             "policy_trainable": lora.trainable_state_dict(policy) if args.lora_rank else None,
+                             "critic_trainable": lora.trainable_state_dict(critic) if args.critic_lora_rank else None}
             ppo_checkpoint.save(ckpt, policy, critic, optimizers, tok, trainer_state, args.fsdp)
             last_saved = step
     run_eval("after")

@@ -3,7 +3,8 @@
     policy/               the policy in HF format with its tokenizer (loads as a causal LM)
     critic/               the critic: HF trunk + score_head.safetensors (scalar_head.ScalarHeadModel)
     trainer_state.pt      step, anchors, BT reward normalisation, held-out history, world size,
-                          and with --lora-rank the adapters (the base weights are re-read from --policy)
+                          and with --lora-rank the adapters (the base weights are re-read from --policy),
+                          with --critic-lora-rank the critic's adapters and head (its base: the reward model)
     optimizers.pt         AdamW states of [policy, critic]; DDP: replicated, written by rank 0
     optimizers.rankR.pt   with --fsdp: rank R's shards instead (resume on the same number of ranks)
 
@@ -41,7 +42,7 @@ def save(path: str, policy, critic, optimizers, tok, state: dict, fsdp: bool):
             atomic_torch_save([o.state_dict() for o in optimizers], os.path.join(tmp, optimizer_file(fsdp, rank)))
 
 
-def load_state(path: str, lora_rank: int, fsdp: bool, world_size: int) -> dict:
+def load_state(path: str, lora_rank: int, fsdp: bool, world_size: int, critic_lora_rank: int = 0) -> dict:
     """The trainer state of the checkpoint at `path`, checked against this run's flags."""
     if not os.path.exists(os.path.join(path, TRAINER_STATE)):
         raise UserError(f"--resume: no checkpoint at {path}")
@@ -49,6 +50,9 @@ def load_state(path: str, lora_rank: int, fsdp: bool, world_size: int) -> dict:
     if bool(state.get("policy_trainable")) != bool(lora_rank):
         raise UserError(f"--resume: the checkpoint at {path} was written {'with' if lora_rank == 0 else 'without'} "
                         "--lora-rank; resume with the same --lora-* flags")
+    if bool(state.get("critic_trainable")) != bool(critic_lora_rank):
+        raise UserError(f"--resume: the checkpoint at {path} was written "
+                        f"{'with' if critic_lora_rank == 0 else 'without'} --critic-lora-rank; resume with the same flag")
     if fsdp and state["world_size"] != world_size:
         raise UserError(f"--resume --fsdp: the checkpoint holds optimizer shards of {state['world_size']} "
                         f"ranks; run on {state['world_size']} ranks")

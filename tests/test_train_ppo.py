@@ -64,11 +64,13 @@ class Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("lora", [[], ["--lora-rank", "4"]])
+@pytest.mark.parametrize("lora", [[], ["--lora-rank", "4"], ["--critic-lora-rank", "4"]])
 def test_resume_after_a_crash_gives_the_same_next_steps(run_dir, tmp_path, monkeypatch, lora):
     """Crash right after the step-1 checkpoint; the resumed run's steps 2 and 3 equal the
     uninterrupted run's (same rollouts, same losses, same evaluation). With LoRA the reference
-    is the policy with adapters off: the KL starts at exactly 0 and then moves."""
+    is the policy with adapters off: the KL starts at exactly 0 and then moves. With
+    --critic-lora-rank the critic's adapters and head come back from the trainer state, and
+    resuming without the flag is refused."""
     args = ["--run-dir", str(run_dir), "--save-every", "1", *FAST, *lora]
     straight = train_ppo.main(args + ["--out-dir", str(tmp_path / "straight")])
     make_experience = train_ppo.make_experience
@@ -92,8 +94,11 @@ def test_resume_after_a_crash_gives_the_same_next_steps(run_dir, tmp_path, monke
             assert b[s][key] == a[s][key], (s, key)
     assert resumed["after"] == straight["after"]
     assert resumed["before"] == straight["before"]              # the crashed run's "before" is kept
-    if lora:
+    if "--lora-rank" in lora:
         assert a[1]["rollout/kl"] == 0.0 and straight["after"]["kl"] != 0.0
+    if "--critic-lora-rank" in lora:
+        with pytest.raises(UserError, match="with --critic-lora-rank"):
+            train_ppo.main(args[:-2] + ["--out-dir", str(tmp_path / "crashed"), "--resume", "--steps", "4"])
 
 
 def test_divergence_guard_stops_before_saving(run_dir, tmp_path):
