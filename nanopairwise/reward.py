@@ -36,6 +36,7 @@ class RewardConfig:
     symmetric: bool = True             # --symmetric: the judge scores both orders
     norm: dict = None                  # bt: {"mean": mu, "std": sigma, "n"}; None: raw scores
     anchor_r: dict = field(default_factory=dict)   # bt-anchor: r(x, y*) per anchor, scored once
+    shared_prefix: bool = True         # the judge runs each shared prefix once (prefix_sharing.py)
 
 
 @torch.no_grad()
@@ -45,7 +46,8 @@ def score_responses(prompts, texts, rm, tok, reward: RewardConfig):
     if reward.kind != "bt":
         items = [(p.principle, p.prompt, y, p.anchor) for p, y in zip(prompts, texts)]
         with gathered(rm):                      # verdict logits bypass forward(); per-rank anchor cache misses
-            win = (win_probs(rm, tok, reward.template, items, symmetric=reward.symmetric).win
+            win = (win_probs(rm, tok, reward.template, items, symmetric=reward.symmetric,
+                             shared_prefix=reward.shared_prefix).win
                    if reward.kind == "pairwise" else bt_anchor_win_probs(rm, tok, reward.template, items, reward.anchor_r))
         return losses.transform_score(win, reward.transform), win
     items = [(p.principle, p.prompt, y) for p, y in zip(prompts, texts)]
