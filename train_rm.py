@@ -72,6 +72,9 @@ def get_args(argv=None):
     p.add_argument("--max-response-tokens", type=int, default=256, help="responses are cut to this many tokens")
     # optimisation
     p.add_argument("--batch-size", type=int, default=32, help="preference pairs per step, over all ranks")
+    p.add_argument("--length-buckets", type=int, default=0,
+                   help="length-bucketed batches: sort each run of N global batches by input length, then shuffle "
+                        "the batches (less padding; 0 = off, plain shuffled batches)")
     p.add_argument("--epochs", type=float, default=None,
                    help="passes over the training pairs (default: 12 for the judge of a tiny model, < 20M parameters, "
                         "else 4: DEFAULT_EPOCHS; --resume: the resumed run's)")
@@ -111,7 +114,7 @@ def validate_args(args):
     """Every flag checked before anything is read or loaded; a UserError names the flag."""
     for name in ("--batch-size", "--eval-batch-size", "--max-response-tokens"):
         check_flag(args, name, lo=1)
-    for name in ("--warmup-steps", "--weight-decay", "--save-every", "--max-steps"):
+    for name in ("--warmup-steps", "--weight-decay", "--save-every", "--max-steps", "--length-buckets"):
         check_flag(args, name, lo=0)
     check_flag(args, "--epochs", above=0)
     check_flag(args, "--lr", above=0)
@@ -294,12 +297,16 @@ def train(args, ddp, rank, world_size, device, owns_pg, ckpt_dir):
     last_saved = step or None
 
     # ---- training loop --------------------------------------------------------------------
+    lengths = None                                            # --length-buckets: each pair's judge-input length
+    if args.length_buckets:
+        lengths = [len(encode_pair(tok, args.template, p.principle, p.prompt, p.chosen, p.rejected,
+                                   args.max_response_tokens)) for p in train_pairs]
     t_last = time.time()
     progress = Progress(total_steps - step, f"{args.objective} RM")
     first_step = step
     while step < total_steps:
         batch = [train_pairs[i] for i in data.rank_batch(len(train_pairs), args.batch_size, step, args.seed, rank,
-                                                         world_size)]
+                                                         world_size, lengths, args.length_buckets)]
         ids, mask, labels = batch_tensors(batch, args, tok, device)
         lr = lr_at(step, total_steps, args)
         for g in optimizer.param_groups:

@@ -300,18 +300,36 @@ def gather_last(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return x[rows, last_index(mask.to(x.device))]
 
 
-def rank_batch(n: int, batch_size: int, step: int, seed: int, rank: int, world_size: int) -> list:
+def rank_batch(n: int, batch_size: int, step: int, seed: int, rank: int, world_size: int, lengths=None,
+               window: int = 0) -> list:
     """Indices (into n records) of this rank's share of global batch `step`.
 
     The data order is one permutation of range(n) per epoch, the same on every rank and a function
     of (seed, epoch) only, so a resumed run continues exactly; epoch e holds n // batch_size batches
     (the remainder is not used that epoch), and rank r takes the r-th of world_size equal slices.
+    With `lengths` (one per record) and `window` > 0 the order is length-bucketed (bucket_order).
     """
     epoch, pos = divmod(step, n // batch_size)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, "data_order", epoch)))
+    if lengths is not None and window > 0:
+        generator = torch.Generator().manual_seed(derive_seed(seed, "length_buckets", epoch))
+        order = bucket_order(order[:n // batch_size * batch_size], lengths, batch_size, window, generator)
     per_rank = batch_size // world_size
     start = pos * batch_size + rank * per_rank
     return order[start:start + per_rank].tolist()
+
+
+def bucket_order(order: torch.Tensor, lengths, batch_size: int, window: int, generator) -> torch.Tensor:
+    """Length-bucketed batches: each run of `window` batches of `order` (a shuffled index list, a
+    multiple of batch_size long) is sorted by length and cut into batches, which are then put in
+    random order within the run. Batches hold inputs of similar length (little padding); which
+    inputs meet stays random across runs and epochs."""
+    out = []
+    for start in range(0, len(order), window * batch_size):
+        chunk = sorted(order[start:start + window * batch_size].tolist(), key=lambda i: lengths[i])
+        batches = [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+        out += [i for b in torch.randperm(len(batches), generator=generator).tolist() for i in batches[b]]
+    return torch.tensor(out, dtype=torch.long)
 
 
 def iterate_minibatches(n: int, batch_size: int, generator: torch.Generator = None, shuffle: bool = True,

@@ -27,7 +27,8 @@ def read_metrics(out_dir):
 def test_torchrun_two_processes(tiny_task, tmp_path):
     out = str(tmp_path / "judge")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "train_rm.py"), "--task-dir", tiny_task, "--out-dir", out, "--max-steps", "3", *FAST]
+           os.path.join(ROOT, "train_rm.py"), "--task-dir", tiny_task, "--out-dir", out, "--max-steps", "3", *FAST,
+           "--length-buckets", "2"]                                    # length-bucketed batches split over the ranks
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 rank(s) on cpu" in proc.stdout and proc.stdout.count("step 3/3 |") == 1  # rank 0 logs alone
