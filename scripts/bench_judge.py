@@ -145,12 +145,18 @@ def bench_k(judge, tok, template, args, K):
     return row if ok else None
 
 
-def header(args, desc):
-    cpu = platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """"2-core Intel(R) Xeon(R) ..." from /proc/cpuinfo, else the platform's machine name."""
+    names = []
     if os.path.exists("/proc/cpuinfo"):
-        names = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")]
-        cpu = f"{len(names)}-core {names[0]}" if names else cpu
-    dev = torch.cuda.get_device_name() if args.device.type == "cuda" else f"CPU {cpu}, {torch.get_num_threads()} threads"
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    return f"{len(names)}-core {names[0]}" if names else (platform.processor() or platform.machine())
+
+
+def header(args, desc):
+    cpu = f"CPU {cpu_name()}, {torch.get_num_threads()} threads"
+    dev = torch.cuda.get_device_name() if args.device.type == "cuda" else cpu
     load = " | load average %.2f %.2f %.2f" % os.getloadavg() if hasattr(os, "getloadavg") else ""
     print(f"# judge scoring | {desc} | {dev} | torch {torch.__version__} | {str(args.dtype).removeprefix('torch.')} "
           f"| {datetime.date.today()}{load}")

@@ -68,7 +68,6 @@ import datetime
 import importlib.metadata
 import math
 import os
-import platform
 import statistics
 import sys
 
@@ -76,7 +75,7 @@ import torch
 
 import train_ppo
 from bench_generate import QWEN25_05B, TINY  # this script's own directory is on sys.path
-from bench_judge import random_text
+from bench_judge import cpu_name, random_text
 from nanopairwise import checkpoint, data, flops, judge as J, lora, ops, prefix_sharing as PS, scalar_head as SH
 from nanopairwise.common import clock, derive_seed, parse_dtype
 from nanopairwise.model import ModelConfig, Transformer
@@ -378,7 +377,7 @@ def time_forwards(prompts, exp, models, tok, args):
 
 def header(args, models, n_bpe):
     dev = args.device
-    cpu = f"CPU {platform.processor() or platform.machine()}"
+    cpu = f"CPU {cpu_name()}"
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu
     version = importlib.metadata.version
     params = sum(p.numel() for p in models[0].parameters()) / 1e6
@@ -396,7 +395,7 @@ def header(args, models, n_bpe):
           f"{' + fused head' if args.fused_head else ''} | {datetime.date.today()}{threads}{load}")
     print(f"# policy, reference, judge, critic: {shape}, {params:.1f}M params each, {lora_}, judge "
           f"{'naive' if args.naive_judge else 'prefix-shared'}, "
-          f"V {args.shape['vocab_size']:,} ({n_bpe} BPE ids + filler) | {args.prompts} prompts x "
+          f"V {args.shape['vocab_size']:,}{'' if args.model else f' ({n_bpe} BPE ids + filler)'} | {args.prompts} prompts x "
           f"{args.samples_per_prompt} samples x {args.new_tokens} new tokens, prompts of {args.prompt_len} "
           f"tokens | ppo {a.ppo_epochs} epochs x {a.minibatches} minibatches | median of {args.repeats} "
           f"steps after 1 warm-up", flush=True)

@@ -14,8 +14,10 @@ import pytest
 import torch
 
 from nanopairwise import judge as J, prefix_sharing as PS, scalar_head as SH
-from nanopairwise.model import ModelConfig, Transformer
 from nanopairwise.tokenizer import train_bpe
+from test_judge import random_judge as tiny_judge
+
+random_judge = lambda tok: tiny_judge(tok, hidden_size=48, num_attention_heads=6)    # 3 query heads per K/V head
 
 TEMPLATE = J.JudgeTemplate()
 WORDS = "sort the numbers in ascending order 3 1 2 a b c answer yes no first second".split()
@@ -28,17 +30,6 @@ TOL = {torch.float32: 1e-5}
 @pytest.fixture(scope="module")
 def tok():
     return train_bpe(CORPUS, 400, chat_template="chatml")
-
-
-def random_judge(tok, dtype=torch.float32):
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True)
-    lm = Transformer(cfg)
-    with torch.no_grad():  # larger random weights than the 0.02 init, so verdicts differ by input
-        for p in lm.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    return J.PairwiseJudge(lm.to(dtype), *J.verdict_token_ids(tok, TEMPLATE)).eval()
 
 
 def rollout_items(K: int, seed: int = 0):
