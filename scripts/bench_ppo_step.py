@@ -120,7 +120,8 @@ def get_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     # runtime
     p.add_argument("--dtype", default=None, help="bf16 or fp32 (default bf16 on CUDA, fp32 on the CPU)")
-    p.add_argument("--repeats", type=int, default=3, help="timed steps after the warm-up step (median reported)")
+    p.add_argument("--repeats", type=int, default=3, help="timed steps after the warm-up step (median reported); "
+                   "0: time the checked warm-up step itself (a CPU run where a step takes minutes and nothing compiles)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.smoke
@@ -141,7 +142,7 @@ def get_args(argv=None):
     args.cfg = ModelConfig(**args.shape) if args.model else ModelConfig(model_type="qwen2", **args.shape)
     args.rows = args.prompts * args.samples_per_prompt                         # P*K rollouts per step
     assert args.rows % args.minibatches == 0, "P*K must divide into --minibatches (every row trained)"
-    assert args.repeats >= 1 and args.new_tokens >= 1 and args.prompt_len >= 1
+    assert args.repeats >= 0 and args.new_tokens >= 1 and args.prompt_len >= 1
     # the arguments train_ppo's step functions read
     args.ppo = train_ppo.get_args(["--samples-per-prompt", str(args.samples_per_prompt),
                                    "--prompts-per-step", str(args.prompts), "--max-new-tokens", str(args.new_tokens),
@@ -362,7 +363,7 @@ def time_forwards(prompts, exp, models, tok, args):
     for name, fn in calls.items():
         fn()                                                                  # warm-up
         times = []
-        for _ in range(args.repeats):
+        for _ in range(max(1, args.repeats)):
             t0 = clock(device)
             fn()
             times.append(clock(device) - t0)
@@ -397,8 +398,9 @@ def header(args, models, n_bpe):
           f"{'naive' if args.naive_judge else 'prefix-shared'}, "
           f"V {args.shape['vocab_size']:,}{'' if args.model else f' ({n_bpe} BPE ids + filler)'} | {args.prompts} prompts x "
           f"{args.samples_per_prompt} samples x {args.new_tokens} new tokens, prompts of {args.prompt_len} "
-          f"tokens | ppo {a.ppo_epochs} epochs x {a.minibatches} minibatches | median of {args.repeats} "
-          f"steps after 1 warm-up", flush=True)
+          f"tokens | ppo {a.ppo_epochs} epochs x {a.minibatches} minibatches | "
+          f"{f'median of {args.repeats} steps after 1 warm-up' if args.repeats else 'the warm-up step timed'}",
+          flush=True)
 
 
 def main(argv=None):
@@ -410,13 +412,13 @@ def main(argv=None):
     header(args, models, n_bpe)
 
     # warm-up step: Triton compiles, and the checks run before anything is timed
-    exp, _, stats = ppo_step(prompts, models, optimizers, tok, args, step=0)
+    exp, s, stats = ppo_step(prompts, models, optimizers, tok, args, step=0)
     if check_warmup(exp, stats, args):
         print("FAILED: not timing a step that does not do the stated work")
         return 1
     if args.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(args.device)
-    runs = []
+    runs = [] if args.repeats else [s]
     for i in range(args.repeats):
         exp, s, _ = ppo_step(prompts, models, optimizers, tok, args, step=1 + i)
         runs.append(s)
