@@ -1,9 +1,21 @@
-"""One PPO step of train_ppo.py, timed phase by phase, on Qwen2.5-0.5B-shaped random models.
+"""One PPO step of train_ppo.py, timed phase by phase, on Qwen2.5-0.5B-shaped random models or a real model.
 
     python scripts/bench_ppo_step.py                        # GPU: 64 prompts x 1 sample x 256 new tokens, bf16
     python scripts/bench_ppo_step.py --fused-head           # the same with the fused LM-head + log-prob kernel
     python scripts/bench_ppo_step.py --prompts 16 --samples-per-prompt 4
     TRITON_INTERPRET=1 python scripts/bench_ppo_step.py --smoke   # tiny models on the CPU (what the test runs)
+    python scripts/bench_ppo_step.py --model DIR --lora-rank 16 --prompts 8 --samples-per-prompt 4 \
+        --new-tokens 64 --prompt-len 48          # a real model (SmolLM2), LoRA policy and critic
+
+With --model DIR every role starts from that checkpoint (policy; reference; judge; critic trunk,
+fresh head) and the text goes through its own tokenizer, with no stop ids, so every row generates
+M tokens; prompts and anchors are random ordinary token ids, decoded. --lora-rank R: the policy as
+train_ppo --lora-rank R (reference = adapters off), the critic as --critic-lora-rank R (unless
+--critic-lora-rank says otherwise). --naive-judge scores every judge input whole (the path before
+prefix sharing). A third table gives each phase's matmul FLOPs (nanopairwise/flops.py: counted
+from the step's real tokens; the judge's are the tokens its scoring path runs; attention not
+counted) as GFLOP/s and as a share of the fp32 and bf16 matmul peaks measured at the end of the
+same run.
 
 What is timed is train_ppo's own step, not a copy of it: train_ppo.make_experience (whose clock()
 timers give the rollout, judge and forward rows) and then train_ppo.ppo_update, as train_ppo.main

@@ -122,3 +122,18 @@ def test_length_bucketed_training_batches_cover_the_epoch_with_little_padding():
     assert pad(bucketed) < pad(plain) / 3
     two_ranks = [data.rank_batch(n, batch_size, 5, 0, r, 2, lengths, window) for r in (0, 1)]
     assert two_ranks[0] + two_ranks[1] == bucketed[5]
+
+
+def test_real_model_probabilities_equal_the_naive_path(smollm2_dir):
+    """SmolLM2-135M-Instruct (chatml turns, real weights, GQA 9/3): the same fp32 bound."""
+    from nanopairwise.model import Transformer
+    from nanopairwise.tokenizer import Tokenizer
+    tok = Tokenizer.from_pretrained(smollm2_dir)
+    judge = J.PairwiseJudge(Transformer.from_pretrained(smollm2_dir, dtype=torch.float32),
+                            *J.verdict_token_ids(tok, TEMPLATE)).eval()
+    items = [("Be brief.", "What is 2 + 2?", y, "4") for y in ("4", "The answer is four.")]
+    items += [("Be polite.", "Name a colour.", y, "Blue, thank you.") for y in ("Red.", "Green, please.")]
+    naive = J.win_probs(judge, tok, TEMPLATE, items, shared_prefix=False)
+    shared = J.win_probs(judge, tok, TEMPLATE, items)
+    assert (naive.win - shared.win).abs().max().item() <= TOL[torch.float32]
+    assert (naive.p_ab - shared.p_ab).abs().max().item() <= TOL[torch.float32]
