@@ -275,7 +275,8 @@ def win_probs(judge, tokenizer, template, items, symmetric=True, **kw) -> WinPro
         p_ab = verdict_probs(judge, tokenizer, template, items, **kw)
         return WinProbs(p_ab, p_ab, None)
     swapped = [(pr, q, b, a) for pr, q, a, b in items]
-    p_ab, p_ba = verdict_probs(judge, tokenizer, template, list(items) + swapped, **kw).split(len(items))
+    p = verdict_probs(judge, tokenizer, template, list(items) + swapped, **kw)
+    p_ab, p_ba = p[:len(items)], p[len(items):]
     return WinProbs(symmetrize(p_ab, p_ba), p_ab, p_ba)
 
 
