@@ -80,6 +80,7 @@ import datetime
 import importlib.metadata
 import math
 import os
+import resource
 import statistics
 import sys
 
@@ -446,6 +447,8 @@ def main(argv=None):
         print(f"| {k} | {seconds[k]:.3f} | {100 * seconds[k] / seconds['step']:.1f} | {cols[0]} | {cols[1]} |")
 
     print_flops_table(seconds, step_flops(exp, items, tok, args), args.device)
+    if args.device.type == "cpu":                             # ru_maxrss is in KiB on Linux
+        print(f"\npeak resident memory of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB")
     if not args.forwards_alone:
         return 0
     alone = time_forwards(prompts, exp, models, tok, args)
