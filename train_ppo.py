@@ -4,6 +4,7 @@
     python train_ppo.py                                         # the same in one process
     python train_ppo.py --reward bt                             # baseline: BT scalar reward, standard critic
     python train_ppo.py --reward bt-anchor                      # BT model's win probability against the anchor
+    python train_ppo.py --reward pairwise-group --advantage-estimator grpo   # critic-free, judged within the group
     python train_ppo.py --policy DIR --judge DIR --prompts rl.jsonl --eval-prompts rl_heldout.jsonl
 
 On the built-in task the main job bootstraps the task if missing (tokenizer, SFT policy, pairs, RL
@@ -18,7 +19,10 @@ tokens, the letters of docs/DESIGN.md §6):
      sigmoid(r(x, y) - r(x, y*)), then --reward-transform
   3. old and reference log-probs of the sampled tokens and the critic's values (a forward each)
   4. per-token reward -kl_coef * k1 on every token plus the score on the last token; GAE;
-     advantages whitened over the global batch (all ranks)
+     advantages whitened over the global batch (all ranks). --advantage-estimator grpo | rloo:
+     no critic; each row's return (score - beta * summed k1) against its prompt's other K - 1
+     samples (losses.estimate_advantages); --reward pairwise-group: the score is the judge's mean
+     win probability against those samples (reward.group_scores)
   5. --ppo-epochs passes of --minibatches minibatches: clipped surrogate + clipped value loss
      through the fused PPO-loss kernel (reference with NANOPAIRWISE_KERNELS=ref)
 
@@ -87,8 +91,12 @@ def get_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # runs and data
     p.add_argument("--run-dir", default="runs", help="where the built-in pipeline keeps task, RMs and PPO runs")
-    p.add_argument("--reward", choices=["pairwise", "bt", "bt-anchor"], default="pairwise",
-                   help="Pairwise-RL, BT baseline, or the BT model's win probability against the anchor")
+    p.add_argument("--reward", choices=["pairwise", "pairwise-group", "bt", "bt-anchor"], default="pairwise",
+                   help="Pairwise-RL, the judge's mean win probability against the prompt's other samples, "
+                        "BT baseline, or the BT model's win probability against the anchor")
+    p.add_argument("--group-anchor", action="store_true", help="--reward pairwise-group: the anchor joins each group")
+    p.add_argument("--advantage-estimator", choices=losses.ESTIMATORS, default="gae",
+                   help="gae (critic), or critic-free grpo / rloo over each prompt's K samples (docs/DESIGN.md §1.4)")
     p.add_argument("--policy", default=None, help="initial policy HF dir (default: the task's SFT policy)")
     p.add_argument("--judge", default=None, help="pairwise judge dir (default: RUN_DIR/judge/checkpoint)")
     p.add_argument("--bt-rm", default=None, help="BT reward model dir (default: RUN_DIR/bt/checkpoint)")
@@ -162,6 +170,7 @@ def get_args(argv=None):
     if args.lora_rank and args.fsdp:
         p.error("--lora-rank with --fsdp is not supported (the reference shares the policy's weights)")
     args.critic = args.critic or ("pairwise" if args.reward == "pairwise" else "standard")
+    args.critic = args.critic if args.advantage_estimator == "gae" else "none"     # grpo / rloo: no critic
     args.out_dir = args.out_dir or os.path.join(args.run_dir, f"ppo_{args.reward}")
     args.task_dir = os.path.join(args.run_dir, "task")
     args.judge = args.judge or os.path.join(args.run_dir, "judge", "checkpoint")
@@ -191,6 +200,14 @@ def validate_args(args):
         check_flag(args, name, above=0, zero_ok=True)
     if args.dtype not in DTYPES:
         raise UserError(f"--dtype {args.dtype}: choose one of {', '.join(DTYPES)}")
+    grouped = [f for f, on in (("--advantage-estimator " + args.advantage_estimator, args.critic == "none"),
+                                ("--reward pairwise-group", args.reward == "pairwise-group")) if on]
+    if grouped and args.samples_per_prompt < 2:
+        raise UserError(f"--samples-per-prompt {args.samples_per_prompt}: {' and '.join(grouped)} compare each "
+                        "sample with the other samples of its prompt; use --samples-per-prompt 2 or more")
+    if args.critic == "none" and args.critic_warmup_steps:
+        raise UserError(f"--critic-warmup-steps {args.critic_warmup_steps}: --advantage-estimator "
+                        f"{args.advantage_estimator} has no critic to warm up")
 
 
 @dataclass
@@ -208,7 +225,7 @@ class RunState:
 class Models(NamedTuple):
     policy: nn.Module   # PolicyLogprobs, trained (DDP-wrapped or FSDP-sharded under torchrun)
     ref: nn.Module      # the frozen reference policy of the KL term
-    critic: nn.Module   # ScalarHeadModel, trained (wrapped like the policy)
+    critic: nn.Module   # ScalarHeadModel, trained (wrapped like the policy); None with grpo / rloo
     rm: nn.Module       # the frozen reward model: the judge (pairwise) or the BT model
 
 
@@ -220,9 +237,9 @@ class Experience:
     response_mask: torch.Tensor    # (B, R) long, 1 = sampled token (EOS included)
     old_logprobs: torch.Tensor     # (B, R) of the policy that sampled, 0 where masked
     ref_logprobs: torch.Tensor     # (B, R) of the reference policy
-    values: torch.Tensor           # (B, R) the critic's values at sampling time (old values)
-    advantages: torch.Tensor       # (B, R) GAE, whitened over the global batch
-    returns: torch.Tensor          # (B, R) lambda-returns, the critic's targets
+    values: torch.Tensor           # (B, R) the critic's values at sampling time (old values); None: no critic
+    advantages: torch.Tensor       # (B, R) GAE, whitened over the global batch (or grpo / rloo's)
+    returns: torch.Tensor          # (B, R) lambda-returns, the critic's targets; None: no critic
     critic_ids: torch.Tensor       # (B, P' + R) the critic's prefix (left-padded to P') then response
     critic_mask: torch.Tensor      # (B, P' + R)
     critic_prefix_len: int         # P': the value of response token t is read at P' - 1 + t
@@ -245,13 +262,16 @@ def check_lengths(prompts, tok, args, run, policy_dir, rm_dir):
         anchor, anchor_len = p.anchor or "", 0 if p.anchor else R
         check_length(len(encode_prompt(tok, p.prompt)) + R, policy_max, p.source, "prompt + response", hint)
         pair = encode_pair(tok, run.judge_template, p.principle, p.prompt, anchor, "")
-        if judge_max:
-            check_length(len(pair) + anchor_len + R, judge_max, p.source, "the judge's input", hint)
+        if judge_max:                         # pairwise-group: two rollouts as well
+            two = len(encode_pair(tok, run.judge_template, p.principle, p.prompt, "", "")) + 2 * R
+            check_length(max(len(pair) + anchor_len + R, two if args.reward == "pairwise-group" else 0), judge_max,
+                         p.source, "the judge's input", hint)
         template = run.reward.template
         critic = (template.pair_ids(tok, p.principle, p.prompt, tok.encode(anchor)) if args.critic == "pairwise"
                   else template.prefix_ids(tok, p.principle, p.prompt))   # as critic_inputs builds it
-        check_length(len(critic) + anchor_len + R, rm_max, p.source, "the critic's input", hint)
-        if args.reward != "pairwise":         # the BT model scores prefix + response + end of turn, and the anchor
+        if args.critic != "none":
+            check_length(len(critic) + anchor_len + R, rm_max, p.source, "the critic's input", hint)
+        if not args.reward.startswith("pairwise"):         # the BT model scores prefix + response + end of turn, and the anchor
             single = lambda y: len(encode_single(tok, template, p.principle, p.prompt, y))
             check_length(single("") + R, rm_max, p.source, "the reward model's input", hint)
             if args.reward == "bt-anchor" and p.anchor:
@@ -263,9 +283,11 @@ def check_lengths(prompts, tok, args, run, policy_dir, rm_dir):
 
 
 def resolve_lrs(args, policy_lm, critic_lm):
-    """(policy lr, critic lr): --lr / --critic-lr, else lora.DEFAULT_LR of each model's regime (tiny/full/lora)."""
+    """(policy lr, critic lr): --lr / --critic-lr, else lora.DEFAULT_LR of each model's regime (tiny/full/lora);
+    the critic's is None without a critic (critic_lm None)."""
     lr = args.lr if args.lr is not None else lora.DEFAULT_LR[lora.regime(policy_lm)]["policy"]
-    critic_lr = args.critic_lr if args.critic_lr is not None else lora.DEFAULT_LR[lora.regime(critic_lm)]["critic"]
+    critic_lr = (None if critic_lm is None else args.critic_lr if args.critic_lr is not None
+                 else lora.DEFAULT_LR[lora.regime(critic_lm)]["critic"])
     return lr, critic_lr
 
 
@@ -308,7 +330,7 @@ def make_experience(step_prompts, models, tok, args, run, device, generator):
                            generator=generator)
     t1 = clock(device)
     # 2. score them (B,); a response cut off at --max-new-tokens without EOS loses --truncation-penalty
-    scores, win = score_responses(prompts, rollout.texts(tok), rm, tok, run.reward)
+    scores, win, judge_cost = score_responses(prompts, rollout.texts(tok), rm, tok, run.reward)
     scores = scores.to(device) - args.truncation_penalty * (~rollout.ended).float()
     t2 = clock(device)
     # 3. old and reference log-probs, and the critic's values: a forward each, (B, R). The rollout's
@@ -318,18 +340,19 @@ def make_experience(step_prompts, models, tok, args, run, device, generator):
     response_mask = rollout.response_mask.float()                   # (B, R)
     old_logprobs = policy(input_ids, attention_mask, rollout.response_mask, args.temperature).logprobs
     ref_logprobs = ref(input_ids, attention_mask, rollout.response_mask, args.temperature).logprobs
-    critic_ids, critic_mask, critic_prefix_len = critic_inputs(tok, run.reward.template, prompts, rollout.response_ids,
-                                                               rollout.response_mask, pairwise=args.critic == "pairwise")
-    values = critic_values(critic, critic_ids, critic_mask, critic_prefix_len, response_mask.size(1)) * response_mask
+    critic_ids = critic_mask = values = None                         # grpo / rloo: no critic
+    critic_prefix_len = 0
+    if critic is not None:
+        critic_ids, critic_mask, critic_prefix_len = critic_inputs(
+            tok, run.reward.template, prompts, rollout.response_ids, rollout.response_mask, args.critic == "pairwise")
+        values = critic_values(critic, critic_ids, critic_mask, critic_prefix_len, response_mask.size(1)) * response_mask
     t3 = clock(device)
-    # 4. per-token rewards (B, R): -kl_coef * k1 on every token, the score on the last; GAE; whitening.
-    #    GAE runs twice because the policy and the critic may use different lambdas (--lam,
-    #    --value-lam): the advantages of the first, the critic's lambda-return targets of the second
+    # 4. per-token rewards (B, R): -kl_coef * k1 on every token, the score on the last; then GAE (advantages
+    #    with --lam, the critic's targets with --value-lam) or grpo / rloo; whitening over all ranks' tokens
     kl = losses.kl_estimate(old_logprobs, ref_logprobs, "k1") * response_mask
     rewards = losses.shape_rewards(scores, response_mask, kl if args.kl_mode == "reward" else None, args.kl_coef)
-    advantages, _ = losses.gae_ref(rewards, values, response_mask, args.gamma, args.lam)
-    _, returns = losses.gae_ref(rewards, values, response_mask, args.gamma, args.value_lam)
-    advantages = losses.masked_whiten(advantages, response_mask, distributed=True)      # over all ranks' tokens
+    advantages, returns = losses.estimate_advantages(args.advantage_estimator, rewards, values, response_mask, K,
+                                                     args.gamma, args.lam, args.value_lam, distributed=True)
     policy.train()
     experience = Experience(input_ids, attention_mask, rollout.response_mask, old_logprobs, ref_logprobs, values,
                             advantages, returns, critic_ids, critic_mask, critic_prefix_len)
@@ -339,7 +362,7 @@ def make_experience(step_prompts, models, tok, args, run, device, generator):
         means["rollout/win_rate"] = win.mean().to(device)
     stats = dict(zip(means, torch.stack([v.float() for v in means.values()]).tolist()))   # one host sync
     stats.update({"tokens": int(stats["tokens"]), "perf/rollout_s": t1 - t0, "perf/score_s": t2 - t1,
-                  "perf/forward_s": t3 - t2})
+                  "perf/forward_s": t3 - t2, **judge_cost})
     return experience, stats
 
 
@@ -360,7 +383,8 @@ def ppo_update(experience, models, optimizers, args, run, generator, step=0, las
             with torch.set_grad_enabled(not warmup):
                 new = policy(minibatch.input_ids, minibatch.attention_mask, minibatch.response_mask, args.temperature,
                              entropy=True)
-            values = critic_values(critic, minibatch.critic_ids, minibatch.critic_mask, experience.critic_prefix_len, R)
+            values = (None if critic is None else
+                      critic_values(critic, minibatch.critic_ids, minibatch.critic_mask, experience.critic_prefix_len, R))
             # 5b. clipped surrogate + clipped value loss (+ k3 KL with --kl-mode loss), one fused op
             ref_logprobs = minibatch.ref_logprobs if args.kl_mode == "loss" else None
             terms = ops.ppo_loss(new.logprobs, minibatch.old_logprobs, minibatch.advantages, response_mask,
@@ -373,7 +397,7 @@ def ppo_update(experience, models, optimizers, args, run, generator, step=0, las
                 opt.zero_grad(set_to_none=True)
             terms.loss.backward()
             norms = [torch.nn.utils.clip_grad_norm_(mod.parameters(), args.grad_clip or float("inf"))
-                     for mod in (policy, critic)]
+                     for mod in (policy, critic) if mod is not None]
             # FSDP2 returns a DTensor; a model without gradients (critic warm-up) a CPU zero
             norms = [(n.full_tensor() if hasattr(n, "full_tensor") else n).to(terms.loss.device) for n in norms]
             # means over ranks (the norms are global already), so every rank stops alike
@@ -381,15 +405,16 @@ def ppo_update(experience, models, optimizers, args, run, generator, step=0, las
             checked /= get_world_size()
             check_finite(step + 1, dict(zip(("policy loss (pg)", "critic loss (v)", "policy grad norm",
                                              "critic grad norm"), checked.unbind())),
-                         f"--lr {run.lr:g} (policy), --critic-lr {run.critic_lr:g} and --vf-coef (critic), "
+                         f"--lr {run.lr:g} (policy), --critic-lr {run.critic_lr or 0:g} and --vf-coef (critic), "
                          "--grad-clip, --dtype", last_saved)
             for opt in optimizers[1:] if warmup else optimizers:    # [policy, critic]
                 opt.step()
             row = {"loss/pg": terms.pg_loss, "loss/v": terms.v_loss, "loss/kl": terms.kl_loss,
                    "ppo/clipfrac": terms.clipfrac, "ppo/approx_kl": terms.approx_kl, "ppo/ratio_max": terms.ratio_max,
                    "policy/entropy": losses.masked_mean(new.entropy.detach(), response_mask),
-                   "critic/explained_var": losses.explained_variance(values.detach(), minibatch.returns, response_mask),
                    "ppo/ratio_mean": terms.ratio_mean, "ppo/vf_clipfrac": terms.vf_clipfrac}
+            if values is not None:
+                row["critic/explained_var"] = losses.explained_variance(values.detach(), minibatch.returns, response_mask)
             for k, v in row.items():
                 sums.setdefault(k, []).append(v.detach().float())     # no host sync per minibatch
     # the largest ratio of the update (the divergence guard reads it), the mean of everything else; one host sync
@@ -421,20 +446,21 @@ def train(args, rank, world_size, device, owns_pg, t_start):
     ckpt = os.path.join(args.out_dir, "checkpoint")
     state = {"step": 0, "anchors": None, "reward_norm": None}
     if args.resume:
-        state = ppo_checkpoint.load_state(ckpt, args.lora_rank, args.fsdp, world_size)
+        state = ppo_checkpoint.load_state(ckpt, args.lora_rank, args.fsdp, world_size, args.advantage_estimator)
     # with LoRA the base weights are re-read from --policy and the adapters from the trainer state
     policy_dir = os.path.join(ckpt, "policy") if args.resume and not args.lora_rank else run.policy
-    rm_dir = args.judge if args.reward == "pairwise" else args.bt_rm
-    has_judge = args.reward == "pairwise" or os.path.exists(os.path.join(args.judge, "config.json"))
-    for path, flag in ((run.policy, "--policy"), (policy_dir, "--resume"),
-                       (rm_dir, "--judge" if args.reward == "pairwise" else "--bt-rm")):
+    judged = args.reward.startswith("pairwise")                     # the judge is the reward model
+    rm_dir = args.judge if judged else args.bt_rm
+    has_judge = judged or os.path.exists(os.path.join(args.judge, "config.json"))
+    for path, flag in ((run.policy, "--policy"), (policy_dir, "--resume"), (rm_dir, "--judge" if judged else "--bt-rm")):
         check_model_dir(path, flag)
     check_input_file(run.prompts, "--prompts")
     if run.eval_prompts:
         check_input_file(run.eval_prompts, "--eval-prompts")
     tok = Tokenizer.from_pretrained(policy_dir)
     run.judge_template = load_rm_config(args.judge)[1]              # each reward model's own text layout
-    run.reward = RewardConfig(args.reward, load_rm_config(rm_dir)[1], args.reward_transform, args.symmetric)
+    run.reward = RewardConfig(args.reward, load_rm_config(rm_dir)[1], args.reward_transform, args.symmetric,
+                              args.samples_per_prompt, args.group_anchor)
     for path in {args.judge, rm_dir} if has_judge else {rm_dir}:  # same strings -> same ids, not just same size
         if Tokenizer.from_pretrained(path).fingerprint() != tok.fingerprint():
             raise UserError(f"the tokenizer of {path} maps text to ids differently from the policy's ({policy_dir}); "
@@ -466,12 +492,13 @@ def train(args, rank, world_size, device, owns_pg, t_start):
     if os.path.exists(os.path.join(args.judge, "config.json")):
         judge = PairwiseJudge(load(args.judge), *verdict_token_ids(tok, run.judge_template))
         judge.eval().requires_grad_(False)
-    rm = judge if args.reward == "pairwise" else ScalarHeadModel.from_pretrained(rm_dir, dtype, device).eval()
+    rm = judge if judged else ScalarHeadModel.from_pretrained(rm_dir, dtype, device).eval()
     rm.requires_grad_(False)
     # the BT critic starts as the RM, head included (InstructGPT, N+ details, OpenRLHF); the judge has no
     # scalar head, and bt-anchor's probability is not affine in r, so those critics get a fresh zero head
     rm_head = args.reward == "bt" and args.critic == "standard" and not args.critic_fresh_head
-    critic = (ScalarHeadModel.from_pretrained(os.path.join(ckpt, "critic"), dtype, device) if args.resume
+    critic = (None if args.critic == "none" else      # grpo / rloo: no critic built, trained or saved
+              ScalarHeadModel.from_pretrained(os.path.join(ckpt, "critic"), dtype, device) if args.resume
               else ScalarHeadModel.from_pretrained(rm_dir, dtype, device, new_head=not rm_head))
     if args.reward == "bt" and args.reward_norm_prompts and state.get("reward_norm") is None:
         with lora.adapters_disabled(policy.lm):                     # LoRA: the base weights are the reference
@@ -482,18 +509,19 @@ def train(args, rank, world_size, device, owns_pg, t_start):
         print0(f"BT reward normalisation over {state['reward_norm']['n']} initial-policy rollouts: "
                f"mean {state['reward_norm']['mean']:.4f}, std {state['reward_norm']['std']:.4f}")
     run.reward.norm = state.get("reward_norm") if args.reward == "bt" else None
-    if rm_head and run.reward.norm and not args.resume:
+    if critic is not None and rm_head and run.reward.norm and not args.resume:
         critic.normalize_head_(run.reward.norm["mean"], run.reward.norm["std"])   # V in the reward's units
     # under torchrun: trained models DDP-wrapped or FSDP2-sharded, frozen ones sharded too with FSDP
     policy_dp = wrap_data_parallel(policy, args.fsdp, Block, device)
-    critic_dp = wrap_data_parallel(critic, args.fsdp, Block, device)
+    critic_dp = critic and wrap_data_parallel(critic, args.fsdp, Block, device)
     if args.fsdp and world_size > 1:
         for frozen in {id(m): m for m in (ref, rm, judge) if m is not None}.values():
             shard_model(frozen, Block)
-    run.lr, run.critic_lr = resolve_lrs(args, policy.lm, critic.lm)
-    optimizers = [torch.optim.AdamW([w for w in policy.parameters() if w.requires_grad], lr=run.lr, betas=(0.9, 0.95),
-                                    weight_decay=0.0),
-                  torch.optim.AdamW(critic.parameters(), lr=run.critic_lr, betas=(0.9, 0.95), weight_decay=0.0)]
+    run.lr, run.critic_lr = resolve_lrs(args, policy.lm, critic and critic.lm)
+    adamw = lambda params, lr: torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    optimizers = [adamw([w for w in policy.parameters() if w.requires_grad], run.lr)]   # [policy, critic]
+    if critic is not None:                                           # grpo / rloo: no critic
+        optimizers.append(adamw(critic.parameters(), run.critic_lr))
     if args.resume:
         ppo_checkpoint.load_optimizers(ckpt, optimizers, args.fsdp, rank)
 
@@ -505,8 +533,9 @@ def train(args, rank, world_size, device, owns_pg, t_start):
                  args.max_new_tokens, args.temperature, args.seed, device)
     models = Models(policy_dp, ref, critic_dp, rm)
     print0(f"PPO | reward {args.reward} ({args.reward_transform}, symmetric={args.symmetric}) | critic {args.critic} | "
-           f"{len(train_prompts):,} prompts | {args.prompts_per_step}x{args.samples_per_prompt} samples/step | "
-           f"{args.steps} steps | lr {run.lr:g}, critic {run.critic_lr:g} | {world_size} rank(s) on {device}"
+           f"advantages {args.advantage_estimator} | {len(train_prompts):,} prompts | "
+           f"{args.prompts_per_step}x{args.samples_per_prompt} samples/step | {args.steps} steps | "
+           f"lr {run.lr:g}, critic {run.critic_lr or 0:g} | {world_size} rank(s) on {device}"
            f"{' (FSDP2)' if args.fsdp else ''} | out {args.out_dir}")
     logger = MetricsLogger(args.out_dir, report_to=args.report_to, config=vars(args) | {"lr": run.lr, "critic_lr": run.critic_lr})
     if args.resume:
@@ -542,7 +571,7 @@ def train(args, rank, world_size, device, owns_pg, t_start):
         stats["perf/update_s"] = clock(device) - t_update
         dt = time.time() - t0
         ratio_max = stats["ppo/ratio_max"]                            # the guard takes the max over ranks
-        stats = mean_over_ranks(stats, device, sum_keys=("tokens",))  # every rank's batch, one collective
+        stats = mean_over_ranks(stats, device, sum_keys=("tokens", "perf/judge_rows", "perf/judge_tokens"))  # one collective
         tokens = stats.pop("tokens")
         stats.update({"perf/ms": 1000 * dt, "perf/tok_per_s": tokens / dt})
         logger.log(step, stats, total=args.steps,
@@ -563,6 +592,7 @@ def train(args, rank, world_size, device, owns_pg, t_start):
                 check_divergence(step, "the updated policy's KL to the reference (k2 on this step's rollouts)", kl,
                                  "--max-kl", args.max_kl, divergence_hint, last_saved, device)
             trainer_state = {"step": step, "anchors": [p.anchor for p in train_prompts + eval_prompts],
+                             "advantage_estimator": args.advantage_estimator,
                              "world_size": world_size, "history": history, "reward_norm": state.get("reward_norm"),
                              "policy_trainable": lora.trainable_state_dict(policy) if args.lora_rank else None}
             ppo_checkpoint.save(ckpt, policy, critic, optimizers, tok, trainer_state, args.fsdp)

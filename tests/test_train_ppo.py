@@ -64,11 +64,15 @@ class Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("lora", [[], ["--lora-rank", "4"]])
+GRPO_GROUP = ["--advantage-estimator", "grpo", "--reward", "pairwise-group"]
+
+
+@pytest.mark.parametrize("lora", [[], ["--lora-rank", "4"], GRPO_GROUP])
 def test_resume_after_a_crash_gives_the_same_next_steps(run_dir, tmp_path, monkeypatch, lora):
     """Crash right after the step-1 checkpoint; the resumed run's steps 2 and 3 equal the
     uninterrupted run's (same rollouts, same losses, same evaluation). With LoRA the reference
-    is the policy with adapters off: the KL starts at exactly 0 and then moves."""
+    is the policy with adapters off: the KL starts at exactly 0 and then moves. GRPO on the
+    in-group pairwise reward: no critic is saved, nor its optimizer state."""
     args = ["--run-dir", str(run_dir), "--save-every", "1", *FAST, *lora]
     straight = train_ppo.main(args + ["--out-dir", str(tmp_path / "straight")])
     make_experience = train_ppo.make_experience
@@ -92,7 +96,13 @@ def test_resume_after_a_crash_gives_the_same_next_steps(run_dir, tmp_path, monke
             assert b[s][key] == a[s][key], (s, key)
     assert resumed["after"] == straight["after"]
     assert resumed["before"] == straight["before"]              # the crashed run's "before" is kept
-    if lora:
+    if lora == GRPO_GROUP:
+        ckpt = tmp_path / "crashed" / "checkpoint"
+        assert not (ckpt / "critic").exists() and (ckpt / "policy" / "model.safetensors").exists()
+        assert len(torch.load(ckpt / "optimizers.pt", weights_only=False)) == 1         # the policy's only
+        assert all(a[s]["loss/v"] == 0.0 and "critic/explained_var" not in a[s] for s in a)
+        assert all(a[s]["perf/judge_rows"] == 4 * 1 * 2 for s in a)   # 4 prompts x K(K-1)/2 = 1 pair x 2 orders
+    elif lora:
         assert a[1]["rollout/kl"] == 0.0 and straight["after"]["kl"] != 0.0
 
 
@@ -181,3 +191,22 @@ def test_critic_warmup_leaves_the_policy_unchanged(run_dir, tmp_path, monkeypatc
     assert not same(policy1, policy2)                              # then the policy trains
     rows = step_rows(out)
     assert "oracle_score" in history["after"] and all(0.0 <= rows[s]["rollout/win_rate"] <= 1.0 for s in rows)
+
+
+def test_critic_free_flags_are_checked(run_dir, tmp_path):
+    """grpo / rloo and pairwise-group need K >= 2 samples per prompt; grpo / rloo have no critic
+    to warm up; a checkpoint resumes only with the estimator that wrote it (rloo here: one step,
+    KL in the loss, the anchor in the group)."""
+    base = ["--run-dir", str(run_dir), "--out-dir", str(tmp_path / "o"), *FAST]
+    for flags in (["--advantage-estimator", "rloo"], ["--reward", "pairwise-group"]):
+        with pytest.raises(UserError, match=r"--samples-per-prompt 1: .* compare each sample with the other samples"):
+            train_ppo.main(base + flags + ["--samples-per-prompt", "1"])
+    with pytest.raises(UserError, match="--advantage-estimator grpo has no critic to warm up"):
+        train_ppo.main(base + ["--advantage-estimator", "grpo", "--critic-warmup-steps", "1"])
+    rloo = base + ["--advantage-estimator", "rloo", "--kl-mode", "loss", "--reward", "pairwise-group",
+                   "--group-anchor", "--eval-every", "0"]
+    train_ppo.main(rloo + ["--steps", "1"])
+    row = step_rows(str(tmp_path / "o"))[1]
+    assert row["loss/kl"] > 0.0 and 0.0 <= row["rollout/win_rate"] <= 1.0 and row["perf/judge_rows"] == 4 * 3 * 2
+    with pytest.raises(UserError, match="written with --advantage-estimator rloo; resume with the same"):
+        train_ppo.main(base + ["--steps", "2", "--resume"])
