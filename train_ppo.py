@@ -262,16 +262,17 @@ def check_lengths(prompts, tok, args, run, policy_dir, rm_dir):
         anchor, anchor_len = p.anchor or "", 0 if p.anchor else R
         check_length(len(encode_prompt(tok, p.prompt)) + R, policy_max, p.source, "prompt + response", hint)
         pair = encode_pair(tok, run.judge_template, p.principle, p.prompt, anchor, "")
-        if judge_max:                         # pairwise-group: two rollouts as well
+        if judge_max:
+            check_length(len(pair) + anchor_len + R, judge_max, p.source, "the judge's input", hint)
+        if judge_max and args.reward == "pairwise-group":              # two rollouts in one judge input
             two = len(encode_pair(tok, run.judge_template, p.principle, p.prompt, "", "")) + 2 * R
-            check_length(max(len(pair) + anchor_len + R, two if args.reward == "pairwise-group" else 0), judge_max,
-                         p.source, "the judge's input", hint)
+            check_length(two, judge_max, p.source, "the judge's input (two rollouts)", hint)
         template = run.reward.template
         critic = (template.pair_ids(tok, p.principle, p.prompt, tok.encode(anchor)) if args.critic == "pairwise"
                   else template.prefix_ids(tok, p.principle, p.prompt))   # as critic_inputs builds it
         if args.critic != "none":
             check_length(len(critic) + anchor_len + R, rm_max, p.source, "the critic's input", hint)
-        if not args.reward.startswith("pairwise"):         # the BT model scores prefix + response + end of turn, and the anchor
+        if not args.reward.startswith("pairwise"):  # the BT model scores prefix + response + end of turn, anchor
             single = lambda y: len(encode_single(tok, template, p.principle, p.prompt, y))
             check_length(single("") + R, rm_max, p.source, "the reward model's input", hint)
             if args.reward == "bt-anchor" and p.anchor:
@@ -345,7 +346,8 @@ def make_experience(step_prompts, models, tok, args, run, device, generator):
     if critic is not None:
         critic_ids, critic_mask, critic_prefix_len = critic_inputs(
             tok, run.reward.template, prompts, rollout.response_ids, rollout.response_mask, args.critic == "pairwise")
-        values = critic_values(critic, critic_ids, critic_mask, critic_prefix_len, response_mask.size(1)) * response_mask
+        values = critic_values(critic, critic_ids, critic_mask, critic_prefix_len, response_mask.size(1))
+        values = values * response_mask
     t3 = clock(device)
     # 4. per-token rewards (B, R): -kl_coef * k1 on every token, the score on the last; then GAE (advantages
     #    with --lam, the critic's targets with --value-lam) or grpo / rloo; whitening over all ranks' tokens
@@ -383,8 +385,8 @@ def ppo_update(experience, models, optimizers, args, run, generator, step=0, las
             with torch.set_grad_enabled(not warmup):
                 new = policy(minibatch.input_ids, minibatch.attention_mask, minibatch.response_mask, args.temperature,
                              entropy=True)
-            values = (None if critic is None else
-                      critic_values(critic, minibatch.critic_ids, minibatch.critic_mask, experience.critic_prefix_len, R))
+            values = None if critic is None else critic_values(critic, minibatch.critic_ids, minibatch.critic_mask,
+                                                                experience.critic_prefix_len, R)
             # 5b. clipped surrogate + clipped value loss (+ k3 KL with --kl-mode loss), one fused op
             ref_logprobs = minibatch.ref_logprobs if args.kl_mode == "loss" else None
             terms = ops.ppo_loss(new.logprobs, minibatch.old_logprobs, minibatch.advantages, response_mask,
@@ -452,7 +454,8 @@ def train(args, rank, world_size, device, owns_pg, t_start):
     judged = args.reward.startswith("pairwise")                     # the judge is the reward model
     rm_dir = args.judge if judged else args.bt_rm
     has_judge = judged or os.path.exists(os.path.join(args.judge, "config.json"))
-    for path, flag in ((run.policy, "--policy"), (policy_dir, "--resume"), (rm_dir, "--judge" if judged else "--bt-rm")):
+    for path, flag in ((run.policy, "--policy"), (policy_dir, "--resume"),
+                       (rm_dir, "--judge" if judged else "--bt-rm")):
         check_model_dir(path, flag)
     check_input_file(run.prompts, "--prompts")
     if run.eval_prompts:
@@ -571,7 +574,8 @@ def train(args, rank, world_size, device, owns_pg, t_start):
         stats["perf/update_s"] = clock(device) - t_update
         dt = time.time() - t0
         ratio_max = stats["ppo/ratio_max"]                            # the guard takes the max over ranks
-        stats = mean_over_ranks(stats, device, sum_keys=("tokens", "perf/judge_rows", "perf/judge_tokens"))  # one collective
+        stats = mean_over_ranks(stats, device,                        # every rank's batch and judge cost, one call
+                                sum_keys=("tokens", "perf/judge_rows", "perf/judge_tokens"))
         tokens = stats.pop("tokens")
         stats.update({"perf/ms": 1000 * dt, "perf/tok_per_s": tokens / dt})
         logger.log(step, stats, total=args.steps,

@@ -68,9 +68,9 @@ def score_responses(prompts, texts, rm, tok, reward: RewardConfig) -> Scores:
             win, rates = group_scores(prompts, texts, rm, tok, reward)
         else:
             items = [(p.principle, p.prompt, y, p.anchor) for p, y in zip(prompts, texts)]
-            win = (win_probs(rm, tok, reward.template, items, symmetric=reward.symmetric).win
-                   if reward.kind == "pairwise" else bt_anchor_win_probs(rm, tok, reward.template, items, reward.anchor_r))
-            rates = win
+            win = rates = (win_probs(rm, tok, reward.template, items, symmetric=reward.symmetric).win
+                           if reward.kind == "pairwise"
+                           else bt_anchor_win_probs(rm, tok, reward.template, items, reward.anchor_r))
     cost = ({"perf/judge_rows": rm.rows_scored - rows, "perf/judge_tokens": rm.tokens_scored - tokens}
             if hasattr(rm, "rows_scored") else {})
     return Scores(losses.transform_score(rates, reward.transform), win, cost)

@@ -129,8 +129,8 @@ def run_seed(seed, args) -> dict:
     for name, flags in [(reward, f"--reward {reward}") for reward in REWARDS] + args.arm:
         path = os.path.join(run, f"ppo_{name}")
         if not os.path.exists(os.path.join(path, "eval.json")):
-            train_ppo.main(["--run-dir", run, "--seed", str(seed), "--out-dir", path] + (SMOKE_PPO if args.smoke else [])
-                           + args.ppo_args.split() + shlex.split(flags))
+            train_ppo.main(["--run-dir", run, "--seed", str(seed), "--out-dir", path]
+                           + (SMOKE_PPO if args.smoke else []) + args.ppo_args.split() + shlex.split(flags))
         out[f"ppo_{name}"] = json.load(open(os.path.join(path, "eval.json")))
     return out
 

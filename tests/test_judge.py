@@ -232,11 +232,13 @@ def test_pairwise_group_rewards_sum_to_half_k(tok, judge):
     assert not torch.allclose(scores, torch.full_like(scores, 0.5))  # the judge tells the rollouts apart
     anchored = RewardConfig("pairwise-group", TEMPLATE, group_size=K, group_anchor=True)
     scores_a, win_a, cost_a = score_responses(prompts, texts, judge, tok, anchored)
-    W = round_robin_win_rates(judge, tok, TEMPLATE, [("P.", "q", texts[:K] + ["1 2 3"]), ("P.", "r", texts[K:] + ["7"])])
-    rates = W.sum(-1) / K                                           # (2, K + 1), the anchor last
+    groups = [("P.", "q", texts[:K] + ["1 2 3"]), ("P.", "r", texts[K:] + ["7"])]      # the anchor last
+    W = round_robin_win_rates(judge, tok, TEMPLATE, groups)
+    rates = W.sum(-1) / K                                           # (2, K + 1)
     torch.testing.assert_close(rates.sum(1), torch.full((2,), (K + 1) / 2), atol=1e-6, rtol=0)
     torch.testing.assert_close(scores_a, rates[:, :K].reshape(-1), atol=1e-6, rtol=0)
-    vs_anchor = J.win_probs(judge, tok, TEMPLATE, [(p.principle, p.prompt, y, p.anchor) for p, y in zip(prompts, texts)])
+    vs_anchor = J.win_probs(judge, tok, TEMPLATE, [(p.principle, p.prompt, y, p.anchor)
+                                                   for p, y in zip(prompts, texts)])
     torch.testing.assert_close(win_a, vs_anchor.win, atol=1e-5, rtol=0)
     assert cost_a["perf/judge_rows"] == 2 * 6 * 2                    # (K + 1) K / 2 pairs per prompt
     one_order = RewardConfig("pairwise-group", TEMPLATE, symmetric=False, group_size=K)

@@ -43,18 +43,25 @@ def step_rows(out_dir):
     return {r["step"]: r for r in metrics(out_dir) if "reward/score" in r}
 
 
-@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp", "ddp-rloo-group"])
 def test_torchrun_two_processes(run_dir, tmp_path, sharding):
+    """ddp-rloo-group: critic-free RLOO on the in-group reward with the anchor, 2 ranks: the judge's
+    rows are summed over the ranks (4 prompts x 3 pairs x 2 orders)."""
     out = str(tmp_path / sharding)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "train_ppo.py"), "--run-dir", str(run_dir), "--out-dir", out, *FAST]
     cmd += ["--fsdp"] if sharding == "fsdp" else []
+    if sharding == "ddp-rloo-group":
+        cmd += ["--advantage-estimator", "rloo", "--reward", "pairwise-group", "--group-anchor"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 rank(s) on cpu" in proc.stdout and "held-out metric" in proc.stdout
     rows = step_rows(out)
     assert sorted(rows) == [1, 2, 3]
     assert all(0.0 <= rows[s]["rollout/win_rate"] <= 1.0 for s in rows)
+    if sharding == "ddp-rloo-group":
+        assert all(rows[s]["perf/judge_rows"] == 4 * 3 * 2 for s in rows)
+        assert not os.path.exists(os.path.join(out, "checkpoint", "critic"))
     history = json.load(open(os.path.join(out, "eval.json")))
     assert {"oracle_score", "oracle_win_rate", "judge_win_rate", "kl", "length"} <= set(history["after"])
     assert os.path.exists(os.path.join(out, "checkpoint", "policy", "model.safetensors"))
@@ -210,3 +217,7 @@ def test_critic_free_flags_are_checked(run_dir, tmp_path):
     assert row["loss/kl"] > 0.0 and 0.0 <= row["rollout/win_rate"] <= 1.0 and row["perf/judge_rows"] == 4 * 3 * 2
     with pytest.raises(UserError, match="written with --advantage-estimator rloo; resume with the same"):
         train_ppo.main(base + ["--steps", "2", "--resume"])
+    out = tmp_path / "gae_group"                  # the in-group reward with a critic: the standard one, from the judge
+    train_ppo.main(["--run-dir", str(run_dir), "--out-dir", str(out), *FAST, "--steps", "1", "--eval-every", "0",
+                    "--reward", "pairwise-group"])
+    assert "critic/explained_var" in step_rows(str(out))[1] and (out / "checkpoint" / "critic").exists()
