@@ -1,6 +1,8 @@
 """train_ppo.py end to end on the tiny built-in task (tests/conftest.py::tiny_task): the one-command
 pipeline under 2-process torchrun (DDP and FSDP2, gloo), exact resume after a crash, the BT
-baseline (its reward normalisation kept for --resume), bt-anchor with critic warm-up, and refusals. Models and prompts are tiny, so these check plumbing, not learning.
+baseline (its reward normalisation kept for --resume), bt-anchor with critic warm-up, the critic-free
+estimators (grpo, rloo) and the in-group pairwise reward, and refusals. Models and prompts are tiny,
+so these check plumbing, not learning.
 """
 
 import json
