@@ -4,6 +4,7 @@
     python train_ppo.py                                         # the same in one process
     python train_ppo.py --reward bt                             # baseline: BT scalar reward, standard critic
     python train_ppo.py --reward bt-anchor                      # BT model's win probability against the anchor
+    python train_ppo.py --reward pairwise-group --advantage-estimator grpo   # critic-free, judged within the group
     python train_ppo.py --policy DIR --judge DIR --prompts rl.jsonl --eval-prompts rl_heldout.jsonl
 
 On the built-in task the main job bootstraps the task if missing (tokenizer, SFT policy, pairs, RL
@@ -17,7 +18,9 @@ One PPO step (nanopairwise/ppo.py; per rank, on its share of the global batch, B
      sigmoid(r(x, y) - r(x, y*)), then --reward-transform
   3. old and reference log-probs of the sampled tokens and the critic's values (a forward each)
   4. per-token reward -kl_coef * k1 on every token plus the score on the last token; GAE;
-     advantages whitened over the global batch (all ranks)
+     advantages whitened over the global batch (all ranks). --advantage-estimator grpo | rloo: no
+     critic, each row's return against its prompt's other K - 1 samples; --reward pairwise-group:
+     the judge's mean win probability against those samples (DESIGN §1.4 items 19, 20)
   5. --ppo-epochs passes of --minibatches minibatches: clipped surrogate + clipped value loss
      through the fused PPO-loss kernel (reference with NANOPAIRWISE_KERNELS=ref)
 This file: the flags, load_inputs (every input checked before a model loads), build_models (the
@@ -75,8 +78,12 @@ def get_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # runs and data
     p.add_argument("--run-dir", default="runs", help="where the built-in pipeline keeps task, RMs and PPO runs")
-    p.add_argument("--reward", choices=["pairwise", "bt", "bt-anchor"], default="pairwise",
-                   help="Pairwise-RL, BT baseline, or the BT model's win probability against the anchor")
+    p.add_argument("--reward", choices=["pairwise", "pairwise-group", "bt", "bt-anchor"], default="pairwise",
+                   help="Pairwise-RL, the judge's mean win probability against the prompt's other samples, "
+                        "BT baseline, or the BT model's win probability against the anchor")
+    p.add_argument("--group-anchor", action="store_true", help="--reward pairwise-group: the anchor joins each group")
+    p.add_argument("--advantage-estimator", choices=losses.ESTIMATORS, default="gae",
+                   help="gae (critic), or critic-free grpo / rloo over each prompt's K samples (docs/DESIGN.md §1.4)")
     p.add_argument("--policy", default=None, help="initial policy HF dir (default: the task's SFT policy)")
     p.add_argument("--judge", default=None, help="pairwise judge dir (default: RUN_DIR/judge/checkpoint)")
     p.add_argument("--bt-rm", default=None, help="BT reward model dir (default: RUN_DIR/bt/checkpoint)")
@@ -112,6 +119,7 @@ def get_args(argv=None):
     if args.lora_rank and args.fsdp:
         p.error("--lora-rank with --fsdp is not supported (the reference shares the policy's weights)")
     args.critic = args.critic or ("pairwise" if args.reward == "pairwise" else "standard")
+    args.critic = args.critic if args.advantage_estimator == "gae" else "none"     # grpo / rloo: no critic
     args.out_dir = args.out_dir or os.path.join(args.run_dir, f"ppo_{args.reward}")
     args.task_dir = os.path.join(args.run_dir, "task")
     args.judge = args.judge or os.path.join(args.run_dir, "judge", "checkpoint")
@@ -184,6 +192,14 @@ def validate_args(args):
         check_flag(args, name, above=0, zero_ok=True)
     if args.dtype not in DTYPES:
         raise UserError(f"--dtype {args.dtype}: choose one of {', '.join(DTYPES)}")
+    grouped = [f for f, on in (("--advantage-estimator " + args.advantage_estimator, args.critic == "none"),
+                                ("--reward pairwise-group", args.reward == "pairwise-group")) if on]
+    if grouped and args.samples_per_prompt < 2:
+        raise UserError(f"--samples-per-prompt {args.samples_per_prompt}: {' and '.join(grouped)} compare each "
+                        "sample with the other samples of its prompt; use --samples-per-prompt 2 or more")
+    if args.critic == "none" and args.critic_warmup_steps:
+        raise UserError(f"--critic-warmup-steps {args.critic_warmup_steps}: --advantage-estimator "
+                        f"{args.advantage_estimator} has no critic to warm up")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,12 +210,14 @@ def load_inputs(args, world_size: int):
     """(run, tokenizer, train prompts, eval prompts, trainer state): every file and length checked."""
     run = RunState(*ppo_inputs(args), sampling=Sampling(args.max_new_tokens, args.temperature, args.top_p))
     ckpt = os.path.join(args.out_dir, "checkpoint")
-    state = ppo_checkpoint.load_state(ckpt, args.lora_rank, args.fsdp, world_size) if args.resume else {"step": 0}
+    state = (ppo_checkpoint.load_state(ckpt, args.lora_rank, args.fsdp, world_size, args.advantage_estimator)
+             if args.resume else {"step": 0})
     # with LoRA the base weights are re-read from --policy and the adapters from the trainer state
     run.policy_dir = os.path.join(ckpt, "policy") if args.resume and not args.lora_rank else run.policy
-    run.rm_dir = args.judge if args.reward == "pairwise" else args.bt_rm
+    judged = args.reward.startswith("pairwise")                      # the judge is the reward model
+    run.rm_dir = args.judge if judged else args.bt_rm
     for path, flag in ((run.policy, "--policy"), (run.policy_dir, "--resume"),
-                       (run.rm_dir, "--judge" if args.reward == "pairwise" else "--bt-rm")):
+                       (run.rm_dir, "--judge" if judged else "--bt-rm")):
         check_model_dir(path, flag)
     check_input_file(run.prompts, "--prompts")
     if run.eval_prompts:
@@ -207,7 +225,8 @@ def load_inputs(args, world_size: int):
     tok = Tokenizer.from_pretrained(run.policy_dir)
     run.has_judge = has_model(args.judge)                            # optional for --reward bt / bt-anchor
     run.judge_template = load_rm_config(args.judge)[1]              # each reward model's own text layout
-    run.reward = RewardConfig(args.reward, load_rm_config(run.rm_dir)[1], args.reward_transform, args.symmetric)
+    run.reward = RewardConfig(args.reward, load_rm_config(run.rm_dir)[1], args.reward_transform, args.symmetric,
+                              args.samples_per_prompt, args.group_anchor)
     run.anchor_scores = {} if args.reward == "bt-anchor" else None
     for path in {args.judge, run.rm_dir} if run.has_judge else {run.rm_dir}:  # same strings -> same ids
         if Tokenizer.from_pretrained(path).fingerprint() != tok.fingerprint():
@@ -247,27 +266,30 @@ def build_models(args, run, tok, train_prompts, state, device):
         judge = PairwiseJudge(load(args.judge), *verdict_token_ids(tok, run.judge_template))
         judge.eval().requires_grad_(False)
     dtype = parse_dtype(args.dtype)
-    rm = judge if args.reward == "pairwise" else ScalarHeadModel.from_pretrained(run.rm_dir, dtype, device).eval()
+    judged = args.reward.startswith("pairwise")                      # the judge is the reward model
+    rm = judge if judged else ScalarHeadModel.from_pretrained(run.rm_dir, dtype, device).eval()
     rm.requires_grad_(False)
     # the BT critic starts as the RM, head included (InstructGPT, N+ details, OpenRLHF); the judge has no
     # scalar head, and bt-anchor's probability is not affine in r, so those critics get a fresh zero head
     rm_head = args.reward == "bt" and args.critic == "standard" and not args.critic_fresh_head
-    critic = (ScalarHeadModel.from_pretrained(os.path.join(ckpt, "critic"), dtype, device) if args.resume
+    critic = (None if args.critic == "none" else      # grpo / rloo: no critic built, trained or saved
+              ScalarHeadModel.from_pretrained(os.path.join(ckpt, "critic"), dtype, device) if args.resume
               else ScalarHeadModel.from_pretrained(run.rm_dir, dtype, device, new_head=not rm_head))
     norm = reward_norm(args, run, policy, ref, rm, tok, train_prompts, state, device)
     run.reward = replace(run.reward, norm=norm)                       # fixed for the run from here on
-    if rm_head and norm and not args.resume:
+    if critic is not None and rm_head and norm and not args.resume:
         critic.normalize_head_(norm["mean"], norm["std"])   # V in the reward's units
     # under torchrun: trained models DDP-wrapped or FSDP2-sharded, frozen ones sharded too with FSDP
     models = Models(wrap_data_parallel(policy, args.fsdp, Block, device), ref,
-                    wrap_data_parallel(critic, args.fsdp, Block, device), rm, judge)
+                    critic and wrap_data_parallel(critic, args.fsdp, Block, device), rm, judge)
     if args.fsdp and get_world_size() > 1:
         for frozen in {id(m): m for m in (ref, rm, judge) if m is not None}.values():
             shard_model(frozen, Block)
-    run.lr, run.critic_lr = resolve_lrs(args, policy.lm, critic.lm)
-    optimizers = [torch.optim.AdamW([w for w in policy.parameters() if w.requires_grad], lr=run.lr, betas=(0.9, 0.95),
-                                    weight_decay=0.0),
-                  torch.optim.AdamW(critic.parameters(), lr=run.critic_lr, betas=(0.9, 0.95), weight_decay=0.0)]
+    run.lr, run.critic_lr = resolve_lrs(args, policy.lm, critic and critic.lm)
+    adamw = lambda params, lr: torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    optimizers = [adamw([w for w in policy.parameters() if w.requires_grad], run.lr)]   # [policy, critic]
+    if critic is not None:                                           # grpo / rloo: no critic
+        optimizers.append(adamw(critic.parameters(), run.critic_lr))
     if args.resume:
         ppo_checkpoint.load_optimizers(ckpt, optimizers, args.fsdp, get_rank())
     return models, optimizers
@@ -291,7 +313,7 @@ def reward_norm(args, run, policy, ref, rm, tok, train_prompts, state, device):
 def save_step(step, models, optimizers, tok, prompts, history, state, experience, args, run, last_saved):
     """The checkpoint of `step`, after the divergence guard's last look: the updated policy's KL to
     the reference (k2 on this step's rollouts) must stay within --max-kl before it is saved."""
-    policy, critic = unwrap(models.policy), unwrap(models.critic)
+    policy, critic = unwrap(models.policy), models.critic and unwrap(models.critic)
     if args.max_kl:
         with torch.no_grad():
             logprobs = policy(experience.input_ids, experience.attention_mask, experience.response_mask,
@@ -300,6 +322,7 @@ def save_step(step, models, optimizers, tok, prompts, history, state, experience
         check_divergence(step, "the updated policy's KL to the reference (k2 on this step's rollouts)", kl,
                          "--max-kl", args.max_kl, divergence_hint(run), last_saved, experience.input_ids.device)
     trainer_state = {"step": step, "anchors": [p.anchor for p in prompts], "world_size": get_world_size(),
+                     "advantage_estimator": args.advantage_estimator,
                      "history": history, "reward_norm": state.get("reward_norm"),
                      "policy_trainable": lora.trainable_state_dict(policy) if args.lora_rank else None}
     ppo_checkpoint.save(os.path.join(args.out_dir, "checkpoint"), policy, critic, optimizers, tok, trainer_state,
@@ -325,11 +348,15 @@ def check_lengths(prompts, tok, args, run):
         pair = encode_pair(tok, run.judge_template, p.principle, p.prompt, anchor, "")
         if judge_max:
             check_length(len(pair) + anchor_len + R, judge_max, p.source, "the judge's input", hint)
+        if judge_max and args.reward == "pairwise-group":              # two rollouts in one judge input
+            two = len(encode_pair(tok, run.judge_template, p.principle, p.prompt, "", "")) + 2 * R
+            check_length(two, judge_max, p.source, "the judge's input (two rollouts)", hint)
         template = run.reward.template
         critic = (template.pair_ids(tok, p.principle, p.prompt, tok.encode(anchor)) if args.critic == "pairwise"
                   else template.prefix_ids(tok, p.principle, p.prompt))   # as critic_inputs builds it
-        check_length(len(critic) + anchor_len + R, rm_max, p.source, "the critic's input", hint)
-        if args.reward != "pairwise":         # the BT model scores prefix + response + end of turn, and the anchor
+        if args.critic != "none":
+            check_length(len(critic) + anchor_len + R, rm_max, p.source, "the critic's input", hint)
+        if not args.reward.startswith("pairwise"):  # the BT model scores prefix + response + end of turn, anchor
             single = lambda y: len(encode_single(tok, template, p.principle, p.prompt, y))
             check_length(single("") + R, rm_max, p.source, "the reward model's input", hint)
             if args.reward == "bt-anchor" and p.anchor:
@@ -369,8 +396,9 @@ def train(args, rank, world_size, device):
     fill_anchors(train_prompts + eval_prompts, unwrap(models.policy), models.judge, tok, run.judge_template, args.anchor_samples,
                  run.sampling, args.seed, device)
     print0(f"PPO | reward {args.reward} ({args.reward_transform}, symmetric={args.symmetric}) | critic {args.critic} | "
-           f"{len(train_prompts):,} prompts | {args.prompts_per_step}x{args.samples_per_prompt} samples/step | "
-           f"{args.steps} steps | lr {run.lr:g}, critic {run.critic_lr:g} | {world_size} rank(s) on {device}"
+           f"advantages {args.advantage_estimator} | {len(train_prompts):,} prompts | "
+           f"{args.prompts_per_step}x{args.samples_per_prompt} samples/step | {args.steps} steps | "
+           f"lr {run.lr:g}, critic {run.critic_lr or 0:g} | {world_size} rank(s) on {device}"
            f"{' (FSDP2)' if args.fsdp else ''} | out {args.out_dir}")
     logger = MetricsLogger(args.out_dir, report_to=args.report_to, config=vars(args) | {"lr": run.lr, "critic_lr": run.critic_lr})
     step = state["step"]
@@ -417,7 +445,7 @@ def log_step(logger, step, stats, dt, args, run, last_saved, device):
     """One metrics row: every rank's statistics in one collective (means; tokens summed), then the
     divergence guard on the update's largest ratio (maxed over the ranks)."""
     ratio_max = stats["ppo/ratio_max"]
-    stats = mean_over_ranks(stats, device, sum_keys=("tokens",))
+    stats = mean_over_ranks(stats, device, sum_keys=("tokens", "perf/judge_rows", "perf/judge_tokens"))
     tokens = stats.pop("tokens")
     stats.update({"perf/ms": 1000 * dt, "perf/tok_per_s": tokens / dt})
     logger.log(step, stats, total=args.steps,

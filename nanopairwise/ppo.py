@@ -6,7 +6,8 @@ then ppo_update (step 5).
   2. score them (reward.score_responses), minus --truncation-penalty for a response without EOS
   3. old and reference log-probs of the sampled tokens and the critic's values (a forward each)
   4. per-token reward -kl_coef * k1 on every token plus the score on the last token; GAE;
-     advantages whitened over the global batch (all ranks)
+     advantages whitened over the global batch (all ranks); --advantage-estimator grpo | rloo:
+     no critic, the prompt's other K - 1 samples are the baseline (losses.estimate_advantages)
   5. --ppo-epochs passes of --minibatches minibatches: clipped surrogate + clipped value loss
      through the fused PPO-loss kernel (ops.ppo_loss), one backward, a finite check, the steps
 
@@ -46,16 +47,18 @@ class RunState:
 
 
 def resolve_lrs(args, policy_lm, critic_lm):
-    """(policy lr, critic lr): --lr / --critic-lr, else lora.DEFAULT_LR of each model's regime (tiny/full/lora)."""
+    """(policy lr, critic lr): --lr / --critic-lr, else lora.DEFAULT_LR of each model's regime (tiny/full/lora);
+    the critic's is None without a critic (critic_lm None)."""
     lr = args.lr if args.lr is not None else lora.DEFAULT_LR[lora.regime(policy_lm)]["policy"]
-    critic_lr = args.critic_lr if args.critic_lr is not None else lora.DEFAULT_LR[lora.regime(critic_lm)]["critic"]
+    critic_lr = (None if critic_lm is None else args.critic_lr if args.critic_lr is not None
+                 else lora.DEFAULT_LR[lora.regime(critic_lm)]["critic"])
     return lr, critic_lr
 
 
 class Models(NamedTuple):
     policy: nn.Module   # PolicyLogprobs, trained (DDP-wrapped or FSDP-sharded under torchrun)
     ref: nn.Module      # the frozen reference policy of the KL term
-    critic: nn.Module   # ScalarHeadModel, trained (wrapped like the policy)
+    critic: nn.Module   # ScalarHeadModel, trained (wrapped like the policy); None with grpo / rloo
     rm: nn.Module       # the frozen reward model: the judge (pairwise) or the BT model
     judge: nn.Module = None   # the judge, for anchors and held-out win rates (the rm for pairwise; None if absent)
 
@@ -68,9 +71,9 @@ class Experience:
     response_mask: torch.Tensor    # (B, R) float, 1 = sampled token (EOS included)
     old_logprobs: torch.Tensor     # (B, R) of the policy that sampled, 0 where masked
     ref_logprobs: torch.Tensor     # (B, R) of the reference policy
-    old_values: torch.Tensor       # (B, R) the critic's values at sampling time
-    advantages: torch.Tensor       # (B, R) GAE, whitened over the global batch
-    returns: torch.Tensor          # (B, R) lambda-returns, the critic's targets
+    old_values: torch.Tensor       # (B, R) the critic's values at sampling time; None: no critic
+    advantages: torch.Tensor       # (B, R) GAE, whitened over the global batch (or grpo / rloo's)
+    returns: torch.Tensor          # (B, R) lambda-returns, the critic's targets; None: no critic
     critic_ids: torch.Tensor       # (B, P' + R) the critic's prefix (left-padded to P') then response
     critic_mask: torch.Tensor      # (B, P' + R)
     critic_prefix_len: int         # P': the value of response token t is read at P' - 1 + t
@@ -87,7 +90,7 @@ class Experience:
 @torch.no_grad()
 def make_experience(step_prompts, models, tok, args, run, device, generator):
     """Steps 1-4 for this rank's prompts (K samples each): (Experience, stats)."""
-    policy, ref, critic, rm = (unwrap(m) for m in models[:4])      # no DDP wrapper needed without grads
+    policy, ref, critic, rm = (m and unwrap(m) for m in models[:4])  # no DDP wrapper needed without grads
     policy.eval()
     K = args.samples_per_prompt
     prompts = [p for p in step_prompts for _ in range(K)]          # one per row: B = len(step_prompts) * K
@@ -96,7 +99,8 @@ def make_experience(step_prompts, models, tok, args, run, device, generator):
     rollout = sample(policy, tok, [p.prompt for p in prompts], run.sampling, generator)
     t1 = clock(device)
     # 2. score them (B,); a response cut off at --max-new-tokens without EOS loses --truncation-penalty
-    scores, win = score_responses(prompts, rollout.texts(tok), rm, tok, run.reward, anchor_scores=run.anchor_scores)
+    scores, win, judge_cost = score_responses(prompts, rollout.texts(tok), rm, tok, run.reward,
+                                              anchor_scores=run.anchor_scores)
     scores = scores.to(device) - args.truncation_penalty * (~rollout.ended).float()
     t2 = clock(device)
     # 3. old and reference log-probs, and the critic's values: a forward each, (B, R). The rollout's
@@ -106,18 +110,20 @@ def make_experience(step_prompts, models, tok, args, run, device, generator):
     response_mask = rollout.response_mask.float()                   # (B, R)
     old_logprobs = policy(input_ids, attention_mask, response_mask, args.temperature).logprobs
     ref_logprobs = ref(input_ids, attention_mask, response_mask, args.temperature).logprobs
-    critic_ids, critic_mask, critic_prefix_len = critic_inputs(tok, run.reward.template, prompts, rollout.response_ids,
-                                                               rollout.response_mask, pairwise=args.critic == "pairwise")
-    old_values = critic_values(critic, critic_ids, critic_mask, critic_prefix_len, response_mask.size(1)) * response_mask
+    critic_ids = critic_mask = old_values = None                     # grpo / rloo: no critic
+    critic_prefix_len = 0
+    if critic is not None:
+        critic_ids, critic_mask, critic_prefix_len = critic_inputs(
+            tok, run.reward.template, prompts, rollout.response_ids, rollout.response_mask, args.critic == "pairwise")
+        old_values = critic_values(critic, critic_ids, critic_mask, critic_prefix_len, response_mask.size(1))
+        old_values = old_values * response_mask
     t3 = clock(device)
-    # 4. per-token rewards (B, R): -kl_coef * k1 on every token, the score on the last; GAE; whitening.
-    #    GAE runs twice because the policy and the critic may use different lambdas (--lam,
-    #    --value-lam): the advantages of the first, the critic's lambda-return targets of the second
+    # 4. per-token rewards (B, R): -kl_coef * k1 on every token, the score on the last; then GAE (advantages
+    #    with --lam, the critic's targets with --value-lam) or grpo / rloo; whitening over all ranks' tokens
     kl = losses.kl_estimate(old_logprobs, ref_logprobs, "k1") * response_mask
     rewards = losses.shape_rewards(scores, response_mask, kl if args.kl_mode == "reward" else None, args.kl_coef)
-    advantages, _ = losses.gae(rewards, old_values, response_mask, args.gamma, args.lam)
-    _, returns = losses.gae(rewards, old_values, response_mask, args.gamma, args.value_lam)
-    advantages = losses.masked_whiten(advantages, response_mask, distributed=True)      # over all ranks' tokens
+    advantages, returns = losses.estimate_advantages(args.advantage_estimator, rewards, old_values, response_mask, K,
+                                                     args.gamma, args.lam, args.value_lam, distributed=True)
     policy.train()
     experience = Experience(input_ids, attention_mask, response_mask, old_logprobs, ref_logprobs, old_values,
                             advantages, returns, critic_ids, critic_mask, critic_prefix_len)
@@ -127,7 +133,7 @@ def make_experience(step_prompts, models, tok, args, run, device, generator):
         means["rollout/win_rate"] = win.mean().to(device)
     stats = dict(zip(means, torch.stack([v.float() for v in means.values()]).tolist()))   # one host sync
     stats.update({"tokens": int(stats["tokens"]), "perf/rollout_s": t1 - t0, "perf/score_s": t2 - t1,
-                  "perf/forward_s": t3 - t2})
+                  "perf/forward_s": t3 - t2, **judge_cost})
     return experience, stats
 
 
@@ -147,7 +153,8 @@ def ppo_update(experience, models, optimizers, args, run, generator, step=0, las
             with torch.set_grad_enabled(not warmup):
                 new = policy(minibatch.input_ids, minibatch.attention_mask, response_mask, args.temperature,
                              entropy=True)
-            values = critic_values(critic, minibatch.critic_ids, minibatch.critic_mask, experience.critic_prefix_len, R)
+            values = None if critic is None else critic_values(critic, minibatch.critic_ids, minibatch.critic_mask,
+                                                                experience.critic_prefix_len, R)
             # 5b. clipped surrogate + clipped value loss (+ k3 KL with --kl-mode loss), one fused op
             ref_logprobs = minibatch.ref_logprobs if args.kl_mode == "loss" else None
             terms = ops.ppo_loss(new.logprobs, minibatch.old_logprobs, minibatch.advantages, response_mask,
@@ -160,18 +167,21 @@ def ppo_update(experience, models, optimizers, args, run, generator, step=0, las
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
             terms.loss.backward()
-            norms = [clip_grad_norm(m, args.grad_clip, terms.loss.device) for m in (policy, critic)]
+            norms = [clip_grad_norm(m, args.grad_clip, terms.loss.device) for m in (policy, critic) if m is not None]
             check_finite_over_ranks(step + 1, dict(zip(("policy loss (pg)", "critic loss (v)", "policy grad norm",
                                                         "critic grad norm"), (terms.pg_loss, terms.v_loss, *norms))),
-                                    f"--lr {run.lr:g} (policy), --critic-lr {run.critic_lr:g} and --vf-coef (critic), "
+                                    f"--lr {run.lr:g} (policy), --critic-lr {run.critic_lr or 0:g} and --vf-coef "
+                                    "(critic), "
                                     "--grad-clip, --dtype", last_saved)
             for opt in optimizers[1:] if warmup else optimizers:    # [policy, critic]
                 opt.step()
             row = {"loss/pg": terms.pg_loss, "loss/v": terms.v_loss, "loss/kl": terms.kl_loss,
                    "ppo/clipfrac": terms.clipfrac, "ppo/approx_kl": terms.approx_kl, "ppo/ratio_max": terms.ratio_max,
                    "policy/entropy": losses.masked_mean(new.entropy.detach(), response_mask),
-                   "critic/explained_var": losses.explained_variance(values.detach(), minibatch.returns, response_mask),
                    "ppo/ratio_mean": terms.ratio_mean, "ppo/vf_clipfrac": terms.vf_clipfrac}
+            if values is not None:
+                row["critic/explained_var"] = losses.explained_variance(values.detach(), minibatch.returns,
+                                                                        response_mask)
             for k, v in row.items():
                 per_minibatch.setdefault(k, []).append(v.detach().float())     # no host sync per minibatch
     # the largest ratio of the update (the divergence guard reads it), the mean of everything else; one host sync
