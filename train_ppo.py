@@ -52,19 +52,19 @@ from dataclasses import replace
 
 import torch
 
-from nanopairwise import batching, checkpoint, data, lora, losses, ppo_checkpoint, tracking
+from nanopairwise import batching, data, lora, losses, ppo_checkpoint, tracking
 from nanopairwise.common import DTYPES, Progress, atomic_write_text, clock, derive_seed, dumps_json, parse_dtype, set_seed
 from nanopairwise.distributed import (barrier, compute_cleanup, compute_init, get_rank, get_world_size, mean_over_ranks,
                                       print0, shard_model, unwrap, wrap_data_parallel)
 from nanopairwise.evaluation import evaluate_policy
-from nanopairwise.guards import (UserError, check_divergence, check_divides, check_flag, check_input_file, check_length,
+from nanopairwise.guards import (UserError, check_divergence, check_divides, check_flag, check_input_file,
                                  check_model_dir, check_out_dir, check_rows, cli_main)
 from nanopairwise.judge import PairwiseJudge, verdict_token_ids
-from nanopairwise.layouts import Sampling, encode_pair, encode_prompt, encode_single
+from nanopairwise.layouts import Sampling
 from nanopairwise.model import Block, Transformer
 from nanopairwise.pipeline import has_model, ppo_inputs
 from nanopairwise.policy import PolicyLogprobs
-from nanopairwise.ppo import Models, RunState, make_experience, ppo_update, resolve_lrs
+from nanopairwise.ppo import Models, RunState, check_lengths, make_experience, ppo_update, resolve_lrs
 from nanopairwise.reward import RewardConfig, fill_anchors, measure_reward_norm
 from nanopairwise.rm_checkpoint import load_rm_config
 from nanopairwise.rundir import claim_out_dir
@@ -331,36 +331,6 @@ def save_step(step, models, optimizers, tok, prompts, history, state, experience
 
 def divergence_hint(run) -> str:
     return f"--lr {run.lr:g}, --kl-coef, --clip-low/--clip-high"
-
-
-def check_lengths(prompts, tok, args, run):
-    """Every sequence a model will read fits its max_position_embeddings, counting --max-new-tokens
-    for the response (twice when a best-of-N anchor is still to be sampled). Prompts are never cut:
-    one too long is refused by file:line before any model is loaded (else: out of memory)."""
-    limit = lambda path: checkpoint.read_config(path)["max_position_embeddings"]
-    policy_max, rm_max = limit(run.policy_dir), limit(run.rm_dir)
-    judge_max = limit(args.judge) if run.has_judge else None
-    hint = "shorten the prompt / anchor / principle or lower --max-new-tokens"
-    R = args.max_new_tokens
-    for p in prompts:
-        anchor, anchor_len = p.anchor or "", 0 if p.anchor else R
-        check_length(len(encode_prompt(tok, p.prompt)) + R, policy_max, p.source, "prompt + response", hint)
-        pair = encode_pair(tok, run.judge_template, p.principle, p.prompt, anchor, "")
-        if judge_max:
-            check_length(len(pair) + anchor_len + R, judge_max, p.source, "the judge's input", hint)
-        if judge_max and args.reward == "pairwise-group":              # two rollouts in one judge input
-            two = len(encode_pair(tok, run.judge_template, p.principle, p.prompt, "", "")) + 2 * R
-            check_length(two, judge_max, p.source, "the judge's input (two rollouts)", hint)
-        template = run.reward.template
-        critic = (template.pair_ids(tok, p.principle, p.prompt, tok.encode(anchor)) if args.critic == "pairwise"
-                  else template.prefix_ids(tok, p.principle, p.prompt))   # as critic_inputs builds it
-        if args.critic != "none":
-            check_length(len(critic) + anchor_len + R, rm_max, p.source, "the critic's input", hint)
-        if not args.reward.startswith("pairwise"):  # the BT model scores prefix + response + end of turn, anchor
-            single = lambda y: len(encode_single(tok, template, p.principle, p.prompt, y))
-            check_length(single("") + R, rm_max, p.source, "the reward model's input", hint)
-            if args.reward == "bt-anchor" and p.anchor:
-                check_length(single(p.anchor), rm_max, p.source, "the reward model's input (anchor)", hint)
 
 
 # ----------------------------------------------------------------------------------------------

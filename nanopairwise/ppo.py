@@ -1,6 +1,6 @@
 """One PPO step of train_ppo.py, per rank on its share of the global batch (B = prompts x K rows, P
 prompt and R response tokens, the letters of docs/DESIGN.md §6): make_experience (steps 1-4),
-then ppo_update (step 5).
+then ppo_update (step 5); check_lengths, the inputs' lengths checked before any model loads.
 
   1. sample K responses for each prompt of the step with the KV-cache rollout engine (layouts.sample)
   2. score them (reward.score_responses), minus --truncation-penalty for a response without EOS
@@ -20,11 +20,12 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from nanopairwise import batching, lora, losses, ops
+from nanopairwise import batching, checkpoint, lora, losses, ops
 from nanopairwise.common import clock
 from nanopairwise.distributed import clip_grad_norm, unwrap
-from nanopairwise.guards import check_finite_over_ranks
-from nanopairwise.layouts import JudgeTemplate, Sampling, critic_inputs, sample
+from nanopairwise.guards import check_finite_over_ranks, check_length
+from nanopairwise.layouts import (JudgeTemplate, Sampling, critic_inputs, encode_pair, encode_prompt, encode_single,
+                                  sample)
 from nanopairwise.reward import RewardConfig, score_responses
 from nanopairwise.scalar_head import critic_values
 
@@ -81,6 +82,36 @@ class Experience:
     def select(self, rows: torch.Tensor) -> "Experience":
         """The experience of `rows` (a minibatch)."""
         return Experience(**{k: v[rows] if torch.is_tensor(v) else v for k, v in vars(self).items()})
+
+
+def check_lengths(prompts, tok, args, run):
+    """Every sequence a model will read fits its max_position_embeddings, counting --max-new-tokens
+    for the response (twice when a best-of-N anchor is still to be sampled). Prompts are never cut:
+    one too long is refused by file:line before any model is loaded (else: out of memory)."""
+    limit = lambda path: checkpoint.read_config(path)["max_position_embeddings"]
+    policy_max, rm_max = limit(run.policy_dir), limit(run.rm_dir)
+    judge_max = limit(args.judge) if run.has_judge else None
+    hint = "shorten the prompt / anchor / principle or lower --max-new-tokens"
+    R = args.max_new_tokens
+    for p in prompts:
+        anchor, anchor_len = p.anchor or "", 0 if p.anchor else R
+        check_length(len(encode_prompt(tok, p.prompt)) + R, policy_max, p.source, "prompt + response", hint)
+        pair = encode_pair(tok, run.judge_template, p.principle, p.prompt, anchor, "")
+        if judge_max:
+            check_length(len(pair) + anchor_len + R, judge_max, p.source, "the judge's input", hint)
+        if judge_max and args.reward == "pairwise-group":              # two rollouts in one judge input
+            two = len(encode_pair(tok, run.judge_template, p.principle, p.prompt, "", "")) + 2 * R
+            check_length(two, judge_max, p.source, "the judge's input (two rollouts)", hint)
+        template = run.reward.template
+        critic = (template.pair_ids(tok, p.principle, p.prompt, tok.encode(anchor)) if args.critic == "pairwise"
+                  else template.prefix_ids(tok, p.principle, p.prompt))   # as critic_inputs builds it
+        if args.critic != "none":
+            check_length(len(critic) + anchor_len + R, rm_max, p.source, "the critic's input", hint)
+        if not args.reward.startswith("pairwise"):  # the BT model scores prefix + response + end of turn, anchor
+            single = lambda y: len(encode_single(tok, template, p.principle, p.prompt, y))
+            check_length(single("") + R, rm_max, p.source, "the reward model's input", hint)
+            if args.reward == "bt-anchor" and p.anchor:
+                check_length(single(p.anchor), rm_max, p.source, "the reward model's input (anchor)", hint)
 
 
 # ----------------------------------------------------------------------------------------------
