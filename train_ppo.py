@@ -4,6 +4,7 @@
     python train_ppo.py                                         # the same in one process
     python train_ppo.py --reward bt                             # baseline: BT scalar reward, standard critic
     python train_ppo.py --reward bt-anchor                      # BT model's win probability against the anchor
+    python train_ppo.py --reward pairwise-group --advantage-estimator grpo   # critic-free, judged within the group
     python train_ppo.py --policy DIR --judge DIR --prompts rl.jsonl --eval-prompts rl_heldout.jsonl
 
 On the built-in task the main job bootstraps the task if missing (tokenizer, SFT policy, pairs, RL
@@ -17,7 +18,10 @@ One PPO step (nanopairwise/ppo.py; per rank, on its share of the global batch, B
      sigmoid(r(x, y) - r(x, y*)), then --reward-transform
   3. old and reference log-probs of the sampled tokens and the critic's values (a forward each)
   4. per-token reward -kl_coef * k1 on every token plus the score on the last token; GAE;
-     advantages whitened over the global batch (all ranks)
+     advantages whitened over the global batch (all ranks). --advantage-estimator grpo | rloo: no
+     critic, each row's return against its prompt's other K - 1 samples; --reward pairwise-group:
+     the judge's mean win probability against those samples (DESIGN §1.4 items 19, 20). Truncated
+     IS for the rollout engine's arithmetic
   5. --ppo-epochs passes of --minibatches minibatches: clipped surrogate + clipped value loss
      through the fused PPO-loss kernel (reference with NANOPAIRWISE_KERNELS=ref)
 This file: the flags, load_inputs (every input checked before a model loads), build_models (the
@@ -49,19 +53,19 @@ from dataclasses import replace
 
 import torch
 
-from nanopairwise import batching, checkpoint, data, lora, losses, ppo_checkpoint, tracking
+from nanopairwise import batching, checkpoint, common, data, lora, losses, ppo_checkpoint, tracking
 from nanopairwise.common import DTYPES, Progress, atomic_write_text, clock, derive_seed, dumps_json, parse_dtype, set_seed
 from nanopairwise.distributed import (barrier, compute_cleanup, compute_init, get_rank, get_world_size, mean_over_ranks,
                                       print0, shard_model, unwrap, wrap_data_parallel)
 from nanopairwise.evaluation import evaluate_policy
-from nanopairwise.guards import (UserError, check_divergence, check_divides, check_flag, check_input_file, check_length,
+from nanopairwise.guards import (UserError, check_divergence, check_divides, check_flag, check_input_file,
                                  check_model_dir, check_out_dir, check_rows, cli_main)
 from nanopairwise.judge import PairwiseJudge, verdict_token_ids
-from nanopairwise.layouts import Sampling, encode_pair, encode_prompt, encode_single
+from nanopairwise.layouts import Sampling
 from nanopairwise.model import Block, Transformer
 from nanopairwise.pipeline import has_model, ppo_inputs
 from nanopairwise.policy import PolicyLogprobs
-from nanopairwise.ppo import Models, RunState, make_experience, ppo_update, resolve_lrs
+from nanopairwise.ppo import Models, RunState, check_lengths, make_experience, ppo_update, resolve_lrs
 from nanopairwise.reward import RewardConfig, fill_anchors, measure_reward_norm
 from nanopairwise.rm_checkpoint import load_rm_config
 from nanopairwise.rundir import claim_out_dir
@@ -75,8 +79,12 @@ def get_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # runs and data
     p.add_argument("--run-dir", default="runs", help="where the built-in pipeline keeps task, RMs and PPO runs")
-    p.add_argument("--reward", choices=["pairwise", "bt", "bt-anchor"], default="pairwise",
-                   help="Pairwise-RL, BT baseline, or the BT model's win probability against the anchor")
+    p.add_argument("--reward", choices=["pairwise", "pairwise-group", "bt", "bt-anchor"], default="pairwise",
+                   help="Pairwise-RL, the judge's mean win probability against the prompt's other samples, "
+                        "BT baseline, or the BT model's win probability against the anchor")
+    p.add_argument("--group-anchor", action="store_true", help="--reward pairwise-group: the anchor joins each group")
+    p.add_argument("--advantage-estimator", choices=losses.ESTIMATORS, default="gae",
+                   help="gae (critic), or critic-free grpo / rloo over each prompt's K samples (docs/DESIGN.md §1.4)")
     p.add_argument("--policy", default=None, help="initial policy HF dir (default: the task's SFT policy)")
     p.add_argument("--judge", default=None, help="pairwise judge dir (default: RUN_DIR/judge/checkpoint)")
     p.add_argument("--bt-rm", default=None, help="BT reward model dir (default: RUN_DIR/bt/checkpoint)")
@@ -100,7 +108,7 @@ def get_args(argv=None):
     p.add_argument("--eval-size", type=int, default=256, help="held-out prompts per evaluation")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0 = at the end)")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint")
-    p.add_argument("--dtype", default="float32", help="float32 or bfloat16 (weights and compute)")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 (LoRA adapters stay fp32) or bf16-mixed (fp32 weights, bf16 autocast)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--seed", type=int, default=0,
                    help="random seed of every stream (data order, sampling, minibatches: common.derive_seed)")
@@ -112,6 +120,7 @@ def get_args(argv=None):
     if args.lora_rank and args.fsdp:
         p.error("--lora-rank with --fsdp is not supported (the reference shares the policy's weights)")
     args.critic = args.critic or ("pairwise" if args.reward == "pairwise" else "standard")
+    args.critic = args.critic if args.advantage_estimator == "gae" else "none"     # grpo / rloo: no critic
     args.out_dir = args.out_dir or os.path.join(args.run_dir, f"ppo_{args.reward}")
     args.task_dir = os.path.join(args.run_dir, "task")
     args.judge = args.judge or os.path.join(args.run_dir, "judge", "checkpoint")
@@ -184,6 +193,14 @@ def validate_args(args):
         check_flag(args, name, above=0, zero_ok=True)
     if args.dtype not in DTYPES:
         raise UserError(f"--dtype {args.dtype}: choose one of {', '.join(DTYPES)}")
+    grouped = [f for f, on in (("--advantage-estimator " + args.advantage_estimator, args.critic == "none"),
+                                ("--reward pairwise-group", args.reward == "pairwise-group")) if on]
+    if grouped and args.samples_per_prompt < 2:
+        raise UserError(f"--samples-per-prompt {args.samples_per_prompt}: {' and '.join(grouped)} compare each "
+                        "sample with the other samples of its prompt; use --samples-per-prompt 2 or more")
+    if args.critic == "none" and args.critic_warmup_steps:
+        raise UserError(f"--critic-warmup-steps {args.critic_warmup_steps}: --advantage-estimator "
+                        f"{args.advantage_estimator} has no critic to warm up")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,12 +211,14 @@ def load_inputs(args, world_size: int):
     """(run, tokenizer, train prompts, eval prompts, trainer state): every file and length checked."""
     run = RunState(*ppo_inputs(args), sampling=Sampling(args.max_new_tokens, args.temperature, args.top_p))
     ckpt = os.path.join(args.out_dir, "checkpoint")
-    state = ppo_checkpoint.load_state(ckpt, args.lora_rank, args.fsdp, world_size) if args.resume else {"step": 0}
+    state = (ppo_checkpoint.load_state(ckpt, args.lora_rank, args.fsdp, world_size, args.advantage_estimator)
+             if args.resume else {"step": 0})
     # with LoRA the base weights are re-read from --policy and the adapters from the trainer state
     run.policy_dir = os.path.join(ckpt, "policy") if args.resume and not args.lora_rank else run.policy
-    run.rm_dir = args.judge if args.reward == "pairwise" else args.bt_rm
+    judged = args.reward.startswith("pairwise")                      # the judge is the reward model
+    run.rm_dir = args.judge if judged else args.bt_rm
     for path, flag in ((run.policy, "--policy"), (run.policy_dir, "--resume"),
-                       (run.rm_dir, "--judge" if args.reward == "pairwise" else "--bt-rm")):
+                       (run.rm_dir, "--judge" if judged else "--bt-rm")):
         check_model_dir(path, flag)
     check_input_file(run.prompts, "--prompts")
     if run.eval_prompts:
@@ -207,7 +226,8 @@ def load_inputs(args, world_size: int):
     tok = Tokenizer.from_pretrained(run.policy_dir)
     run.has_judge = has_model(args.judge)                            # optional for --reward bt / bt-anchor
     run.judge_template = load_rm_config(args.judge)[1]              # each reward model's own text layout
-    run.reward = RewardConfig(args.reward, load_rm_config(run.rm_dir)[1], args.reward_transform, args.symmetric)
+    run.reward = RewardConfig(args.reward, load_rm_config(run.rm_dir)[1], args.reward_transform, args.symmetric,
+                              args.samples_per_prompt, args.group_anchor)
     run.anchor_scores = {} if args.reward == "bt-anchor" else None
     for path in {args.judge, run.rm_dir} if run.has_judge else {run.rm_dir}:  # same strings -> same ids
         if Tokenizer.from_pretrained(path).fingerprint() != tok.fingerprint():
@@ -247,27 +267,30 @@ def build_models(args, run, tok, train_prompts, state, device):
         judge = PairwiseJudge(load(args.judge), *verdict_token_ids(tok, run.judge_template))
         judge.eval().requires_grad_(False)
     dtype = parse_dtype(args.dtype)
-    rm = judge if args.reward == "pairwise" else ScalarHeadModel.from_pretrained(run.rm_dir, dtype, device).eval()
+    judged = args.reward.startswith("pairwise")                      # the judge is the reward model
+    rm = judge if judged else ScalarHeadModel.from_pretrained(run.rm_dir, dtype, device).eval()
     rm.requires_grad_(False)
     # the BT critic starts as the RM, head included (InstructGPT, N+ details, OpenRLHF); the judge has no
     # scalar head, and bt-anchor's probability is not affine in r, so those critics get a fresh zero head
     rm_head = args.reward == "bt" and args.critic == "standard" and not args.critic_fresh_head
-    critic = (ScalarHeadModel.from_pretrained(os.path.join(ckpt, "critic"), dtype, device) if args.resume
+    critic = (None if args.critic == "none" else      # grpo / rloo: no critic built, trained or saved
+              ScalarHeadModel.from_pretrained(os.path.join(ckpt, "critic"), dtype, device) if args.resume
               else ScalarHeadModel.from_pretrained(run.rm_dir, dtype, device, new_head=not rm_head))
     norm = reward_norm(args, run, policy, ref, rm, tok, train_prompts, state, device)
     run.reward = replace(run.reward, norm=norm)                       # fixed for the run from here on
-    if rm_head and norm and not args.resume:
+    if critic is not None and rm_head and norm and not args.resume:
         critic.normalize_head_(norm["mean"], norm["std"])   # V in the reward's units
     # under torchrun: trained models DDP-wrapped or FSDP2-sharded, frozen ones sharded too with FSDP
     models = Models(wrap_data_parallel(policy, args.fsdp, Block, device), ref,
-                    wrap_data_parallel(critic, args.fsdp, Block, device), rm, judge)
+                    critic and wrap_data_parallel(critic, args.fsdp, Block, device), rm, judge)
     if args.fsdp and get_world_size() > 1:
         for frozen in {id(m): m for m in (ref, rm, judge) if m is not None}.values():
             shard_model(frozen, Block)
-    run.lr, run.critic_lr = resolve_lrs(args, policy.lm, critic.lm)
-    optimizers = [torch.optim.AdamW([w for w in policy.parameters() if w.requires_grad], lr=run.lr, betas=(0.9, 0.95),
-                                    weight_decay=0.0),
-                  torch.optim.AdamW(critic.parameters(), lr=run.critic_lr, betas=(0.9, 0.95), weight_decay=0.0)]
+    run.lr, run.critic_lr = resolve_lrs(args, policy.lm, critic and critic.lm)
+    adamw = lambda params, lr: torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    optimizers = [adamw([w for w in policy.parameters() if w.requires_grad], run.lr)]   # [policy, critic]
+    if critic is not None:                                           # grpo / rloo: no critic
+        optimizers.append(adamw(critic.parameters(), run.critic_lr))
     if args.resume:
         ppo_checkpoint.load_optimizers(ckpt, optimizers, args.fsdp, get_rank())
     return models, optimizers
@@ -291,7 +314,7 @@ def reward_norm(args, run, policy, ref, rm, tok, train_prompts, state, device):
 def save_step(step, models, optimizers, tok, prompts, history, state, experience, args, run, last_saved):
     """The checkpoint of `step`, after the divergence guard's last look: the updated policy's KL to
     the reference (k2 on this step's rollouts) must stay within --max-kl before it is saved."""
-    policy, critic = unwrap(models.policy), unwrap(models.critic)
+    policy, critic = unwrap(models.policy), models.critic and unwrap(models.critic)
     if args.max_kl:
         with torch.no_grad():
             logprobs = policy(experience.input_ids, experience.attention_mask, experience.response_mask,
@@ -300,6 +323,7 @@ def save_step(step, models, optimizers, tok, prompts, history, state, experience
         check_divergence(step, "the updated policy's KL to the reference (k2 on this step's rollouts)", kl,
                          "--max-kl", args.max_kl, divergence_hint(run), last_saved, experience.input_ids.device)
     trainer_state = {"step": step, "anchors": [p.anchor for p in prompts], "world_size": get_world_size(),
+                     "advantage_estimator": args.advantage_estimator,
                      "history": history, "reward_norm": state.get("reward_norm"),
                      "policy_trainable": lora.trainable_state_dict(policy) if args.lora_rank else None}
     ppo_checkpoint.save(os.path.join(args.out_dir, "checkpoint"), policy, critic, optimizers, tok, trainer_state,
@@ -308,32 +332,6 @@ def save_step(step, models, optimizers, tok, prompts, history, state, experience
 
 def divergence_hint(run) -> str:
     return f"--lr {run.lr:g}, --kl-coef, --clip-low/--clip-high"
-
-
-def check_lengths(prompts, tok, args, run):
-    """Every sequence a model will read fits its max_position_embeddings, counting --max-new-tokens
-    for the response (twice when a best-of-N anchor is still to be sampled). Prompts are never cut:
-    one too long is refused by file:line before any model is loaded (else: out of memory)."""
-    limit = lambda path: checkpoint.read_config(path)["max_position_embeddings"]
-    policy_max, rm_max = limit(run.policy_dir), limit(run.rm_dir)
-    judge_max = limit(args.judge) if run.has_judge else None
-    hint = "shorten the prompt / anchor / principle or lower --max-new-tokens"
-    R = args.max_new_tokens
-    for p in prompts:
-        anchor, anchor_len = p.anchor or "", 0 if p.anchor else R
-        check_length(len(encode_prompt(tok, p.prompt)) + R, policy_max, p.source, "prompt + response", hint)
-        pair = encode_pair(tok, run.judge_template, p.principle, p.prompt, anchor, "")
-        if judge_max:
-            check_length(len(pair) + anchor_len + R, judge_max, p.source, "the judge's input", hint)
-        template = run.reward.template
-        critic = (template.pair_ids(tok, p.principle, p.prompt, tok.encode(anchor)) if args.critic == "pairwise"
-                  else template.prefix_ids(tok, p.principle, p.prompt))   # as critic_inputs builds it
-        check_length(len(critic) + anchor_len + R, rm_max, p.source, "the critic's input", hint)
-        if args.reward != "pairwise":         # the BT model scores prefix + response + end of turn, and the anchor
-            single = lambda y: len(encode_single(tok, template, p.principle, p.prompt, y))
-            check_length(single("") + R, rm_max, p.source, "the reward model's input", hint)
-            if args.reward == "bt-anchor" and p.anchor:
-                check_length(single(p.anchor), rm_max, p.source, "the reward model's input (anchor)", hint)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -351,7 +349,7 @@ def main(argv=None):
                         f"prompts x {args.samples_per_prompt} samples does not split into {args.minibatches} equal "
                         "minibatches; pick a divisor (or change --prompts-per-step / --samples-per-prompt)")
     check_out_dir(args.out_dir)
-    with claim_out_dir(args.out_dir):                               # one run per --out-dir
+    with claim_out_dir(args.out_dir), common.compute_precision(args.dtype, device):  # one run per --out-dir
         history = train(args, rank, world_size, device)
     if rank == 0 and "after" in history:
         print0(f"done in {time.time() - t_start:.0f} s (setup included) | {args.out_dir}")
@@ -369,8 +367,9 @@ def train(args, rank, world_size, device):
     fill_anchors(train_prompts + eval_prompts, unwrap(models.policy), models.judge, tok, run.judge_template, args.anchor_samples,
                  run.sampling, args.seed, device)
     print0(f"PPO | reward {args.reward} ({args.reward_transform}, symmetric={args.symmetric}) | critic {args.critic} | "
-           f"{len(train_prompts):,} prompts | {args.prompts_per_step}x{args.samples_per_prompt} samples/step | "
-           f"{args.steps} steps | lr {run.lr:g}, critic {run.critic_lr:g} | {world_size} rank(s) on {device}"
+           f"advantages {args.advantage_estimator} | {len(train_prompts):,} prompts | "
+           f"{args.prompts_per_step}x{args.samples_per_prompt} samples/step | {args.steps} steps | "
+           f"lr {run.lr:g}, critic {run.critic_lr or 0:g} | {world_size} rank(s) on {device}"
            f"{' (FSDP2)' if args.fsdp else ''} | out {args.out_dir}")
     logger = MetricsLogger(args.out_dir, report_to=args.report_to, config=vars(args) | {"lr": run.lr, "critic_lr": run.critic_lr})
     step = state["step"]
@@ -417,7 +416,7 @@ def log_step(logger, step, stats, dt, args, run, last_saved, device):
     """One metrics row: every rank's statistics in one collective (means; tokens summed), then the
     divergence guard on the update's largest ratio (maxed over the ranks)."""
     ratio_max = stats["ppo/ratio_max"]
-    stats = mean_over_ranks(stats, device, sum_keys=("tokens",))
+    stats = mean_over_ranks(stats, device, sum_keys=("tokens", "perf/judge_rows", "perf/judge_tokens"))
     tokens = stats.pop("tokens")
     stats.update({"perf/ms": 1000 * dt, "perf/tok_per_s": tokens / dt})
     logger.log(step, stats, total=args.steps,

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import torch
 
 from nanopairwise import batching, bootstrap, checkpoint, formats, lora, rm_checkpoint, tracking
-from nanopairwise.common import DTYPES, Progress, atomic_write_text, dumps_json, parse_dtype, set_rng_state, set_seed
+from nanopairwise.common import (DTYPES, Progress, compute_precision, atomic_write_text, dumps_json,
+                                 parse_dtype, set_rng_state, set_seed)
 from nanopairwise.data import DEFAULT_PRINCIPLE
 from nanopairwise.distributed import (barrier, clip_grad_norm, compute_cleanup, compute_init, gathered, get_rank, print0,
                                       wrap_data_parallel)
@@ -82,7 +83,8 @@ def get_args(argv=None):
     p.add_argument("--consistency-coef", type=float, default=0.0,
                    help="pairwise: add this times (p(a > b) - (1 - p(b > a)))^2 over the two orders of each pair")
     # runtime
-    p.add_argument("--dtype", default="float32", help="float32 or bfloat16 (weights and compute)")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 (weights and compute; LoRA adapters stay fp32) "
+                   "or bf16-mixed (fp32 weights, bf16 matmuls under autocast)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--fsdp", action="store_true", help="under torchrun, shard the model with FSDP2 (else DDP)")
     p.add_argument("--seed", type=int, default=0,
@@ -266,7 +268,7 @@ def main(argv=None):
     check_divides(args.batch_size, "--batch-size", world_size)
     run = resolve_inputs(args)
     check_out_dir(args.out_dir)
-    with claim_out_dir(args.out_dir):                               # one run per --out-dir
+    with claim_out_dir(args.out_dir), compute_precision(args.dtype, device):  # one run per --out-dir
         metrics = train(args, run, rank, world_size, device)
     compute_cleanup()
     return metrics

@@ -68,7 +68,19 @@ def set_rng_state(state: dict):
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+          "bf16-mixed": torch.float32}  # the weights' dtype; bf16-mixed computes in AUTOCAST's
+# mixed precision: fp32 weights (the master copy the optimizer updates, fp32 gradients) and bf16
+# matmuls under torch.autocast, on the CPU (native bf16 on AVX512-BF16 / AMX) as on CUDA
+AUTOCAST = {"bf16-mixed": torch.bfloat16}
+
+
+def compute_precision(name: str, device):
+    """The autocast context a --dtype trains under (none but for a mixed one). Wraps the whole run:
+    autocast changes only which dtype matmuls compute in, not optimizer steps or saved weights."""
+    if name not in AUTOCAST:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=AUTOCAST[name])
 
 
 def parse_dtype(name) -> torch.dtype:

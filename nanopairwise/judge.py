@@ -66,12 +66,14 @@ def verdict_token_ids(tokenizer, template: JudgeTemplate):
 
 class PairwiseJudge(nn.Module):
     """A causal LM used as a judge. forward() returns the next-token logits after each input (B, V),
-    so DDP/FSDP see one ordinary forward; `verdict_logits` picks the two verdict columns."""
+    so DDP/FSDP see one ordinary forward; `verdict_logits` picks the two verdict columns and counts
+    its cost: `rows_scored` inputs and `tokens_scored` (padded) tokens read so far."""
 
     def __init__(self, lm: nn.Module, yes_id: int, no_id: int):
         super().__init__()
         self.lm = lm
         self.yes_id, self.no_id = yes_id, no_id
+        self.rows_scored, self.tokens_scored = 0, 0
 
     def forward(self, input_ids, attention_mask):
         hidden = self.lm.trunk(input_ids, attention_mask=attention_mask)                # (B, T, C)
@@ -81,6 +83,8 @@ class PairwiseJudge(nn.Module):
     @torch.no_grad()
     def verdict_logits(self, input_ids, attention_mask):
         """(B, 2) fp32 [z_yes, z_no] without forming the full vocabulary row."""
+        self.rows_scored += input_ids.size(0)
+        self.tokens_scored += input_ids.numel()            # padded: what the forward computes on (no host sync)
         hidden = self.lm.trunk(input_ids, attention_mask=attention_mask)                # (B, T, C)
         h_last = gather_last(hidden, attention_mask).float()                            # (B, C)
         w = self.lm.lm_head_weight[[self.yes_id, self.no_id]].float()                   # (2, C)

@@ -16,6 +16,10 @@ and optimizer state. Three uses:
   - resume: the adapters (`trainable_state_dict`) travel with the trainer state; the base weights
     are re-read from the starting checkpoint, which never changes, so resume is exact.
 
+The adapters are fp32 even on bf16 base weights (`--dtype bfloat16`): an AdamW step of 1e-5 on
+an entry of A of size ~0.1 is below half a bf16 ulp (~2e-4) and would be lost; in fp32 it is kept.
+Their product is added to the base output in its dtype.
+
 `LoRALinear` subclasses nn.Linear and keeps its `weight` / `bias`, so parameter names of the base
 model do not change (`...q_proj.weight`); the adapters add `...q_proj.lora_A` / `.lora_B`.
 """
@@ -41,7 +45,7 @@ class LoRALinear(nn.Linear):
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        kw = dict(dtype=base.weight.dtype, device=base.weight.device)
+        kw = dict(dtype=torch.float32, device=base.weight.device)  # fp32 adapters, whatever the base's dtype
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **kw))   # (r, in)
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **kw))  # (out, r)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -52,7 +56,8 @@ class LoRALinear(nn.Linear):
         y = F.linear(x, self.weight, self.bias)
         if not self.adapter_on:
             return y
-        return y + self.scaling * F.linear(F.linear(x, self.lora_A), self.lora_B)  # (.., r) -> (.., out)
+        update = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)  # (.., r) -> (.., out)
+        return y + (self.scaling * update).to(y.dtype)
 
     def merged_weight(self, weight=None, A=None, B=None) -> torch.Tensor:
         """W + (alpha / r) B A, computed in fp32 (from the given tensors, default this module's)."""

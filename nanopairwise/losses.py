@@ -15,6 +15,8 @@ Contents
   sequence_kl sums one over a response
 - ppo_loss_ref: clipped surrogate (separate low/high clip) + optional KL term + clipped value loss
 - gae: generalized advantage estimation (Schulman et al. 2015, arXiv 1506.02438)
+- group_advantages_ref: critic-free GRPO / RLOO advantages over each prompt's K samples;
+  estimate_advantages: the advantages (and critic targets) of --advantage-estimator
 - masked_mean / masked_whiten (optionally over all DDP ranks) / explained_variance
 """
 
@@ -237,6 +239,67 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
             adv[:, t] = last
         adv = adv * m
         return adv, (adv + v) * m
+
+
+ESTIMATORS = ("gae", "grpo", "rloo")  # train_ppo.py --advantage-estimator; only gae has a critic
+
+
+def group_advantages_ref(rewards: torch.Tensor, mask: torch.Tensor, group_size: int, estimator: str = "grpo",
+                         eps: float = 1e-6) -> torch.Tensor:
+    """Critic-free advantages (B, T): each row's return against the other samples of its prompt.
+
+    rewards (B, T) per-token rewards (shape_rewards), mask (B, T) the response tokens; the B rows
+    are B / K groups of K = group_size adjacent rows, the K samples of one prompt. With
+      R_i = sum_t rewards[i, t]       the row's return: with the KL in the reward (--kl-mode reward)
+                                      the score minus beta * the summed k1, else the score alone
+      grpo: A_i = (R_i - mean_g R) / (std_g R + eps)           (GRPO, arXiv 2402.03300)
+      rloo: A_i = R_i - (sum_g R - R_i) / (K - 1)               (RLOO, arXiv 2402.14740)
+                = K / (K - 1) * (R_i - mean_g R)
+    where g is row i's group and std_g is the sample (Bessel-corrected) std, every token of the
+    response gets its row's A_i: A[i, t] = A_i * mask[i, t]. The KL enters as verl's
+    compute_grpo_outcome_advantage / compute_rloo_outcome_advantage (the sum of token_level_rewards,
+    which hold the score minus beta * KL with algorithm.use_kl_in_reward) and TRL's RLOOTrainer
+    (rlhf_reward = scores - kl_coef * kl.sum(1)) have it: a sequence-level return, not per-token
+    returns-to-go (the sum is the return-to-go of the first token; later tokens get the same A_i).
+    A group whose returns are all equal gets A = 0 (grpo: 0 / eps). Returns fp32, no gradient.
+    """
+    if estimator not in ("grpo", "rloo"):
+        raise ValueError(f"unknown critic-free estimator {estimator!r}; choose grpo or rloo")
+    B = rewards.size(0)
+    if group_size < 2 or B % group_size:
+        raise ValueError(f"group_advantages_ref: {B} rows are not groups of K = {group_size} >= 2 samples")
+    with torch.no_grad():
+        m = mask.to(torch.float32)
+        R = (rewards.float() * m).sum(1).view(B // group_size, group_size)                   # (B / K, K)
+        if estimator == "grpo":
+            adv = (R - R.mean(1, keepdim=True)) / (R.std(1, keepdim=True) + eps)
+        else:
+            adv = R - (R.sum(1, keepdim=True) - R) / (group_size - 1)
+        return adv.reshape(B, 1) * m                                                           # (B, T)
+
+
+def estimate_advantages(estimator: str, rewards: torch.Tensor, values: Optional[torch.Tensor], mask: torch.Tensor,
+                        group_size: int, gamma: float = 1.0, lam: float = 0.95, value_lam: float = 0.95,
+                        distributed: bool = False):
+    """(advantages, returns) (B, T) of a step's rollouts for --advantage-estimator:
+
+      gae   GAE with `lam` for the advantages and with `value_lam` for the critic's lambda-return
+            targets (the two lambdas may differ), advantages whitened over the batch
+      rloo  group_advantages_ref, whitened over the batch like gae's (so only the baseline differs:
+            the other samples' mean instead of the critic); returns None (no critic)
+      grpo  group_advantages_ref, not whitened: the group std already normalises each prompt's
+            advantages (as in verl and TRL, which whiten GAE's but not GRPO's); returns None
+    `distributed`: whitening over the union of all ranks' tokens (masked_whiten)."""
+    if estimator == "gae":
+        advantages, _ = gae(rewards, values, mask, gamma, lam)
+        _, returns = gae(rewards, values, mask, gamma, value_lam)
+    elif estimator in ("grpo", "rloo"):
+        advantages, returns = group_advantages_ref(rewards, mask, group_size, estimator), None
+    else:
+        raise ValueError(f"unknown advantage estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+    if estimator != "grpo":
+        advantages = masked_whiten(advantages, mask, distributed=distributed)
+    return advantages, returns
 
 
 def linear_token_logprobs_ref(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanopairwise import checkpoint, lora
+from nanopairwise.kv_cache import KVCache
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -107,9 +108,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x, weight, eps: float):
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -128,6 +132,14 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     in_band = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
     return torch.where(in_band, smoothed, scaled)
+
+
+def rope_cos_sin(inv_freq, position_ids, dtype):
+    """position_ids (B, T) -> cos, sin (B, T, D): angles in fp32 (positions reach 1e5), then cast
+    to the activation dtype as HF does."""
+    freqs = position_ids[..., None].float() * inv_freq  # (B, T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rope(x, cos, sin):
@@ -207,36 +219,6 @@ class Block(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# KV cache
-
-
-class KVCache:
-    """Static per-layer K/V buffers for incremental decoding, allocated once.
-
-    k[i], v[i]: (B, Hkv, T_max, D) for layer i. Every call to `trunk` appends its T tokens to
-    slots [length, length + T) of every row, so all rows share one host-side `length` (prompts
-    are left-padded to one length; finished rows keep feeding pads) and no step reads it from
-    the device. key_mask (B, T_max): 1 = the slot holds a real token. next_pos (B,): the
-    position id the next real token of each row gets (its count of real tokens so far).
-    """
-
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype, device):
-        shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
-        self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.length, self.max_len = 0, max_len
-
-    def update(self, layer_idx: int, k, v):
-        """Write k, v (B, Hkv, T, D) into the slots after `length`; return the filled prefix."""
-        end = self.length + k.size(2)
-        self.k[layer_idx][:, :, self.length:end] = k
-        self.v[layer_idx][:, :, self.length:end] = v
-        return self.k[layer_idx][:, :, :end], self.v[layer_idx][:, :, :end]
-
-
-# ----------------------------------------------------------------------------------------------
 # the model
 
 
@@ -304,13 +286,10 @@ class Transformer(nn.Module):
             k_slot = torch.arange(start + T, device=device)[None, :]  # (1, S)
             mask = ((k_slot <= q_slot) & real[:, None, :]) | (k_slot == q_slot)  # (B, T, S)
             mask = mask[:, None]  # (B, 1, T, S)
-        # RoPE angles in fp32 (positions reach 1e5), cast to the activation dtype as HF does
         if self.inv_freq.device != device:
             self.inv_freq = self.inv_freq.to(device)
-        freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, D/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
         for i, block in enumerate(self.model.layers):
             x = block(x, cos, sin, mask, kv_cache, i)
         if kv_cache is not None:

@@ -61,18 +61,19 @@ def run_stage(script: str, out_dir: str, argv: list) -> dict:
         return json.load(f)
 
 
-def run_seed(run_dir: str, seed: int, smoke: bool = False, rm_args=(), ppo_args=()) -> dict:
+def run_seed(run_dir: str, seed: int, smoke: bool = False, rm_args=(), ppo_args=(), arms=()) -> dict:
     """Every stage of one seed in RUN_DIR: the task (BootstrapConfig.smoke() with `smoke`), both reward
-    models on it, then one PPO run per arm. Returns {"judge": eval, "bt": eval, "ppo_<reward>": history}."""
+    models on it, then one PPO run per arm: each of REWARDS, then each (NAME, train_ppo.py flags) of
+    `arms` in ppo_NAME. Returns {"judge": eval, "bt": eval, "ppo_<reward or NAME>": history}."""
     task = os.path.join(run_dir, "task")
     if not os.path.exists(task_paths(task)["info"]):
         bootstrap(task, seed, BootstrapConfig.smoke() if smoke else BootstrapConfig())
     out = {name: run_stage("train_rm.py", os.path.join(run_dir, name),
                            ["--objective", objective, "--task-dir", task, "--seed", str(seed), *rm_args])
            for objective, name in REWARD_MODELS.items()}
-    for reward in REWARDS:
-        out[f"ppo_{reward}"] = run_stage("train_ppo.py", os.path.join(run_dir, f"ppo_{reward}"),
-                                         ["--run-dir", run_dir, "--reward", reward, "--seed", str(seed), *ppo_args])
+    for name, flags in [(reward, ["--reward", reward]) for reward in REWARDS] + list(arms):
+        out[f"ppo_{name}"] = run_stage("train_ppo.py", os.path.join(run_dir, f"ppo_{name}"),
+                                       ["--run-dir", run_dir, "--seed", str(seed), *ppo_args, *flags])
     return out
 
 

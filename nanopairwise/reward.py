@@ -1,9 +1,12 @@
 """The PPO reward of a sampled response, and what the run fixes for it at the start.
 
-train_ppo.py --reward picks one of three scores of a response y to prompt x (docs/DESIGN.md §1):
+train_ppo.py --reward picks one of four scores of a response y to prompt x (docs/DESIGN.md §1):
 
     pairwise    the judge's win probability against the prompt's anchor y*, P(y > y*)
                 (both orders, judge.win_probs), then --reward-transform
+    pairwise-group  y's mean win probability against the other K - 1 samples of its prompt (with
+                --group-anchor also against y*): every unordered pair of the group judged once in
+                each order (round_robin_win_rates), then --reward-transform
     bt-anchor   the BT reward model's sigmoid(r(x, y) - r(x, y*)) (scalar_head.bt_anchor_win_probs),
                 then --reward-transform: bounded and anchor-relative like Pairwise-RL's, from a scalar RM
     bt          the BT reward (r(x, y) - mu) / sigma (losses.normalize_scores), the baseline
@@ -11,9 +14,14 @@ train_ppo.py --reward picks one of three scores of a response y to prompt x (doc
 Fixed for the run (and kept in its checkpoint): the anchors (gold answers, else best-of-N samples
 of the initial policy ranked by the judge: fill_anchors) and, for bt, mu and sigma of the initial
 policy's scores (measure_reward_norm).
+
+The judge's cost of a step's rewards (rows and padded tokens it read) comes back with the scores,
+so the anchor reward (K judge calls per prompt, x2 orders) and the group reward (K (K - 1) / 2
+pairs per prompt, x2 orders; K (K + 1) / 2 with the anchor) can be compared per unit of compute.
 """
 
 from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -30,34 +38,91 @@ from nanopairwise.scalar_head import bt_anchor_win_probs, scalar_scores
 class RewardConfig:
     """How a response is scored, fixed for the run: train_ppo.py's reward flags, the reward model's
     own layout and (bt) the normalisation measured at the start."""
-    kind: str                          # --reward: pairwise, bt or bt-anchor
+    kind: str                          # --reward: pairwise, pairwise-group, bt or bt-anchor
     template: JudgeTemplate            # the reward model's text layout (its rm_config.json)
     transform: str = "prob"            # --reward-transform, for the win probabilities
     symmetric: bool = True             # --symmetric: the judge scores both orders
+    group_size: int = 1                # pairwise-group: K, the samples of a prompt (adjacent rows)
+    group_anchor: bool = False         # pairwise-group: the anchor is one more member (--group-anchor)
     norm: dict = None                  # bt: {"mean": mu, "std": sigma, "n"}; None: raw scores
 
 
+class Scores(NamedTuple):
+    scores: torch.Tensor            # (B,) the sequence scores, on the CPU
+    win: Optional[torch.Tensor]     # (B,) the raw win probability against the anchor; None without one
+    cost: dict                      # the judge's work: perf/judge_rows, perf/judge_tokens ({} for bt)
+
+
 @torch.no_grad()
-def score_responses(prompts, texts, rm, tok, reward: RewardConfig, anchor_scores: dict = None):
-    """Sequence scores (B,) of responses `texts` to `prompts` (objects with .principle, .prompt,
-    .anchor), and the raw win probability against the anchor (B,) (None for bt), on the CPU.
+def score_responses(prompts, texts, rm, tok, reward: RewardConfig, anchor_scores: dict = None) -> Scores:
+    """Sequence scores of responses `texts` to `prompts` (objects with .principle, .prompt, .anchor;
+    pairwise-group: K = reward.group_size adjacent rows per prompt), with the raw win probability
+    against the anchor and the judge's cost (counted by PairwiseJudge.verdict_logits).
     bt-anchor: `anchor_scores`, a dict the caller keeps for the run, caches r(x, y*) per anchor."""
-    if reward.kind != "bt":
-        items = [(p.principle, p.prompt, y, p.anchor) for p, y in zip(prompts, texts)]
-        with gathered(rm):                      # verdict logits bypass forward(); per-rank anchor cache misses
-            win = (win_probs(rm, tok, reward.template, items, symmetric=reward.symmetric).win
-                   if reward.kind == "pairwise" else bt_anchor_win_probs(rm, tok, reward.template, items, anchor_scores))
-        return losses.transform_score(win, reward.transform), win
-    items = [(p.principle, p.prompt, y) for p, y in zip(prompts, texts)]
-    return losses.normalize_scores(scalar_scores(rm, tok, reward.template, items), reward.norm), None
+    rows, tokens = getattr(rm, "rows_scored", 0), getattr(rm, "tokens_scored", 0)
+    if reward.kind == "bt":
+        items = [(p.principle, p.prompt, y) for p, y in zip(prompts, texts)]
+        return Scores(losses.normalize_scores(scalar_scores(rm, tok, reward.template, items), reward.norm), None, {})
+    with gathered(rm):                          # verdict logits bypass forward(); per-rank anchor cache misses
+        if reward.kind == "pairwise-group":
+            win, rates = group_scores(prompts, texts, rm, tok, reward)
+        else:
+            items = [(p.principle, p.prompt, y, p.anchor) for p, y in zip(prompts, texts)]
+            win = rates = (win_probs(rm, tok, reward.template, items, symmetric=reward.symmetric).win
+                           if reward.kind == "pairwise"
+                           else bt_anchor_win_probs(rm, tok, reward.template, items, anchor_scores))
+    cost = ({"perf/judge_rows": rm.rows_scored - rows, "perf/judge_tokens": rm.tokens_scored - tokens}
+            if hasattr(rm, "rows_scored") else {})
+    return Scores(losses.transform_score(rates, reward.transform), win, cost)
+
+
+def group_win_matrix(pair_win: torch.Tensor, n: int) -> torch.Tensor:
+    """W (G, n, n) with W[g, i, j] = P(member i > member j) of group g, from pair_win (G, n (n - 1) / 2),
+    P(i > j) of each unordered pair i < j in the order of torch.triu_indices(n, n, 1):
+    W[i, j] = P(i > j), W[j, i] = 1 - P(i > j), W[i, i] = 0. So W + W^T = 1 off the diagonal, and
+    the mean win rate against the other members, W.sum(-1) / (n - 1), sums to n / 2 over a group
+    (each of the n (n - 1) / 2 pairs adds exactly 1 to the group's total)."""
+    G = pair_win.size(0)
+    i, j = torch.triu_indices(n, n, offset=1)
+    W = pair_win.new_zeros(G, n, n)
+    W[:, i, j] = pair_win
+    W[:, j, i] = 1.0 - pair_win
+    return W
+
+
+@torch.no_grad()
+def round_robin_win_rates(judge, tok, template, groups, symmetric: bool = True) -> torch.Tensor:
+    """W (G, n, n) (group_win_matrix) of `groups`, each (principle, prompt, [n texts]) with the same n.
+    One judge batch for all groups: n (n - 1) / 2 unordered pairs per group, each scored in both
+    orders and order-symmetrised (judge.win_probs; symmetric=False: one order, half the cost)."""
+    n = len(groups[0][2])
+    i, j = torch.triu_indices(n, n, offset=1).tolist()
+    items = [(principle, prompt, ys[a], ys[b]) for principle, prompt, ys in groups for a, b in zip(i, j)]
+    win = win_probs(judge, tok, template, items, symmetric=symmetric).win                 # (G * n (n - 1) / 2,)
+    return group_win_matrix(win.view(len(groups), -1), n)
+
+
+def group_scores(prompts, texts, judge, tok, reward: RewardConfig):
+    """The pairwise-group reward of each row, (win against the anchor (B,) or None, rate (B,)):
+    rate = the row's mean win probability against the other K - 1 samples of its prompt, and with
+    reward.group_anchor against the anchor too (mean over K members then)."""
+    K, B = reward.group_size, len(texts)
+    if K < 2 or B % K or any(prompts[r].prompt != prompts[r - r % K].prompt for r in range(B)):
+        raise ValueError(f"pairwise-group: {B} rows are not groups of K = {K} >= 2 samples of one prompt each")
+    extra = lambda p: [p.anchor] if reward.group_anchor else []
+    groups = [(prompts[g].principle, prompts[g].prompt, texts[g:g + K] + extra(prompts[g])) for g in range(0, B, K)]
+    W = round_robin_win_rates(judge, tok, reward.template, groups, reward.symmetric)       # (B / K, n, n)
+    n = W.size(1)
+    rates = (W.sum(-1) / (n - 1))[:, :K].reshape(B)                                     # the rollouts' rates
+    return (W[:, :K, K].reshape(B) if reward.group_anchor else None), rates
 
 
 @torch.no_grad()
 def fill_anchors(prompts, policy, judge, tok, template, n: int, sampling: Sampling, seed: int, device):
     """Best-of-n anchors for prompts without one: n samples of the initial `policy` (a
     PolicyLogprobs), each scored by its mean symmetric win probability against the other n - 1
-    (round robin, n (n - 1) judge calls in both orders), the best kept. Every rank does the same
-    work with the same seed, so all ranks get the same anchors."""
+    (round_robin_win_rates: n (n - 1) / 2 pairs in both orders), the best kept. Every rank does the
+    same work with the same seed, so all ranks get the same anchors."""
     missing = [p for p in prompts if not p.anchor]
     if not missing:
         return
@@ -67,9 +132,8 @@ def fill_anchors(prompts, policy, judge, tok, template, n: int, sampling: Sampli
     with gathered(judge):
         for p in missing:
             texts = sample(policy, tok, [p.prompt] * n, sampling, generator).texts(tok)
-            items = [(p.principle, p.prompt, texts[i], texts[j]) for i in range(n) for j in range(n) if i != j]
-            win = win_probs(judge, tok, template, items).win.view(n, n - 1).mean(1)   # (n,)
-            p.anchor = texts[int(win.argmax())]
+            rates = round_robin_win_rates(judge, tok, template, [(p.principle, p.prompt, texts)])[0].sum(-1)  # (n,)
+            p.anchor = texts[int(rates.argmax())]
 
 
 @torch.no_grad()

@@ -1,23 +1,25 @@
-"""Batched sampling with a static KV cache: the rollout engine of PPO.
+"""Batched sampling with a KV cache: the rollout engine of PPO.
 
     prompts (lists of ids) --left-pad--> prefill once (KV cache) --> one token per step for all rows
 
 Prompts of different lengths are left-padded so that every row's next token lands in the same
-cache slot; position ids count real tokens only (model.trunk), so padding changes nothing. A row
-stops at its first EOS (EOS is a sampled token: response_mask 1); later tokens are pad with mask 0.
-Generation stops when every row has ended or after max_new_tokens.
+cache slot; position ids count real tokens only, so padding changes nothing. A row stops at its
+first EOS (EOS is a sampled token: response_mask 1); later tokens are pad with mask 0. Generation
+stops when every row has ended or after max_new_tokens; the host checks that every token on the
+CPU (free there) and every EOS_CHECK_EVERY tokens on a GPU (each check waits for the device).
 
-Per step: one (B, 1) trunk call through the cache, the LM head on the last hidden state only,
-temperature, optional top-p (nucleus, Holtzman et al. 2019, arXiv 1904.09751), a sample, and one
-host sync (`ended.all()`) to stop early. The prompt is never recomputed.
+Two engines run the model, with one loop and one sampler (sampling.py):
 
-`logprobs` are log softmax(logits / T)[token] in fp32 with top-p NOT applied: this is the
-behaviour-policy log-prob a training forward with the same temperature recomputes (PPO's
-`old_logprobs`), not the probability of the truncated sampling distribution. Greedy uses T = 1.
+  "fast" (default)  decode.py: fused q/k/v and gate/up weights, a static KV cache and a compiled
+                    step (CUDA graphs on a GPU), bf16 weights on bf16 CPUs; for models of at least
+                    decode.COMPILE_MIN_PARAMS, below that the same step eagerly in the model's dtype;
+  "model"           the training model's own `trunk` through its growing KVCache: the reference.
 
-Sampling draws from a Gumbel-style race, argmax(p / E) with E ~ Exp(1) i.i.d., which picks i
-with probability p_i (as torch.multinomial) from one `exponential_` call on the given generator,
-so a seed fixes the output and the global RNG is never touched.
+`logprobs` are the sampler's: log softmax(logits / T)[token] in fp32 of the engine that sampled.
+The fast engine's arithmetic (bf16, fused and compiled kernels) differs from the training
+forward's, so PPO recomputes them with its training path and logs the gap (train_ppo.py).
+Sampler draws one uniform per row and token from the given generator, so a seed fixes the output
+and the global RNG is never touched.
 """
 
 from dataclasses import dataclass
@@ -26,6 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from nanopairwise.batching import pad_batch
+from nanopairwise.decode import decoder_for
+from nanopairwise.sampling import Sampler
+
+EOS_CHECK_EVERY = {"cpu": 1}  # tokens between host-side "has every row ended?" checks; 8 elsewhere
 
 
 @dataclass
@@ -36,6 +42,7 @@ class Rollout:
     response_mask: torch.Tensor  # (B, R) long, 1 = sampled token (EOS included)
     logprobs: torch.Tensor  # (B, R) fp32, log softmax(logits / T)[token], 0 where response_mask is 0
     ended: torch.Tensor  # (B,) bool, True if the row sampled EOS
+    compile_s: float = 0.0  # seconds this call spent compiling the decode step (first calls only)
 
     def sequences(self):
         """(input_ids (B, P+R), attention_mask (B, P+R)) for a training forward. The logits at
@@ -57,68 +64,67 @@ def left_pad(prompts: list, pad_token_id: int, device=None):
     return ids.to(device), mask.to(device)
 
 
-def top_p_filter(probs, top_p: float):
-    """Zero the tail of each row of probs (B, V): keep the smallest set of most likely tokens whose
-    mass reaches top_p (a token is kept if the mass strictly before it is < top_p)."""
-    sorted_probs, order = probs.sort(dim=-1, descending=True)  # (B, V)
-    mass_before = sorted_probs.cumsum(-1) - sorted_probs
-    sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)  # the first token always stays
-    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+class ModelEngine:
+    """The reference engine: the model's own trunk and KVCache (model.py), eager, its dtype."""
 
+    def __init__(self, model):
+        self.model, self.compile_s = model, 0.0
 
-def sample_next(logits, temperature: float, top_p: float, greedy: bool, generator):
-    """logits (B, V) fp32 -> (tokens (B,), logprobs (B,) of log softmax(logits / T)[token])."""
-    logp = F.log_softmax(logits if greedy else logits / temperature, dim=-1)  # (B, V)
-    if greedy:
-        tokens = logp.argmax(-1)
-    else:
-        probs = logp.exp()
-        if top_p < 1.0:
-            probs = top_p_filter(probs, top_p)
-        race = torch.empty_like(probs).exponential_(generator=generator)  # E ~ Exp(1)
-        race.clamp_(min=torch.finfo(race.dtype).tiny)  # E == 0 can happen; p / 0 would be inf or nan
-        tokens = (probs / race).argmax(-1)
-    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+    def reset(self, batch_size: int, length: int):
+        self.cache = self.model.new_kv_cache(batch_size, length)
+
+    def logits(self, ids, real):
+        hidden = self.model.trunk(ids, real.long(), kv_cache=self.cache)[:, -1]  # (B, C)
+        return F.linear(hidden, self.model.lm_head_weight).float()  # (B, V): the head on the last position only
+
+    def prefill(self, ids, mask, sampling, u):
+        return sampling(self.logits(ids, mask), u)
+
+    def step(self, sampling, tokens, real, slot, u):
+        return sampling(self.logits(tokens[:, None], real[:, None]), u)
 
 
 @torch.no_grad()
 def generate(model, prompts: list, max_new_tokens: int, eos_token_id, pad_token_id: int,
              temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
-             generator: torch.Generator = None) -> Rollout:
-    """Sample up to max_new_tokens for each prompt (a list of token ids) with model's KV cache.
+             generator: torch.Generator = None, top_k: int = 0, engine: str = "fast",
+             dtype: torch.dtype = None, compile: bool = None) -> Rollout:
+    """Sample up to max_new_tokens for each prompt (a list of token ids).
 
     eos_token_id: an id, a list of ids, or None (never stop early: benchmarks). generator: a
-    torch.Generator on the model's device; None uses torch's default generator for it.
+    torch.Generator on the model's device; None uses torch's default generator for it. engine:
+    "fast" or "model" (module docstring); dtype / compile: the fast engine's, None = automatic
+    (decode.decoder_for).
     """
-    if not greedy and not temperature > 0:
-        raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    W = model.lm_head_weight  # (V, C)
-    device = W.device
+    sampling = Sampler(temperature, top_k, top_p, greedy)
+    if engine not in ("fast", "model"):
+        raise ValueError(f"engine must be 'fast' or 'model', got {engine!r}")
+    device = model.lm_head_weight.device
     eos = torch.as_tensor([] if eos_token_id is None else eos_token_id, dtype=torch.long, device=device).view(-1)
     prompt_ids, prompt_mask = left_pad(prompts, pad_token_id, device)  # (B, P)
     B, P = prompt_ids.shape
     R = max_new_tokens
+    runner = ModelEngine(model) if engine == "model" else decoder_for(model, dtype, compile)
+    compile_s = runner.compile_s
+    runner.reset(B, P + R)
+    u = (torch.zeros(R, B, device=device) if greedy                  # one uniform per row and token
+         else torch.rand(R, B, generator=generator, device=device))
     response_ids = torch.full((B, R), pad_token_id, dtype=torch.long, device=device)
     response_mask = torch.zeros(B, R, dtype=torch.long, device=device)
     logprobs = torch.zeros(B, R, dtype=torch.float32, device=device)
     ended = torch.zeros(B, dtype=torch.bool, device=device)
-    kv_cache = model.new_kv_cache(B, P + R)
-    hidden = model.trunk(prompt_ids, prompt_mask, kv_cache=kv_cache)[:, -1]  # (B, C) prefill
-    steps = 0
+    slots = torch.arange(P, P + R, device=device)  # the cache slot of each response token
+    check_every = EOS_CHECK_EVERY.get(device.type, 8)
+    tokens, lp = runner.prefill(prompt_ids, prompt_mask, sampling, u[0])
     for t in range(R):
-        logits = F.linear(hidden, W).float()  # (B, V): the LM head on the last position only
-        tokens, lp = sample_next(logits, temperature, top_p, greedy, generator)
         alive = ~ended  # rows still generating; ended rows get pad with mask 0
-        response_ids[:, t] = torch.where(alive, tokens, pad_token_id)
-        response_mask[:, t] = alive
+        fed = torch.where(alive, tokens, pad_token_id)
+        response_ids[:, t], response_mask[:, t] = fed, alive
         logprobs[:, t] = torch.where(alive, lp, 0.0)
         ended |= alive & torch.isin(tokens, eos)
-        steps = t + 1
-        if steps == R or bool(ended.all()):  # the one host sync per step
+        if t + 1 == R or ((t + 1) % check_every == 0 and bool(ended.all())):  # the one host sync
             break
-        step_ids = response_ids[:, t:t + 1]  # (B, 1)
-        hidden = model.trunk(step_ids, alive[:, None].long(), kv_cache=kv_cache)[:, -1]  # (B, C)
+        tokens, lp = runner.step(sampling, fed, alive, slots[t:t + 1], u[t + 1])
+    steps = int(response_mask.any(0).nonzero().max()) + 1  # the last column any row sampled
     return Rollout(prompt_ids, prompt_mask, response_ids[:, :steps], response_mask[:, :steps],
-                   logprobs[:, :steps], ended)
+                   logprobs[:, :steps], ended, runner.compile_s - compile_s)

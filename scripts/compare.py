@@ -5,6 +5,7 @@
     python scripts/compare.py --seeds 0 1 2 3 4 --jobs 2   # two seeds at a time, one thread each
     python scripts/compare.py --smoke              # tiny task and runs: checks the plumbing (the test)
     python scripts/compare.py --plot-only          # redraw the figure from finished run dirs, no training
+    python scripts/compare.py --arm 'grpo-group=--reward pairwise-group --advantage-estimator grpo'   # one more arm
 
 Per seed, in RUN_DIR/seed<S> (a finished stage is skipped, so an interrupted run continues):
   task/         bootstrap: tokenizer, SFT policy, preference pairs, RL prompts (nanopairwise/bootstrap.py)
@@ -68,6 +69,9 @@ def get_args(argv=None):
                    help="seeds run in parallel, each in its own process with cores/jobs threads (a tiny model "
                         "gains little from a second thread, so 2 jobs on 2 cores nearly halve the time)")
     p.add_argument("--ppo-args", default="", help="extra train_ppo.py flags for every arm, e.g. '--steps 60'")
+    p.add_argument("--arm", action="append", default=[], metavar="NAME=FLAGS",
+                   help="one more PPO arm per seed, in ppo_NAME: train_ppo.py FLAGS after --ppo-args, e.g. "
+                        "'rloo=--advantage-estimator rloo' (repeatable; --plot-only needs the same --arm)")
     p.add_argument("--plot-only", action="store_true",
                    help="only redraw the figure from the finished run directories under --run-dir (no training)")
     args = p.parse_args(argv)
@@ -78,6 +82,12 @@ def get_args(argv=None):
                       os.path.exists(results_json) else [0, 1, 2])
     if args.jobs < 1:
         p.error(f"--jobs must be >= 1, got {args.jobs}")
+    args.arm = [arm.split("=", 1) for arm in args.arm]
+    if any(len(arm) != 2 or not re.fullmatch(r"[\w.-]+", arm[0]) for arm in args.arm):
+        p.error("--arm takes NAME=FLAGS with a NAME of letters, digits, '.', '_' or '-'")
+    # the table's rows and the figure's groups: each arm with the judge's RM columns unless its reward is a BT one
+    args.methods = METHODS | {name: ("bt" if re.search(r"--reward[ =]bt", flags) else "judge", f"ppo_{name}")
+                              for name, flags in args.arm}
     return args
 
 
@@ -100,7 +110,8 @@ def run_seeds(args) -> dict:
 def run_seed(seed, args) -> dict:
     """All stages for one seed (nanopairwise/pipeline.py); {"judge": eval, "bt": eval, "ppo_<reward>": history}."""
     return run_pipeline(os.path.join(args.run_dir, f"seed{seed}"), seed, args.smoke, SMOKE_RM if args.smoke else [],
-                        (SMOKE_PPO if args.smoke else []) + args.ppo_args.split())
+                        (SMOKE_PPO if args.smoke else []) + args.ppo_args.split(),
+                        [(name, shlex.split(flags)) for name, flags in args.arm])
 
 
 def mean_std(values, signed: bool = False) -> str:
@@ -113,12 +124,12 @@ def mean_std(values, signed: bool = False) -> str:
     return mean if len(values) == 1 else f"{mean} ± {statistics.stdev(values):.3f}"
 
 
-def table(results: dict, seconds: float, command: str = "python scripts/compare.py") -> str:
+def table(results: dict, seconds: float, command: str = "python scripts/compare.py", methods=METHODS) -> str:
     """The header line (seeds, machine, date, time, command), then body(results)."""
     cpu = platform.processor() or platform.machine()
     head = (f"Seeds {', '.join(map(str, sorted(results)))} (mean ± std), {os.cpu_count()}-core CPU ({cpu}), torch "
             f"{torch.__version__}, {datetime.date.today()}, {seconds / 60:.0f} min; produced by `{command}`.")
-    return head + "\n\n" + body(results)
+    return head + "\n\n" + body(results, methods)
 
 
 def header_command(argv: list) -> str:
@@ -132,23 +143,23 @@ def header_command(argv: list) -> str:
     return shlex.join(["python", "scripts/compare.py", *words])
 
 
-def body(results: dict) -> str:
+def body(results: dict, methods=METHODS) -> str:
     """Markdown table of the per-seed results (mean ± sample std over seeds), then the per-seed
     differences between Pairwise-RL and each other arm, which share a seed's task, SFT policy and
     held-out prompts (paired differences carry a claim better than overlapping means)."""
     seeds = sorted(results)
     col = lambda f: mean_std([f(results[s]) for s in seeds])
     rows = []
-    for label, (rm, ppo) in METHODS.items():
+    for label, (rm, ppo) in methods.items():
         rows.append("| " + " | ".join([
             label, col(lambda r: r[rm]["oracle_accuracy"]), col(lambda r: r[rm]["ece"]),
             col(lambda r: r[rm]["position_consistency"]),
             f"{col(lambda r: r[ppo]['before']['oracle_score'])} → {col(lambda r: r[ppo]['after']['oracle_score'])}",
             f"{col(lambda r: r[ppo]['before']['oracle_win_rate'])} → {col(lambda r: r[ppo]['after']['oracle_win_rate'])}",
             col(lambda r: r[ppo]["after"]["kl"])]) + " |")
-    main_rm, main_ppo = next(iter(METHODS.values()))
+    main_rm, main_ppo = next(iter(methods.values()))
     diffs = []
-    for label, (rm, ppo) in list(METHODS.items())[1:]:
+    for label, (rm, ppo) in list(methods.items())[1:]:
         cells = [label.split(" (")[0]]
         for key in ("oracle_score", "oracle_win_rate"):
             d = [results[s][main_ppo]["after"][key] - results[s][ppo]["after"][key] for s in seeds
@@ -175,7 +186,7 @@ def write_readme(text: str, path=os.path.join(ROOT, "README.md")):
 def draw(args) -> list:
     """The figure from the seeds' run directories: RUN_DIR/compare.png, and docs/compare.png unless --no-readme."""
     groups = {label.split(" (")[0]: [os.path.join(args.run_dir, f"seed{s}", d) for s in args.seeds for d in dirs]
-              for label, dirs in METHODS.items()}
+              for label, dirs in args.methods.items()}
     missing = [d for dirs in groups.values() for d in dirs if not os.path.exists(os.path.join(d, "metrics.jsonl"))]
     if missing:
         raise SystemExit(f"--plot-only: no finished runs in {', '.join(missing)}; run scripts/compare.py first")
@@ -206,14 +217,14 @@ def main(argv=None):
                               text.split("\n\n", 1)[0])
                 if sorted(results) != sorted(args.seeds):
                     head = re.sub(r"^Seeds [\d, ]+", f"Seeds {', '.join(map(str, args.seeds))} (of the runs below) ", head)
-                text = head + "\n\n" + body({s: results[s] for s in args.seeds})
+                text = head + "\n\n" + body({s: results[s] for s in args.seeds}, args.methods)
             print("\n" + text)
             if not args.no_readme:
                 write_readme(text + FIGURE_MD)
         return outs
     t0 = time.time()
     results = run_seeds(args)
-    text = table(results, time.time() - t0, header_command(argv if argv is not None else sys.argv[1:]))
+    text = table(results, time.time() - t0, header_command(argv if argv is not None else sys.argv[1:]), args.methods)
     os.makedirs(args.run_dir, exist_ok=True)
     atomic_write_text(os.path.join(args.run_dir, "results.json"), json.dumps(results, indent=2))
     atomic_write_text(results_md, text)

@@ -43,7 +43,8 @@ STEPS = {
     "ppo_loss": ([PY, "kernels/bench.py", "--op", "ppo_loss"], [PY, "kernels/bench.py", "--smoke", "--op", "ppo_loss"], 30),
     "linear_logprob": ([PY, "kernels/bench.py", "--op", "linear_logprob", "--dtype", "bf16"],
                        [PY, "kernels/bench.py", "--smoke", "--op", "linear_logprob"], 90),
-    "generate": ([PY, "scripts/bench_generate.py"], [PY, "scripts/bench_generate.py", "--smoke"], 60),
+    "generate": ([PY, "scripts/bench_generate.py", "--batch-sizes", "1,64", "--new-tokens", "128", "--repeats", "2"],
+                 [PY, "scripts/bench_generate.py", "--smoke"], 60),  # two shapes: two compiles of the step
     "ppo_step": ([PY, "scripts/bench_ppo_step.py", "--repeats", "2"],
                  [PY, "scripts/bench_ppo_step.py", "--smoke", "--repeats", "1"], 90),
 }

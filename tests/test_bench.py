@@ -119,5 +119,5 @@ def test_generation_benchmark_smoke():
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
     assert "check: batch-1 greedy tokens agree with transformers for 16/16 steps" in out
-    assert "| batch | ours tok/s | transformers tok/s | speedup |" in out
+    assert "| batch | ours tok/s | transformers tok/s | speedup | floor tok/s | floor time / ours |" in out
     assert out.count("x |") == 2                                                  # batches 1 and 4

@@ -178,3 +178,47 @@ def test_reward_transforms_and_kl_estimators():
     torch.testing.assert_close(losses.kl_estimate(lp, ref, "k3"), torch.exp(ref - lp) - 1 - (ref - lp))
     with pytest.raises(ValueError, match="k4"):
         losses.kl_estimate(lp, ref, "k4")
+
+
+# ----------------------------------------------------------------------------------------------
+# critic-free advantages: grpo / rloo over each prompt's K samples
+
+
+def test_group_advantages_hand_computed_with_masks_and_unequal_lengths():
+    """Two groups of K = 3 rows, lengths 4, 2, 1 and 3, 3, 2; padding holds garbage the mask must
+    drop. Group 1 returns R = 0.8, 0.5, 0.2 (KL part included): mean 0.5, sample std 0.3, so grpo
+    gives 1, 0, -1 and rloo R_i - mean(others) = 0.45, 0, -0.45. Group 2's returns are all 0.5:
+    every advantage is 0 (grpo divides 0 by eps)."""
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 0, 0]])
+    rewards = torch.tensor([[-0.1, -0.1, 0.0, 1.0], [0.2, 0.3, 5.0, 5.0], [0.2, 9.0, 9.0, 9.0],
+                            [0.0, 0.0, 0.5, 7.0], [0.1, -0.1, 0.5, 7.0], [0.25, 0.25, 3.0, 3.0]])
+    per_row = {"grpo": [1.0, 0.0, -1.0, 0.0, 0.0, 0.0], "rloo": [0.45, 0.0, -0.45, 0.0, 0.0, 0.0]}
+    for estimator, want in per_row.items():
+        adv = losses.group_advantages_ref(rewards, mask, 3, estimator)
+        torch.testing.assert_close(adv, torch.tensor(want)[:, None] * mask, **TOL[torch.float32])
+        assert (adv[mask == 0] == 0).all()
+    swapped = losses.group_advantages_ref(rewards[[3, 4, 5, 0, 1, 2]], mask[[3, 4, 5, 0, 1, 2]], 3, "grpo")
+    torch.testing.assert_close(swapped[3:], losses.group_advantages_ref(rewards, mask, 3, "grpo")[:3])
+    # the groups are the K adjacent rows: read as K = 2, the same rows give other advantages
+    assert not torch.allclose(losses.group_advantages_ref(rewards, mask, 2, "rloo"),
+                              losses.group_advantages_ref(rewards, mask, 3, "rloo"))
+    with pytest.raises(ValueError, match="not groups of K = 4"):
+        losses.group_advantages_ref(rewards, mask, 4, "grpo")
+
+
+def test_estimate_advantages_per_estimator():
+    """gae = GAE whitened (and the critic's lambda-returns); rloo = the group advantages whitened;
+    grpo = the group advantages as they are (the group std normalises); no returns without a critic."""
+    g = torch.Generator().manual_seed(4)
+    mask = (torch.arange(5)[None, :] < torch.tensor([5, 2, 4, 1, 3, 5])[:, None]).float()
+    rewards, values = torch.randn(6, 5, generator=g) * mask, torch.randn(6, 5, generator=g) * mask
+    adv, ret = losses.estimate_advantages("gae", rewards, values, mask, 3, 1.0, 0.9, 1.0)
+    torch.testing.assert_close(adv, losses.masked_whiten(losses.gae(rewards, values, mask, 1.0, 0.9)[0], mask))
+    torch.testing.assert_close(ret, losses.gae(rewards, values, mask, 1.0, 1.0)[1])
+    adv, ret = losses.estimate_advantages("grpo", rewards, None, mask, 3)
+    assert ret is None and torch.equal(adv, losses.group_advantages_ref(rewards, mask, 3, "grpo"))
+    adv, ret = losses.estimate_advantages("rloo", rewards, None, mask, 3)
+    assert ret is None
+    torch.testing.assert_close(adv, losses.masked_whiten(losses.group_advantages_ref(rewards, mask, 3, "rloo"), mask))
+    with pytest.raises(ValueError, match="choose one of gae, grpo, rloo"):
+        losses.estimate_advantages("vtrace", rewards, values, mask, 3)

@@ -1,5 +1,6 @@
 """rollout.generate: greedy parity with transformers' generate, the KV cache against full
-recomputation, left padding, EOS handling, top-p and seeding.
+recomputation, left padding, EOS handling and seeding (the default, fast engine; test_decode.py compares it
+with the reference engine and tests the sampler).
 
 Tolerances (fp32 on CPU):
   logprobs  atol 1e-5: a cached step runs attention on a (B, H, 1, S) query where the full
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from nanopairwise.model import Transformer
-from nanopairwise.rollout import generate, left_pad, top_p_filter
+from nanopairwise.rollout import generate, left_pad
 from tests.test_model import V, saved_hf
 
 LP_TOL = dict(atol=1e-5, rtol=1e-5)
@@ -111,23 +112,6 @@ def test_same_seed_same_output_and_global_rng_untouched(tmp_path):
     assert torch.equal(state, torch.get_rng_state())
 
 
-def test_sampling_frequencies_and_top_p():
-    """The exponential race samples i with probability p_i; top-p keeps the smallest head of mass >= p."""
-    from nanopairwise.rollout import sample_next
-    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
-    logits = probs.log().expand(20000, 4).contiguous()
-    g = torch.Generator().manual_seed(0)
-    tokens, lp = sample_next(logits, 1.0, 1.0, False, g)
-    freq = torch.bincount(tokens, minlength=4).float() / 20000
-    torch.testing.assert_close(freq, probs, atol=0.015, rtol=0)  # 4.5 sigma of a binomial at n=20000
-    torch.testing.assert_close(lp, probs.log()[tokens])
-    kept = top_p_filter(probs[None], 0.75)[0]
-    assert kept.tolist() == pytest.approx([0.5, 0.3, 0.0, 0.0])
-    assert top_p_filter(probs[None], 0.1)[0].tolist() == pytest.approx([0.5, 0, 0, 0])
-    tokens, _ = sample_next(logits, 1.0, 0.75, False, g)
-    assert set(tokens.tolist()) == {0, 1}
-
-
 def test_bad_arguments():
     with pytest.raises(ValueError, match="at least one token"):
         left_pad([[1, 2], []], PAD)
@@ -136,6 +120,8 @@ def test_bad_arguments():
         generate(model, [[1]], 4, None, PAD, temperature=0.0)
     with pytest.raises(ValueError, match="top_p"):
         generate(model, [[1]], 4, None, PAD, top_p=1.5)
+    with pytest.raises(ValueError, match="engine"):
+        generate(model, [[1]], 4, None, PAD, engine="vllm")
 
 
 def test_bf16_generation_runs_and_masks(tmp_path):

@@ -1,7 +1,8 @@
 """train_ppo.py end to end on the tiny built-in task (tests/conftest.py::run_dir): the one-command
 pipeline under 2-process torchrun (DDP and FSDP2, gloo; two nodes: tests/test_two_nodes.py), exact
 resume after a crash, the BT baseline (its reward normalisation kept for --resume), bt-anchor with
-critic warm-up, and refusals. Models and prompts are tiny, so these check plumbing, not learning.
+critic warm-up, the critic-free estimators (grpo, rloo) and the in-group pairwise reward, and
+refusals. Models and prompts are tiny, so these check plumbing, not learning.
 """
 
 import json
@@ -30,18 +31,25 @@ def step_rows(out_dir):
     return {r["step"]: r for r in metrics(out_dir) if "reward/score" in r}
 
 
-@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp", "ddp-rloo-group"])
 def test_torchrun_two_processes(run_dir, tmp_path, sharding):
+    """ddp-rloo-group: critic-free RLOO on the in-group reward with the anchor, 2 ranks: the judge's
+    rows are summed over the ranks (4 prompts x 3 pairs x 2 orders)."""
     out = str(tmp_path / sharding)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "train_ppo.py"), "--run-dir", str(run_dir), "--out-dir", out, *FAST]
     cmd += ["--fsdp"] if sharding == "fsdp" else []
+    if sharding == "ddp-rloo-group":
+        cmd += ["--advantage-estimator", "rloo", "--reward", "pairwise-group", "--group-anchor"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 rank(s) on cpu" in proc.stdout and "held-out metric" in proc.stdout
     rows = step_rows(out)
     assert sorted(rows) == [1, 2, 3]
     assert all(0.0 <= rows[s]["rollout/win_rate"] <= 1.0 for s in rows)
+    if sharding == "ddp-rloo-group":
+        assert all(rows[s]["perf/judge_rows"] == 4 * 3 * 2 for s in rows)
+        assert not os.path.exists(os.path.join(out, "checkpoint", "critic"))
     history = json.load(open(os.path.join(out, "eval.json")))
     assert {"oracle_score", "oracle_win_rate", "judge_win_rate", "kl", "length"} <= set(history["after"])
     assert os.path.exists(os.path.join(out, "checkpoint", "policy", "model.safetensors"))
@@ -51,11 +59,15 @@ class Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("lora", [[], ["--lora-rank", "4"]])
+GRPO_GROUP = ["--advantage-estimator", "grpo", "--reward", "pairwise-group"]
+
+
+@pytest.mark.parametrize("lora", [[], ["--lora-rank", "4"], GRPO_GROUP])
 def test_resume_after_a_crash_gives_the_same_next_steps(run_dir, tmp_path, monkeypatch, lora):
     """Crash right after the step-1 checkpoint; the resumed run's steps 2 and 3 equal the
     uninterrupted run's (same rollouts, same losses, same evaluation). With LoRA the reference
-    is the policy with adapters off: the KL starts at exactly 0 and then moves."""
+    is the policy with adapters off: the KL starts at exactly 0 and then moves. GRPO on the
+    in-group pairwise reward: no critic is saved, nor its optimizer state."""
     args = ["--run-dir", str(run_dir), "--save-every", "1", *FAST, *lora]
     straight = train_ppo.main(args + ["--out-dir", str(tmp_path / "straight")])
     make_experience = train_ppo.make_experience
@@ -79,7 +91,13 @@ def test_resume_after_a_crash_gives_the_same_next_steps(run_dir, tmp_path, monke
             assert b[s][key] == a[s][key], (s, key)
     assert resumed["after"] == straight["after"]
     assert resumed["before"] == straight["before"]              # the crashed run's "before" is kept
-    if lora:
+    if lora == GRPO_GROUP:
+        ckpt = tmp_path / "crashed" / "checkpoint"
+        assert not (ckpt / "critic").exists() and (ckpt / "policy" / "model.safetensors").exists()
+        assert len(torch.load(ckpt / "optimizers.pt", weights_only=False)) == 1         # the policy's only
+        assert all(a[s]["loss/v"] == 0.0 and "critic/explained_var" not in a[s] for s in a)
+        assert all(a[s]["perf/judge_rows"] == 4 * 1 * 2 for s in a)   # 4 prompts x K(K-1)/2 = 1 pair x 2 orders
+    elif lora:
         assert a[1]["rollout/kl"] == 0.0 and straight["after"]["kl"] != 0.0
 
 
@@ -174,3 +192,25 @@ def test_minibatches_must_divide_the_rank_batch(tmp_path):
     before anything is read (was: rows silently dropped)."""
     with pytest.raises(UserError, match="--minibatches 3: each rank's batch of 4 prompts x 2 samples"):
         train_ppo.main(["--run-dir", str(tmp_path / "never"), *FAST, "--minibatches", "3"])
+
+def test_critic_free_flags_are_checked(run_dir, tmp_path):
+    """grpo / rloo and pairwise-group need K >= 2 samples per prompt; grpo / rloo have no critic
+    to warm up; a checkpoint resumes only with the estimator that wrote it (rloo here: one step,
+    KL in the loss, the anchor in the group)."""
+    base = ["--run-dir", str(run_dir), "--out-dir", str(tmp_path / "o"), *FAST]
+    for flags in (["--advantage-estimator", "rloo"], ["--reward", "pairwise-group"]):
+        with pytest.raises(UserError, match=r"--samples-per-prompt 1: .* compare each sample with the other samples"):
+            train_ppo.main(base + flags + ["--samples-per-prompt", "1"])
+    with pytest.raises(UserError, match="--advantage-estimator grpo has no critic to warm up"):
+        train_ppo.main(base + ["--advantage-estimator", "grpo", "--critic-warmup-steps", "1"])
+    rloo = base + ["--advantage-estimator", "rloo", "--kl-mode", "loss", "--reward", "pairwise-group",
+                   "--group-anchor", "--eval-every", "0"]
+    train_ppo.main(rloo + ["--steps", "1"])
+    row = step_rows(str(tmp_path / "o"))[1]
+    assert row["loss/kl"] > 0.0 and 0.0 <= row["rollout/win_rate"] <= 1.0 and row["perf/judge_rows"] == 4 * 3 * 2
+    with pytest.raises(UserError, match="written with --advantage-estimator rloo; resume with the same"):
+        train_ppo.main(base + ["--steps", "2", "--resume"])
+    out = tmp_path / "gae_group"                  # the in-group reward with a critic: the standard one, from the judge
+    train_ppo.main(["--run-dir", str(run_dir), "--out-dir", str(out), *FAST, "--steps", "1", "--eval-every", "0",
+                    "--reward", "pairwise-group"])
+    assert "critic/explained_var" in step_rows(str(out))[1] and (out / "checkpoint" / "critic").exists()
