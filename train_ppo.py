@@ -13,37 +13,32 @@ runs PPO, and prints the held-out metrics before and after (oracle score, win ra
 
 One PPO step (nanopairwise/ppo.py; per rank, on its share of the global batch, B = prompts x K rows):
   1. sample K responses for each prompt of the step with the KV-cache rollout engine
-  2. score them: pairwise -> P(y > y*) from the judge in both orders against the prompt's anchor
-     y*, then --reward-transform; bt -> the BT reward (r(x, y) - mu) / sigma; bt-anchor ->
-     sigmoid(r(x, y) - r(x, y*)), then --reward-transform
+  2. score them (--reward): pairwise -> P(y > y*), the judge in both orders against the prompt's
+     anchor y*; pairwise-group -> the mean P(y > y') over the prompt's other samples y'; bt-anchor
+     -> sigmoid(r(x, y) - r(x, y*)) from the BT model; bt -> r(x, y) - mu. Then --reward-transform
+     (win probabilities) and / sigma (--reward-norm init-std: mu, sigma over the initial policy's
+     rollouts, so --kl-coef, --value-clip and --truncation-penalty mean the same for every arm)
   3. old and reference log-probs of the sampled tokens and the critic's values (a forward each)
-  4. per-token reward -kl_coef * k1 on every token plus the score on the last token; GAE;
-     advantages whitened over the global batch (all ranks). --advantage-estimator grpo | rloo: no
-     critic, each row's return against its prompt's other K - 1 samples; --reward pairwise-group:
-     the judge's mean win probability against those samples (DESIGN §1.4 items 19, 20). Truncated
-     IS for the rollout engine's arithmetic
+  4. per-token reward -kl_coef * k1 on every token plus the score on the last token; GAE (or
+     --advantage-estimator grpo | rloo: no critic, the prompt's other samples as the baseline);
+     advantages whitened over the global batch (all ranks); truncated IS for the rollout engine
   5. --ppo-epochs passes of --minibatches minibatches: clipped surrogate + clipped value loss
      through the fused PPO-loss kernel (reference with NANOPAIRWISE_KERNELS=ref)
 This file: the flags, load_inputs (every input checked before a model loads), build_models (the
-four models, the optimisers, the run's reward), the loop (make_experience, ppo_update, logging,
-held-out evaluation), save_step (with the divergence check before a checkpoint).
+models, the anchors, the run's reward scale and the critic's start, the optimisers), the loop
+(make_experience, ppo_update, logging, held-out evaluation), save_step (the divergence check first).
 
 Our reading of the paper, each choice a flag, is listed in docs/DESIGN.md §1.4: the anchor (gold,
 else the best of --anchor-samples by the judge; fixed for the run), the order-symmetrised win
-probability (--symmetric, --reward-transform), the pairwise critic (the judge's weights, a zero
-head; --critic), k1 KL in the reward (--kl-coef, --kl-mode), GAE (--gamma, --lam, --value-lam),
-whitening, --truncation-penalty, two AdamW optimisers with a joint backward (--vf-coef),
---critic-warmup-steps. Divergence guard (--max-kl, --max-ratio; 0 = off): the run stops with a
-message when the rollouts' mean sequence KL to the reference, or the updated policy's (k2, before
-every checkpoint), exceeds --max-kl, or a token's ratio pi/pi_old exceeds --max-ratio. Bad inputs,
-NaNs and faults: docs/FAULTS.md.
-The baseline (--reward bt) is standard RLHF PPO: BT scalar reward normalised by its mean mu and std
-sigma over rollouts of the initial policy (measured once, kept in the checkpoint; the truncation
-penalty is then in those units), standard critic initialised from the reward model with its head
-(rescaled to the normalised units; --critic-fresh-head: a zero head), the same KL, GAE, whitening
-and losses. --reward bt-anchor separates the judge from the anchor: the BT model's win probability
-against the same anchor, bounded and anchor-relative like Pairwise-RL's reward but from a scalar RM,
-with the standard critic (trunk of the BT model, fresh head) unless --critic pairwise.
+probability (--symmetric, --reward-transform), the pairwise critic (the judge's weights, a fresh
+head starting at the initial mean score: --critic, --critic-bias), k1 KL in the reward (--kl-coef,
+--kl-mode), GAE (--gamma, --lam, --value-lam), whitening, --truncation-penalty, two AdamW optimisers
+with a joint backward (--vf-coef), --critic-warmup-steps. The baseline (--reward bt) is standard
+RLHF PPO with a critic from the BT model's trunk (--no-critic-fresh-head: its head too, rescaled,
+as in InstructGPT). Divergence guard (--max-kl, --max-ratio; 0 = off): the run stops with a message
+when the rollouts' mean sequence KL to the reference, or the updated policy's (k2, before every
+checkpoint), exceeds --max-kl, or a token's ratio pi/pi_old exceeds --max-ratio. Bad inputs, NaNs
+and faults: docs/FAULTS.md.
 """
 
 import argparse
@@ -53,7 +48,7 @@ from dataclasses import replace
 
 import torch
 
-from nanopairwise import batching, checkpoint, common, data, lora, losses, ppo_checkpoint, tracking
+from nanopairwise import batching, common, data, lora, losses, ppo_checkpoint, tracking
 from nanopairwise.common import DTYPES, Progress, atomic_write_text, clock, derive_seed, dumps_json, parse_dtype, set_seed
 from nanopairwise.distributed import (barrier, compute_cleanup, compute_init, get_rank, get_world_size, mean_over_ranks,
                                       print0, shard_model, unwrap, wrap_data_parallel)
@@ -65,7 +60,8 @@ from nanopairwise.layouts import Sampling
 from nanopairwise.model import Block, Transformer
 from nanopairwise.pipeline import has_model, ppo_inputs
 from nanopairwise.policy import PolicyLogprobs
-from nanopairwise.ppo import Models, RunState, check_lengths, make_experience, ppo_update, resolve_lrs
+from nanopairwise.ppo import (Models, RunState, build_critic, check_lengths, make_experience, ppo_update,
+                              resolve_lrs)
 from nanopairwise.reward import RewardConfig, fill_anchors, measure_reward_norm
 from nanopairwise.rm_checkpoint import load_rm_config
 from nanopairwise.rundir import claim_out_dir
@@ -156,11 +152,19 @@ def add_ppo_arguments(p):
     p.add_argument("--fused-head", action="store_true", help="LM head + log-prob in one kernel (no logits)")
     p.add_argument("--fsdp", action="store_true", help="under torchrun, shard every model with FSDP2 (else DDP)")
     # baseline fairness and critic warm-up
+    p.add_argument("--reward-norm", choices=["none", "init-std"], default="init-std",
+                   help="every arm: divide the score (after --reward-transform; bt: minus its mean) by its std over "
+                        "rollouts of the initial policy, so --kl-coef, --value-clip and --truncation-penalty are in "
+                        "the same units whatever the reward model (none: raw scores)")
     p.add_argument("--reward-norm-prompts", type=int, default=64,
-                   help="--reward bt: normalise r(x, y) by its mean and std over K rollouts of the initial "
-                        "policy on this many training prompts (all ranks), measured once (0 = raw scores)")
-    p.add_argument("--critic-fresh-head", action="store_true",
-                   help="--reward bt: a zero-initialised critic head instead of the reward model's own")
+                   help="training prompts (x K rollouts of the initial policy, all ranks) that measure the score's "
+                        "mean and std for --reward-norm and --critic-bias, once per run (kept in the checkpoint)")
+    p.add_argument("--critic-bias", choices=["zero", "init-mean"], default="init-mean",
+                   help="a fresh critic head's bias: 0, or the initial policy's mean score (measured with "
+                        "--reward-norm-prompts), so the first advantages carry no position term")
+    p.add_argument("--critic-fresh-head", action=argparse.BooleanOptionalAction, default=True,
+                   help="--reward bt: a fresh critic head (--critic-bias) like every arm's; --no-critic-fresh-head: "
+                        "the reward model's own head, rescaled to the normalised units")
     p.add_argument("--critic-warmup-steps", type=int, default=0,
                    help="the first N steps train only the critic (the policy's weights do not change)")
     # divergence guard: stop (before saving) when the policy runs away from the reference
@@ -178,7 +182,7 @@ def validate_args(args):
         check_flag(args, name, lo=1)
     check_flag(args, "--anchor-samples", lo=2)                     # best of one is no ranking
     check_flag(args, "--lora-rank", lo=0)
-    check_flag(args, "--reward-norm-prompts", lo=0)
+    check_flag(args, "--reward-norm-prompts", lo=1)
     check_flag(args, "--critic-warmup-steps", lo=0)
     check_flag(args, "--lora-alpha", above=0)
     for name in ("--eval-every", "--save-every", "--truncation-penalty", "--kl-coef", "--vf-coef", "--value-clip"):
@@ -248,10 +252,10 @@ def load_inputs(args, world_size: int):
     return run, tok, train_prompts, eval_prompts, state
 
 
-def build_models(args, run, tok, train_prompts, state, device):
+def build_models(args, run, tok, train_prompts, eval_prompts, state, device):
     """(Models, [policy AdamW, critic AdamW]): policy (trained), reference (frozen), reward model
     (frozen), critic (trained), judge; wrapped for torchrun; as the checkpoint left them on --resume.
-    Fixes the run's reward (run.reward: for bt, mu and sigma measured once and kept in `state`)."""
+    Fixes the run's anchors and reward (run.reward.norm: measured once, kept in `state`)."""
     load = lambda path: Transformer.from_pretrained(path, dtype=parse_dtype(args.dtype), device=device)
     ckpt = os.path.join(args.out_dir, "checkpoint")
     policy = PolicyLogprobs(lora.lora_from_args(load(run.policy_dir), args), args.fused_head)
@@ -270,16 +274,13 @@ def build_models(args, run, tok, train_prompts, state, device):
     judged = args.reward.startswith("pairwise")                      # the judge is the reward model
     rm = judge if judged else ScalarHeadModel.from_pretrained(run.rm_dir, dtype, device).eval()
     rm.requires_grad_(False)
-    # the BT critic starts as the RM, head included (InstructGPT, N+ details, OpenRLHF); the judge has no
-    # scalar head, and bt-anchor's probability is not affine in r, so those critics get a fresh zero head
-    rm_head = args.reward == "bt" and args.critic == "standard" and not args.critic_fresh_head
-    critic = (None if args.critic == "none" else      # grpo / rloo: no critic built, trained or saved
-              ScalarHeadModel.from_pretrained(os.path.join(ckpt, "critic"), dtype, device) if args.resume
-              else ScalarHeadModel.from_pretrained(run.rm_dir, dtype, device, new_head=not rm_head))
-    norm = reward_norm(args, run, policy, ref, rm, tok, train_prompts, state, device)
-    run.reward = replace(run.reward, norm=norm)                       # fixed for the run from here on
-    if critic is not None and rm_head and norm and not args.resume:
-        critic.normalize_head_(norm["mean"], norm["std"])   # V in the reward's units
+    # anchors: fixed for the run, kept in the checkpoint (best-of-N ones too), before anything scores against them
+    for prompt, anchor in zip(train_prompts + eval_prompts, state.get("anchors") or []):
+        prompt.anchor = anchor
+    fill_anchors(train_prompts + eval_prompts, policy, judge, tok, run.judge_template, args.anchor_samples,
+                 run.sampling, args.seed, device)
+    run.reward = replace(run.reward, norm=reward_norm(args, run, policy, ref, rm, tok, train_prompts, state, device))
+    critic = build_critic(args, run, state, dtype, device)        # None for grpo / rloo
     # under torchrun: trained models DDP-wrapped or FSDP2-sharded, frozen ones sharded too with FSDP
     models = Models(wrap_data_parallel(policy, args.fsdp, Block, device), ref,
                     critic and wrap_data_parallel(critic, args.fsdp, Block, device), rm, judge)
@@ -297,18 +298,19 @@ def build_models(args, run, tok, train_prompts, state, device):
 
 
 def reward_norm(args, run, policy, ref, rm, tok, train_prompts, state, device):
-    """--reward bt: mu and sigma of the initial policy's BT scores, measured once, kept in `state` (else None)."""
-    if args.reward != "bt":
-        return None
-    if args.reward_norm_prompts and state.get("reward_norm") is None:
+    """The initial policy's score statistics (mean, std, truncation rate; reward.measure_reward_norm),
+    measured once and kept in `state`. Returns what the scores are divided by: those statistics with
+    --reward-norm init-std, else None."""
+    needed = args.reward_norm == "init-std" or (args.critic_bias == "init-mean" and args.critic != "none")
+    if needed and state.get("reward_norm") is None:
         with lora.adapters_disabled(policy.lm):                     # LoRA: the base weights are the reference
             initial_lm = policy.lm if args.lora_rank else ref.lm
-            state["reward_norm"] = measure_reward_norm(
-                initial_lm, rm, args.bt_rm, tok, train_prompts, run.reward.template,
-                args.reward_norm_prompts, args.samples_per_prompt, run.sampling, args.seed, device)
-        print0(f"BT reward normalisation over {state['reward_norm']['n']} initial-policy rollouts: "
-               f"mean {state['reward_norm']['mean']:.4f}, std {state['reward_norm']['std']:.4f}")
-    return state.get("reward_norm")
+            state["reward_norm"] = stats = measure_reward_norm(
+                initial_lm, rm, run.rm_dir, tok, train_prompts, run.reward, args.reward_norm_prompts,
+                args.samples_per_prompt, run.sampling, args.seed, device, require_spread=args.reward_norm == "init-std")
+        print0(f"initial policy's {args.reward} score over {stats['n']} rollouts: mean {stats['mean']:.4f}, "
+               f"std {stats['std']:.4f}, truncated {stats['truncated']:.3f}")
+    return state.get("reward_norm") if args.reward_norm == "init-std" else None
 
 
 def save_step(step, models, optimizers, tok, prompts, history, state, experience, args, run, last_saved):
@@ -360,12 +362,7 @@ def main(argv=None):
 def train(args, rank, world_size, device):
     set_seed(args.seed)
     run, tok, train_prompts, eval_prompts, state = load_inputs(args, world_size)
-    models, optimizers = build_models(args, run, tok, train_prompts, state, device)
-    # anchors: fixed for the run and kept in the checkpoint (best-of-N ones too)
-    for prompt, anchor in zip(train_prompts + eval_prompts, state.get("anchors") or []):
-        prompt.anchor = anchor
-    fill_anchors(train_prompts + eval_prompts, unwrap(models.policy), models.judge, tok, run.judge_template, args.anchor_samples,
-                 run.sampling, args.seed, device)
+    models, optimizers = build_models(args, run, tok, train_prompts, eval_prompts, state, device)
     print0(f"PPO | reward {args.reward} ({args.reward_transform}, symmetric={args.symmetric}) | critic {args.critic} | "
            f"advantages {args.advantage_estimator} | {len(train_prompts):,} prompts | "
            f"{args.prompts_per_step}x{args.samples_per_prompt} samples/step | {args.steps} steps | "

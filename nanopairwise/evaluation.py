@@ -5,7 +5,9 @@ One sample per held-out prompt at the training temperature, with a fixed seed pe
 policies (or the same policy before and after) are compared on the same draws. Measured against
 ground truth where the prompts carry a built-in task's oracle fields (docs/DESIGN.md §4):
 
-    kl               sum over the response of log pi(y_t) - log pi_ref(y_t) (k1; its mean is KL(pi || ref))
+    kl               sum over the response of the full-vocabulary KL(pi || pi_ref) of each position's
+                     next-token distribution (losses.exact_kl): exact per sampled prefix, no estimator noise
+    kl_k1            sum over the response of log pi(y_t) - log pi_ref(y_t) (the sampled k1 estimate of it)
     length           response tokens (EOS included)
     eos_rate         fraction of responses that ended with EOS before --max-new-tokens
     judge_win_rate   the judge's symmetric P(y > y*) against the prompt's anchor (with a judge)
@@ -52,11 +54,9 @@ def evaluate_policy(policy, ref, judge, prompts, tok, judge_template, sampling: 
     rollout = sample(policy, tok, [p.prompt for p in mine], sampling, generator)
     texts = rollout.texts(tok)
     input_ids, attention_mask = rollout.sequences()                  # (B, P + R)
-    logprobs = policy(input_ids, attention_mask, rollout.response_mask, sampling.temperature).logprobs  # (B, R)
-    ref_logprobs = ref(input_ids, attention_mask, rollout.response_mask, sampling.temperature).logprobs  # (B, R)
     response_mask = rollout.response_mask.float()                    # (B, R)
-    sums = {"kl": losses.sequence_kl(logprobs, ref_logprobs, response_mask), "length": response_mask.sum(1),
-            "eos_rate": rollout.ended.float()}
+    kl, kl_k1 = exact_sequence_kl(policy, ref, input_ids, attention_mask, rollout.response_mask, sampling.temperature)
+    sums = {"kl": kl, "kl_k1": kl_k1, "length": response_mask.sum(1), "eos_rate": rollout.ended.float()}
     if judge is not None:
         items = [(p.principle, p.prompt, y, p.anchor) for p, y in zip(mine, texts)]
         with gathered(judge):
@@ -98,3 +98,33 @@ def evaluate_reward_model(model, objective: str, pairs, tok, template, batch_siz
     metrics = pair_metrics(p_chosen, meta("p_true"), meta("chosen_score"), meta("rejected_score"), p_ab, p_ba)
     model.train(was_training)
     return metrics
+
+
+@torch.no_grad()
+def exact_sequence_kl(policy, ref, input_ids, attention_mask, response_mask, temperature: float, chunk: int = 16):
+    """(exact, k1) per response (B,): losses.exact_kl summed over the response's positions, and the
+    k1 sum log pi(y_t) - log pi_ref(y_t) of its sampled tokens, read off the same distributions.
+    `chunk` rows at a time bound the (rows, R, V) log-distributions (every rank makes the same
+    number of calls: FSDP forwards are collective)."""
+    exact, k1 = [], []
+    mask = response_mask.float()
+    R = response_mask.size(1)
+    for i in range(0, input_ids.size(0), chunk):
+        rows = slice(i, i + chunk)
+        args = (input_ids[rows], attention_mask[rows], response_mask[rows], temperature)
+        log_p, log_q = policy(*args, full_vocab=True), ref(*args, full_vocab=True)    # (b, R, V)
+        exact.append((losses.exact_kl(log_p, log_q) * mask[rows]).sum(1))
+        y = input_ids[rows, -R:, None]
+        k1.append(((log_p.gather(-1, y) - log_q.gather(-1, y)).squeeze(-1) * mask[rows]).sum(1))
+    return torch.cat(exact), torch.cat(k1)
+
+
+def value_at(points, x: float):
+    """Linear interpolation of a frontier at `x`: points [(kl, value), ...] of one seed's runs (one
+    per KL coefficient), sorted by kl here; None where x lies outside their kl range (no
+    extrapolation). How the comparison at matched KL reads each arm's held-out score."""
+    points = sorted(points)
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return points[0][1] if len(points) == 1 and points[0][0] == x else None

@@ -21,8 +21,9 @@ The judge's input (JudgeTemplate, encode_pair) is laid out in nanopairwise/layou
 other model input, so the layouts agree token for token.
 
 Metrics (`pair_metrics`) on held-out pairs: accuracy against the labels and against the oracle's
-true ordering, position consistency, ECE (10 bins) and Brier score of the pair probability
-against the oracle's true preference probability.
+true ordering, position consistency (and its parts: one-order accuracies, Yes rate, the
+consistency of an order-independent judge), ECE (10 bins, over both orientations of every pair)
+and Brier score of the pair probability against the oracle's true preference probability.
 """
 
 from typing import NamedTuple, Optional
@@ -181,6 +182,37 @@ def expected_calibration_error(prob: torch.Tensor, target_prob: torch.Tensor, n_
     return sum(c / n * abs(p - t) for c, p, t in zip(rel["count"], rel["mean_prob"], rel["mean_target"]) if c)
 
 
+def both_orientations(prob: torch.Tensor, target_prob: torch.Tensor):
+    """(prob, target) over both orientations of every pair: (p, pi) and (1 - p, 1 - pi), (2n,) each.
+
+    Which response of a labelled pair is "chosen" was sampled from the labeller's own probability
+    pi, so binning P(chosen > rejected) against pi of the recorded orientation alone is biased: a
+    bin's mean target is E[pi^2 | p] / E[pi | p] >= p, above the diagonal for any imperfect model
+    (and lower for an overconfident one). Both orientations weigh each pair's two readings equally,
+    so a predictor with E[pi | p] = p sits on the diagonal (tests/test_judge.py)."""
+    return torch.cat([prob, 1 - prob]), torch.cat([target_prob, 1 - target_prob])
+
+
+def order_metrics(p_ab: torch.Tensor, p_ba: torch.Tensor) -> dict:
+    """Position consistency of a judge scored one order at a time, and its parts.
+
+    p_ab, p_ba (n,) one-order P(first is better) for (chosen, rejected) and (rejected, chosen).
+      position_consistency        fraction of pairs whose preferred response is the same in both orders
+      accuracy_chosen_first       a1 = fraction of pairs answered right with chosen shown first (Yes)
+      accuracy_chosen_second      a2 = the same with chosen shown second (No)
+      yes_rate                    fraction of Yes verdicts over both orders (0.5: no position bias)
+      independent_consistency     a1 a2 + (1 - a1)(1 - a2): the consistency a judge with these
+                                  accuracies would have if its errors in the two orders were independent
+    Consistency above the independent value means the orders' errors are correlated (the same pairs
+    are hard in both orders); a Yes rate away from 0.5 is position bias."""
+    right_ab, right_ba = (p_ab > 0.5).float(), (p_ba <= 0.5).float()    # the verdict is Yes iff p > 0.5
+    a1, a2 = right_ab.mean().item(), right_ba.mean().item()
+    return {"position_consistency": (right_ab == right_ba).float().mean().item(),
+            "accuracy_chosen_first": a1, "accuracy_chosen_second": a2,
+            "yes_rate": 0.5 * ((p_ab > 0.5).float().mean() + (p_ba > 0.5).float().mean()).item(),
+            "independent_consistency": a1 * a2 + (1 - a1) * (1 - a2)}
+
+
 def pair_metrics(p_chosen: torch.Tensor, p_true: torch.Tensor, q_chosen: torch.Tensor,
                  q_rejected: torch.Tensor, p_ab: torch.Tensor = None, p_ba: torch.Tensor = None) -> dict:
     """Held-out metrics of a pair probability P(chosen > rejected).
@@ -191,18 +223,20 @@ def pair_metrics(p_chosen: torch.Tensor, p_true: torch.Tensor, q_chosen: torch.T
                the oracle accuracy
     p_true / q_* may be None (user data without an oracle): those metrics are then left out.
     Every metric is a float except "reliability" (with p_true), the reliability diagram's bins.
-    p_ab, p_ba (n,) the judge's one-order probabilities p(chosen, rejected) and p(rejected, chosen);
-               position consistency = fraction of pairs whose preferred response is the same in
-               both orders. A scalar RM is consistent by construction (reported as 1.0).
+    ECE and the reliability bins are over both orientations of every pair (both_orientations).
+    p_ab, p_ba (n,) the judge's one-order probabilities p(chosen, rejected) and p(rejected, chosen):
+               position consistency and its parts (order_metrics). A scalar RM is consistent by
+               construction (reported as 1.0, without the parts).
     """
     metrics = {"accuracy": (p_chosen > 0.5).float().mean().item(), "position_consistency": 1.0}
     if q_chosen is not None and q_rejected is not None:
         decided = q_chosen != q_rejected
         metrics["oracle_accuracy"] = ((p_chosen > 0.5) == (q_chosen > q_rejected))[decided].float().mean().item()
     if p_true is not None:
-        metrics["ece"] = expected_calibration_error(p_chosen, p_true)
-        metrics["reliability"] = reliability_bins(p_chosen, p_true)  # a dict: the diagram's data
-        metrics["brier"] = ((p_chosen.double() - p_true.double()) ** 2).mean().item()
+        prob, target = both_orientations(p_chosen, p_true)
+        metrics["ece"] = expected_calibration_error(prob, target)
+        metrics["reliability"] = reliability_bins(prob, target)  # a dict: the diagram's data
+        metrics["brier"] = ((p_chosen.double() - p_true.double()) ** 2).mean().item()   # the same in both
     if p_ab is not None and p_ba is not None:
-        metrics["position_consistency"] = ((p_ab > 0.5) != (p_ba > 0.5)).float().mean().item()
+        metrics.update(order_metrics(p_ab, p_ba))
     return metrics

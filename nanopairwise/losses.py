@@ -12,12 +12,13 @@ Shapes: N flattened tokens, V vocabulary, B batch, T time (every letter: docs/DE
 Contents
 - token_logprobs_ref: log softmax(z / T)[target], entropy of softmax(z / T), KL estimate (token_kl)
 - kl_estimate: Schulman's k1 / k2 / k3 estimators of KL(pi || pi_ref) from sampled log-probs;
-  sequence_kl sums one over a response
+  sequence_kl sums one over a response; exact_kl: the full-vocabulary KL of two distributions
 - ppo_loss_ref: clipped surrogate (separate low/high clip) + optional KL term + clipped value loss
 - gae: generalized advantage estimation (Schulman et al. 2015, arXiv 1506.02438)
 - group_advantages_ref: critic-free GRPO / RLOO advantages over each prompt's K samples;
   estimate_advantages: the advantages (and critic targets) of --advantage-estimator
-- masked_mean / masked_whiten (optionally over all DDP ranks) / explained_variance
+- masked_mean / masked_whiten (optionally over all DDP ranks) / explained_variance;
+  position_correlation: how much of the advantages is GAE's lambda^(L-1-t) position shape
 """
 
 from typing import NamedTuple, Optional
@@ -66,6 +67,20 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, distributed: bool = False
     return (out * m).to(x.dtype)
 
 
+def position_correlation(advantages: torch.Tensor, mask: torch.Tensor, lam: float) -> torch.Tensor:
+    """Correlation over the masked tokens of the advantages with lam^(L-1-t), L the response's
+    length: the shape GAE gives a sequence score s that no value predicts, A_t = lam^(L-1-t) s.
+    Near 1 when the advantages are that artefact (a critic starting at V = 0 under a reward
+    averaging s > 0), near 0 when they carry only deviations from what the critic expects."""
+    m = mask.to(torch.float32)
+    t = torch.arange(m.size(1), device=m.device, dtype=torch.float32)
+    shape = lam ** (m.sum(1, keepdim=True) - 1 - t).clamp(min=0)                      # (B, T)
+    a_mean, a_var = masked_moments(advantages, m)
+    s_mean, s_var = masked_moments(shape, m)
+    cov = masked_mean((advantages.float() - a_mean) * (shape - s_mean), m)
+    return cov / (a_var * s_var).sqrt().clamp(min=1e-12)
+
+
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """1 - Var[returns - values] / Var[returns] over masked entries (1 = perfect critic)."""
     var_r = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
@@ -107,6 +122,15 @@ def sequence_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.
     """(B,) KL of each sampled response to the reference: kl_estimate summed over its tokens
     (mask (B, R), 1 = response token); its mean over responses estimates KL(pi || pi_ref)."""
     return (kl_estimate(logprobs, ref_logprobs, kind) * mask).sum(1)
+
+
+def exact_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """KL(pi || pi_ref) of each position's whole next-token distribution, not a sampled estimate:
+    sum_v pi(v) (log pi(v) - log pi_ref(v)) over the last dim of two log-distributions (..., V).
+    Tokens with pi(v) = 0 contribute 0; >= 0 up to rounding."""
+    p = logprobs.exp()
+    terms = torch.where(p > 0, p * (logprobs - ref_logprobs), torch.zeros_like(p))
+    return terms.sum(-1)
 
 
 def token_kl(logprobs: torch.Tensor, ref_logprobs: Optional[torch.Tensor], valid: torch.Tensor,
@@ -331,19 +355,20 @@ def transform_score(win_prob: torch.Tensor, kind: str = "prob", eps: float = 1e-
     raise ValueError(f"unknown reward transform {kind!r}; choose prob, centered or logit")
 
 
-def normalize_scores(scores: torch.Tensor, norm: Optional[dict]) -> torch.Tensor:
-    """(r - mu) / sigma, the BT baseline's reward in units of the initial policy's spread.
+def normalize_scores(scores: torch.Tensor, norm: Optional[dict], center: bool = True) -> torch.Tensor:
+    """(r - mu) / sigma (`center`), or r / sigma: a score in units of the initial policy's spread.
 
-    A BT score is defined up to an additive constant and its scale is whatever the RM learned,
-    while the KL coefficient and truncation penalty are set for a probability in [0, 1]. mu and
-    sigma are the mean and std of r(x, y) over rollouts of the initial policy, measured once
-    (`norm = {"mean": mu, "std": sigma}`; None: raw scores). Afterwards the initial policy's
-    rewards have mean 0 and std 1, as in OpenRLHF's normalize_reward / the N+ details' reward
-    normalisation.
+    The KL coefficient, the value clip and the truncation penalty are in the reward's units, and
+    those differ by reward model: a BT score's scale is whatever the RM learned (and its offset is
+    arbitrary: `center`), a win probability's spread over the initial policy's samples is ~0.1.
+    mu and sigma are the mean and std of the score over rollouts of the initial policy, measured
+    once (`norm = {"mean": mu, "std": sigma, ...}`; None: raw scores). Afterwards the initial
+    policy's rewards have std 1 (and mean 0 with `center`), as in OpenRLHF's normalize_reward / the
+    N+ details' reward normalisation.
     """
     if norm is None:
         return scores
-    return (scores - norm["mean"]) / max(norm["std"], 1e-8)
+    return (scores - norm["mean"] if center else scores) / max(norm["std"], 1e-8)
 
 
 def shape_rewards(scores: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor = None,

@@ -4,6 +4,7 @@ scripts/compare.py (every arm, per seed) and scripts/real_model.py (its reward m
     RUN_DIR/task/            the built-in task (nanopairwise/bootstrap.py)
     RUN_DIR/judge/, bt/      train_rm.py --objective pairwise | bt      (REWARD_MODELS)
     RUN_DIR/ppo_<reward>/    train_ppo.py --reward <reward>             (REWARDS: the three arms)
+    RUN_DIR/kl<C>/ppo_<arm>/ the same at --kl-coef C (scripts/compare.py --kl-coefs: the KL frontier)
 
 `run_stage` skips a stage whose eval.json is there, so an interrupted pipeline continues. The
 training scripts run as programs, each in a child process (`run_script`): the library never
@@ -13,10 +14,13 @@ other ranks wait.
 """
 
 import json
+import multiprocessing
 import os
 import shlex
 import subprocess
 import sys
+
+import torch
 
 from nanopairwise.bootstrap import BootstrapConfig, bootstrap, ensure_task, task_paths
 from nanopairwise.distributed import barrier, get_world_size, print0
@@ -62,19 +66,53 @@ def run_stage(script: str, out_dir: str, argv: list) -> dict:
 
 
 def run_seed(run_dir: str, seed: int, smoke: bool = False, rm_args=(), ppo_args=(), arms=()) -> dict:
-    """Every stage of one seed in RUN_DIR: the task (BootstrapConfig.smoke() with `smoke`), both reward
-    models on it, then one PPO run per arm: each of REWARDS, then each (NAME, train_ppo.py flags) of
-    `arms` in ppo_NAME. Returns {"judge": eval, "bt": eval, "ppo_<reward or NAME>": history}."""
+    """Every stage of one seed in RUN_DIR: prepare_seed, then one PPO run per arm: each of REWARDS,
+    then each (NAME, train_ppo.py flags) of `arms` in ppo_NAME.
+    Returns {"judge": eval, "bt": eval, "ppo_<reward or NAME>": history}."""
+    out = prepare_seed(run_dir, seed, smoke, rm_args)
+    for name, flags in default_arms() + list(arms):
+        out[f"ppo_{name}"] = run_arm(run_dir, seed, name, [*ppo_args, *flags])
+    return out
+
+
+def default_arms() -> list:
+    """[(NAME, train_ppo.py flags)] of the three arms every comparison runs: one per reward of REWARDS."""
+    return [(reward, ["--reward", reward]) for reward in REWARDS]
+
+
+def prepare_seed(run_dir: str, seed: int, smoke: bool = False, rm_args=()) -> dict:
+    """The seed's task (BootstrapConfig.smoke() with `smoke`) and both reward models on it, each
+    skipped if finished: {"judge": eval, "bt": eval}."""
     task = os.path.join(run_dir, "task")
     if not os.path.exists(task_paths(task)["info"]):
         bootstrap(task, seed, BootstrapConfig.smoke() if smoke else BootstrapConfig())
-    out = {name: run_stage("train_rm.py", os.path.join(run_dir, name),
-                           ["--objective", objective, "--task-dir", task, "--seed", str(seed), *rm_args])
-           for objective, name in REWARD_MODELS.items()}
-    for name, flags in [(reward, ["--reward", reward]) for reward in REWARDS] + list(arms):
-        out[f"ppo_{name}"] = run_stage("train_ppo.py", os.path.join(run_dir, f"ppo_{name}"),
-                                       ["--run-dir", run_dir, "--seed", str(seed), *ppo_args, *flags])
-    return out
+    return {name: run_stage("train_rm.py", os.path.join(run_dir, name),
+                            ["--objective", objective, "--task-dir", task, "--seed", str(seed), *rm_args])
+            for objective, name in REWARD_MODELS.items()}
+
+
+def run_arm(run_dir: str, seed: int, name: str, flags, sub: str = "") -> dict:
+    """One PPO run of the seed (after prepare_seed) in RUN_DIR/SUB/ppo_NAME with train_ppo.py `flags`
+    (SUB: e.g. kl0.05 for one point of a KL sweep; the seed's task and reward models are shared)."""
+    return run_stage("train_ppo.py", os.path.join(run_dir, sub, f"ppo_{name}"),
+                     ["--run-dir", run_dir, "--seed", str(seed), *flags])
+
+
+def _worker_threads(threads: int):
+    """Pool initializer: this worker's torch (and every train_*.py it runs) uses `threads` threads."""
+    os.environ["NANOPAIRWISE_NUM_THREADS"] = str(threads)  # what compute_init() in the train_*.py children then sets
+    torch.set_num_threads(threads)
+
+
+def pool_map(fn, arglist: list, jobs: int) -> list:
+    """[fn(*a) for a in arglist], in a pool of `jobs` spawned processes (cores / jobs threads each):
+    independent stages (seeds, PPO runs) side by side. `fn` must be importable (a module-level function)."""
+    if jobs == 1 or len(arglist) == 1:
+        return [fn(*a) for a in arglist]
+    jobs = min(jobs, len(arglist))
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with multiprocessing.get_context("spawn").Pool(jobs, _worker_threads, (threads,)) as pool:
+        return pool.starmap(fn, arglist, chunksize=1)
 
 
 def has_model(path: str) -> bool:

@@ -7,6 +7,7 @@ and the log-prob are one kernel (kernels/linear_logprob.py) and the (B*R, V) log
 otherwise the logits are formed and read once by the fused log-prob kernel.
 """
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -21,12 +22,16 @@ class PolicyLogprobs(nn.Module):
         self.fused_head = fused_head
 
     def forward(self, input_ids, attention_mask, response_mask, temperature=1.0, ref_logprobs=None,
-                entropy=False, kl_estimator="k3") -> TokenLogprobs:
+                entropy=False, kl_estimator="k3", full_vocab=False) -> TokenLogprobs:
         """input_ids / attention_mask (B, P + R): left-padded prompt then response; response_mask
-        (B, R) 1 = sampled token. Returns TokenLogprobs with (B, R) fields, 0 where masked."""
+        (B, R) 1 = sampled token. Returns TokenLogprobs with (B, R) fields, 0 where masked; with
+        `full_vocab` instead the whole next-token distribution, log_softmax(logits / T) (B, R, V) fp32
+        (evaluation's exact KL; through forward() so DDP / FSDP / AdaptersOff apply as usual)."""
         B, R = response_mask.shape
         P = input_ids.size(1) - R
         hidden = self.lm.trunk(input_ids, attention_mask=attention_mask)[:, P - 1:P + R - 1]  # (B, R, C)
+        if full_vocab:
+            return torch.log_softmax(F.linear(hidden, self.lm.lm_head_weight).float() / temperature, dim=-1)
         targets = input_ids[:, P:].masked_fill(response_mask == 0, IGNORE_INDEX).reshape(-1)   # (N,)
         ref = ref_logprobs.reshape(-1) if ref_logprobs is not None else None
         h = hidden.reshape(B * R, -1)                                                         # (N, C)

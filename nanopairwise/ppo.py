@@ -1,6 +1,7 @@
 """One PPO step of train_ppo.py, per rank on its share of the global batch (B = prompts x K rows, P
 prompt and R response tokens, the letters of docs/DESIGN.md §6): make_experience (steps 1-4),
-then ppo_update (step 5); check_lengths, the inputs' lengths checked before any model loads.
+then ppo_update (step 5); check_lengths, the inputs' lengths checked before any model loads;
+build_critic, the critic's start.
 
   1. sample K responses for each prompt of the step with the KV-cache rollout engine (layouts.sample)
   2. score them (reward.score_responses), minus --truncation-penalty for a response without EOS
@@ -18,6 +19,7 @@ then ppo_update (step 5); check_lengths, the inputs' lengths checked before any 
 The step reads train_ppo.py's flags (`args`) and what the run fixed at its start (RunState).
 """
 
+import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -30,8 +32,8 @@ from nanopairwise.distributed import clip_grad_norm, unwrap
 from nanopairwise.guards import check_finite_over_ranks, check_length
 from nanopairwise.layouts import (JudgeTemplate, Sampling, critic_inputs, encode_pair, encode_prompt, encode_single,
                                   sample)
-from nanopairwise.reward import RewardConfig, score_responses
-from nanopairwise.scalar_head import critic_values
+from nanopairwise.reward import RewardConfig, initial_mean_score, score_responses
+from nanopairwise.scalar_head import ScalarHeadModel, critic_values
 
 ROLLOUT_IS_CAP = 2.0  # truncated importance sampling (step 4), verl's default cap
 
@@ -60,6 +62,24 @@ def resolve_lrs(args, policy_lm, critic_lm):
     critic_lr = (None if critic_lm is None else args.critic_lr if args.critic_lr is not None
                  else lora.DEFAULT_LR[lora.regime(critic_lm)]["critic"])
     return lr, critic_lr
+
+
+def build_critic(args, run, state: dict, dtype, device):
+    """The critic: from --resume, else the reward model's trunk with a fresh head whose bias is the
+    initial policy's mean score (--critic-bias init-mean; zero: V = 0, which puts a position term
+    lambda^(L-1-t) * score in the first advantages), or with --no-critic-fresh-head the BT model's
+    own head rescaled to the reward's units (InstructGPT, OpenRLHF). None for grpo / rloo."""
+    if args.critic == "none":
+        return None
+    if args.resume:
+        return ScalarHeadModel.from_pretrained(os.path.join(args.out_dir, "checkpoint", "critic"), dtype, device)
+    rm_head = args.reward == "bt" and args.critic == "standard" and not args.critic_fresh_head
+    critic = ScalarHeadModel.from_pretrained(run.rm_dir, dtype, device, new_head=not rm_head)
+    if rm_head and run.reward.norm:
+        critic.normalize_head_(run.reward.norm["mean"], run.reward.norm["std"])   # V in the reward's units
+    elif not rm_head and args.critic_bias == "init-mean":
+        critic.set_bias_(initial_mean_score(state["reward_norm"], run.reward, args.truncation_penalty))
+    return critic
 
 
 class Models(NamedTuple):
@@ -161,6 +181,8 @@ def make_experience(step_prompts, models, tok, args, run, device, generator):
     rewards = losses.shape_rewards(scores, response_mask, kl if args.kl_mode == "reward" else None, args.kl_coef)
     advantages, returns = losses.estimate_advantages(args.advantage_estimator, rewards, old_values, response_mask, K,
                                                      args.gamma, args.lam, args.value_lam, distributed=True)
+    # how much of the advantages is GAE's position shape lambda^(L-1-t) (a critic that misses the mean score)
+    position_corr = losses.position_correlation(advantages, response_mask, args.lam)
     # the tokens came from the rollout engine's pi, not pi_old (bf16 snapshot, compiled kernels): truncated IS
     advantages = advantages * (old_logprobs - rollout.logprobs).exp().clamp(max=ROLLOUT_IS_CAP)
     policy.train()
@@ -168,11 +190,15 @@ def make_experience(step_prompts, models, tok, args, run, device, generator):
                             advantages, returns, critic_ids, critic_mask, critic_prefix_len)
     # the sampler's arithmetic (bf16 snapshot, compiled kernels: rollout.py) against the training forward's
     gap = (rollout.logprobs - old_logprobs).abs() * response_mask
-    means = {"reward/score": scores.mean(), "rollout/kl": kl.sum(1).mean(), "rollout/length": response_mask.sum(1).mean(),
+    score_var = losses.masked_moments(scores, torch.ones_like(scores), distributed=True)[1]   # over all ranks' rows
+    means = {"reward/score": scores.mean(), "reward/score_std": score_var.sqrt(),
+             "rollout/kl": kl.sum(1).mean(), "rollout/length": response_mask.sum(1).mean(),
              "rollout/logprob_gap": gap.sum() / response_mask.sum().clamp(min=1), "rollout/logprob_gap_max": gap.max(),
              "rollout/eos_rate": rollout.ended.float().mean(), "tokens": response_mask.sum()}
     if win is not None:
         means["rollout/win_rate"] = win.mean().to(device)
+    if critic is not None:
+        means["critic/adv_position_corr"] = position_corr
     stats = dict(zip(means, torch.stack([v.float() for v in means.values()]).tolist()))   # one host sync
     stats.update({"tokens": int(stats["tokens"]), "perf/rollout_s": t1 - t0, "perf/score_s": t2 - t1,
                   "perf/forward_s": t3 - t2, "perf/rollout_compile_s": rollout.compile_s, **judge_cost})

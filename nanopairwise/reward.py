@@ -3,31 +3,37 @@
 train_ppo.py --reward picks one of four scores of a response y to prompt x (docs/DESIGN.md §1):
 
     pairwise    the judge's win probability against the prompt's anchor y*, P(y > y*)
-                (both orders, judge.win_probs), then --reward-transform
+                (both orders, judge.win_probs), then --reward-transform, then / sigma
     pairwise-group  y's mean win probability against the other K - 1 samples of its prompt (with
                 --group-anchor also against y*): every unordered pair of the group judged once in
-                each order (round_robin_win_rates), then --reward-transform
+                each order (round_robin_win_rates), then --reward-transform, then / sigma
     bt-anchor   the BT reward model's sigmoid(r(x, y) - r(x, y*)) (scalar_head.bt_anchor_win_probs),
-                then --reward-transform: bounded and anchor-relative like Pairwise-RL's, from a scalar RM
-    bt          the BT reward (r(x, y) - mu) / sigma (losses.normalize_scores), the baseline
+                then --reward-transform, then / sigma: bounded and anchor-relative like
+                Pairwise-RL's, from a scalar RM
+    bt          the BT reward (r(x, y) - mu) / sigma, the baseline
+
+with mu and sigma the mean and std of that score over rollouts of the initial policy
+(--reward-norm init-std; losses.normalize_scores), so that --kl-coef, --value-clip and
+--truncation-penalty mean the same thing whatever the reward model (--reward-norm none: raw scores).
 
 Fixed for the run (and kept in its checkpoint): the anchors (gold answers, else best-of-N samples
-of the initial policy ranked by the judge: fill_anchors) and, for bt, mu and sigma of the initial
-policy's scores (measure_reward_norm).
+of the initial policy ranked by the judge: fill_anchors) and the initial policy's score statistics
+(measure_reward_norm: mu, sigma, and its truncation rate, from which initial_mean_score gives the
+critic's starting value, --critic-bias init-mean).
 
 The judge's cost of a step's rewards (rows and padded tokens it read) comes back with the scores,
 so the anchor reward (K judge calls per prompt, x2 orders) and the group reward (K (K - 1) / 2
 pairs per prompt, x2 orders; K (K + 1) / 2 with the anchor) can be compared per unit of compute.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple, Optional
 
 import torch
 
 from nanopairwise import batching, losses
 from nanopairwise.common import derive_seed
-from nanopairwise.distributed import gathered, get_rank, get_world_size
+from nanopairwise.distributed import all_reduce_sum, gathered, get_rank, get_world_size
 from nanopairwise.guards import UserError
 from nanopairwise.judge import win_probs
 from nanopairwise.layouts import JudgeTemplate, Sampling, sample
@@ -37,14 +43,14 @@ from nanopairwise.scalar_head import bt_anchor_win_probs, scalar_scores
 @dataclass(frozen=True)
 class RewardConfig:
     """How a response is scored, fixed for the run: train_ppo.py's reward flags, the reward model's
-    own layout and (bt) the normalisation measured at the start."""
+    own layout and the normalisation measured at the start (--reward-norm)."""
     kind: str                          # --reward: pairwise, pairwise-group, bt or bt-anchor
     template: JudgeTemplate            # the reward model's text layout (its rm_config.json)
     transform: str = "prob"            # --reward-transform, for the win probabilities
     symmetric: bool = True             # --symmetric: the judge scores both orders
     group_size: int = 1                # pairwise-group: K, the samples of a prompt (adjacent rows)
     group_anchor: bool = False         # pairwise-group: the anchor is one more member (--group-anchor)
-    norm: dict = None                  # bt: {"mean": mu, "std": sigma, "n"}; None: raw scores
+    norm: dict = None                  # {"mean": mu, "std": sigma, ...} (--reward-norm init-std); None: raw
 
 
 class Scores(NamedTuple):
@@ -73,7 +79,8 @@ def score_responses(prompts, texts, rm, tok, reward: RewardConfig, anchor_scores
                            else bt_anchor_win_probs(rm, tok, reward.template, items, anchor_scores))
     cost = ({"perf/judge_rows": rm.rows_scored - rows, "perf/judge_tokens": rm.tokens_scored - tokens}
             if hasattr(rm, "rows_scored") else {})
-    return Scores(losses.transform_score(rates, reward.transform), win, cost)
+    scores = losses.normalize_scores(losses.transform_score(rates, reward.transform), reward.norm, center=False)
+    return Scores(scores, win, cost)
 
 
 def group_win_matrix(pair_win: torch.Tensor, n: int) -> torch.Tensor:
@@ -137,26 +144,36 @@ def fill_anchors(prompts, policy, judge, tok, template, n: int, sampling: Sampli
 
 
 @torch.no_grad()
-def measure_reward_norm(initial_lm, rm, rm_dir: str, tok, prompts, template: JudgeTemplate, n_prompts: int, K: int,
-                        sampling: Sampling, seed: int, device) -> dict:
-    """Mean and std of the BT score r(x, y) over K rollouts of the initial policy `initial_lm` on
-    `n_prompts` of `prompts` (a seeded draw, split over the ranks; moments all-reduced). 64 prompts x
-    K=4 = 256 scores put the std within ~5% (relative standard error 1/sqrt(2n)) for the cost of
-    two steps' rollouts. Returns {"mean", "std", "n"}; raises UserError when every score is equal
-    (naming `rm_dir`, the reward model's directory)."""
+def measure_reward_norm(initial_lm, rm, rm_dir: str, tok, prompts, reward: RewardConfig, n_prompts: int, K: int,
+                        sampling: Sampling, seed: int, device, require_spread: bool = True) -> dict:
+    """Mean and std of the raw score (score_responses without a norm: the BT score r(x, y), or the
+    transformed win probability) over K rollouts of the initial policy `initial_lm` on `n_prompts`
+    of `prompts` (a seeded draw, split over the ranks; moments all-reduced), and the fraction of
+    those rollouts cut off without EOS. 64 prompts x K=4 = 256 scores put the std within ~5%
+    (relative standard error 1/sqrt(2n)) for the cost of two steps' rollouts. Returns {"mean",
+    "std", "truncated", "n"}; with `require_spread` (the std will divide the scores) raises
+    UserError when every score is equal (naming `rm_dir`, the reward model's directory)."""
     world = get_world_size()
     n = min(n_prompts, len(prompts)) // world * world
     if n == 0:
-        raise UserError(f"--reward-norm-prompts {n_prompts}: fewer than one prompt per rank "
-                        f"({world}); raise it, or pass 0 for raw BT scores")
+        raise UserError(f"--reward-norm-prompts {n_prompts}: fewer than one prompt per rank ({world}); raise it")
     pick = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(derive_seed(seed, "reward_norm_prompts")))
     rows = [prompts[i] for i in batching.shard_for_rank(pick[:n].tolist(), get_rank(), world) for _ in range(K)]
     generator = torch.Generator(device=device).manual_seed(derive_seed(seed, "reward_norm_rollouts", get_rank()))
     rollout = sample(initial_lm, tok, [p.prompt for p in rows], sampling, generator)
-    r = scalar_scores(rm, tok, template, [(p.principle, p.prompt, y) for p, y in zip(rows, rollout.texts(tok))])
-    mean, var = losses.masked_moments(r.to(device), torch.ones_like(r, device=device), distributed=True)
-    if not var.sqrt().item() > 1e-6:
-        raise UserError(f"the BT reward model gives every one of {n * K} initial-policy rollouts the same score "
-                        f"({mean.item():.4g}), so it cannot be normalised; check --bt-rm {rm_dir} (trained?) "
-                        "or pass --reward-norm-prompts 0")
-    return {"mean": mean.item(), "std": var.sqrt().item(), "n": n * K}
+    raw = replace(reward, norm=None)
+    r = score_responses(rows, rollout.texts(tok), rm, tok, raw, anchor_scores={}).scores.to(device)
+    mean, var = losses.masked_moments(r, torch.ones_like(r), distributed=True)
+    truncated = all_reduce_sum((~rollout.ended).float().sum().to(device)) / (n * K)
+    if require_spread and not var.sqrt().item() > 1e-6:
+        raise UserError(f"the reward model gives every one of {n * K} initial-policy rollouts the same score "
+                        f"({mean.item():.4g}), so it cannot be normalised; check {rm_dir} (trained?) "
+                        "or pass --reward-norm none")
+    return {"mean": mean.item(), "std": var.sqrt().item(), "truncated": truncated.item(), "n": n * K}
+def initial_mean_score(stats: dict, reward: RewardConfig, truncation_penalty: float) -> float:
+    """The initial policy's mean score as the PPO reward sees it (in reward.norm's units, less the
+    truncation penalty), from measure_reward_norm's `stats`: what a critic's value should start at
+    (--critic-bias init-mean) when its head is fresh. A zero head instead gives the first steps'
+    advantages a term score * lambda^(R-1-t) that depends on the token's position only."""
+    mean = losses.normalize_scores(torch.tensor(stats["mean"]), reward.norm, center=reward.kind == "bt")
+    return mean.item() - truncation_penalty * stats.get("truncated", 0.0)

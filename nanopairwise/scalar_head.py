@@ -76,6 +76,12 @@ class ScalarHeadModel(nn.Module):
         self.score_head.weight.div_(std)
         self.score_head.bias.sub_(mean).div_(std)
 
+    @torch.no_grad()
+    def set_bias_(self, value: float):
+        """Start the head at a constant: bias <- value (a fresh head's weight is 0, so V = value
+        everywhere; train_ppo.py --critic-bias init-mean)."""
+        self.score_head.bias.fill_(value)
+
     @classmethod
     def from_pretrained(cls, path: str, dtype=None, device=None, new_head: bool = False):
         """Load trunk (and head unless `new_head`, e.g. a critic initialised from a judge)."""

@@ -6,6 +6,7 @@
     python scripts/compare.py --smoke              # tiny task and runs: checks the plumbing (the test)
     python scripts/compare.py --plot-only          # redraw the figure from finished run dirs, no training
     python scripts/compare.py --arm 'grpo-group=--reward pairwise-group --advantage-estimator grpo'   # one more arm
+    python scripts/compare.py --kl-coefs 0.02 0.05 0.2 0.5 --jobs 2   # the KL frontier: every arm at each coefficient
 
 Per seed, in RUN_DIR/seed<S> (a finished stage is skipped, so an interrupted run continues):
   task/         bootstrap: tokenizer, SFT policy, preference pairs, RL prompts (nanopairwise/bootstrap.py)
@@ -14,6 +15,12 @@ Per seed, in RUN_DIR/seed<S> (a finished stage is skipped, so an interrupted run
   ppo_bt/       train_ppo.py --reward bt: normalised BT scalar reward, standard critic from the RM
   ppo_bt-anchor/ train_ppo.py --reward bt-anchor: the BT model's win probability against the same
                 anchor, sigmoid(r(x, y) - r(x, y*)), standard critic; every other setting shared
+With --kl-coefs, every arm runs at each coefficient instead, in RUN_DIR/seed<S>/kl<C>/ppo_<arm>/
+(the seed's task and reward models shared), and the report is the KL frontier: held-out oracle score
+and oracle win rate against the exact held-out KL (nanopairwise/evaluation.py), per arm, and the
+arms compared at matched KL (each seed's frontier interpolated at --kl-levels; frontier_tables),
+with the figure docs/frontier.png (plot.plot_frontier). Runs are ordered coefficient by
+coefficient, so an interrupted sweep has whole coefficients; rerunning continues it.
 The bt-anchor arm separates the judge from the anchor: it has Pairwise-RL's bounded, anchor-relative
 reward but a scalar RM. All PPO runs start from the same SFT policy and are evaluated on the same held-out prompts with the
 same sampling seed, so "before" is shared. Everything is measured against the task's oracle.
@@ -29,7 +36,6 @@ line of RUN_DIR/results.md) and the figure into the README.
 import argparse
 import datetime
 import json
-import multiprocessing
 import os
 import platform
 import re
@@ -42,7 +48,8 @@ import torch
 
 import plot  # scripts/plot.py (this script's own directory is on sys.path)
 from nanopairwise.common import atomic_write_text
-from nanopairwise.pipeline import run_seed as run_pipeline
+from nanopairwise.evaluation import value_at
+from nanopairwise.pipeline import default_arms, pool_map, prepare_seed, run_arm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIGURE = os.path.join(ROOT, "docs", "compare.png")
@@ -51,11 +58,15 @@ FIGURE_MD = ("\n![Pairwise-RL vs the Bradley-Terry arms (bt, bt-anchor) over PPO
 METHODS = {"Pairwise-RL (generative judge + pairwise PPO)": ("judge", "ppo_pairwise"),  # label: (RM dir, PPO dir)
            "Bradley-Terry RM + standard PPO": ("bt", "ppo_bt"),
            "BT anchor win prob (BT RM, sigmoid(r(y) - r(y*)) + standard PPO)": ("bt", "ppo_bt-anchor")}
-
+FRONTIER = os.path.join(ROOT, "docs", "frontier.png")
+FRONTIER_MD = ("\n![Held-out oracle score and oracle win rate against the exact held-out KL, one curve per arm "
+               "(scripts/compare.py --kl-coefs)](docs/frontier.png)\n\n")
+ARMS = {"ppo_pairwise": "Pairwise-RL", "ppo_bt": "BT + standard PPO", "ppo_bt-anchor": "BT anchor win prob"}
 README_START, README_END = "<!-- compare:start -->", "<!-- compare:end -->"
 SMOKE_RM = ["--max-steps", "2", "--batch-size", "8"]
 SMOKE_PPO = ["--steps", "2", "--prompts-per-step", "4", "--samples-per-prompt", "2", "--max-new-tokens", "8",
-             "--eval-size", "4", "--ppo-epochs", "1"]
+             "--eval-size", "4", "--ppo-epochs", "1",
+             "--reward-norm", "none"]  # a 2-step BT model scores every response alike: no spread to divide by
 
 
 def get_args(argv=None):
@@ -72,6 +83,11 @@ def get_args(argv=None):
     p.add_argument("--arm", action="append", default=[], metavar="NAME=FLAGS",
                    help="one more PPO arm per seed, in ppo_NAME: train_ppo.py FLAGS after --ppo-args, e.g. "
                         "'rloo=--advantage-estimator rloo' (repeatable; --plot-only needs the same --arm)")
+    p.add_argument("--kl-coefs", type=float, nargs="+", default=None,
+                   help="run every arm at each of these --kl-coef values (the KL frontier) instead of once")
+    p.add_argument("--kl-levels", type=float, nargs="+", default=None,
+                   help="KL values at which the arms are compared, each seed's frontier interpolated (default: "
+                        "three, evenly spaced in log KL inside the range every seed and arm reached)")
     p.add_argument("--plot-only", action="store_true",
                    help="only redraw the figure from the finished run directories under --run-dir (no training)")
     args = p.parse_args(argv)
@@ -88,30 +104,39 @@ def get_args(argv=None):
     # the table's rows and the figure's groups: each arm with the judge's RM columns unless its reward is a BT one
     args.methods = METHODS | {name: ("bt" if re.search(r"--reward[ =]bt", flags) else "judge", f"ppo_{name}")
                               for name, flags in args.arm}
+    args.arms = ARMS | {f"ppo_{name}": name for name, _ in args.arm}     # the frontier's curves and columns
+    if args.kl_coefs and (min(args.kl_coefs) < 0 or len(set(args.kl_coefs)) < len(args.kl_coefs)):
+        p.error(f"--kl-coefs must be distinct and >= 0, got {args.kl_coefs}")
+    if args.kl_coefs and any("--kl-coef" in shlex.split(f) for f in [args.ppo_args] + [f for _, f in args.arm]):
+        p.error("--ppo-args or an --arm sets --kl-coef, which --kl-coefs sets per run; leave it out")
     return args
 
 
-def _worker_threads(threads: int):
-    """Pool initializer: this worker's torch (and every train_*.py it runs) uses `threads` threads."""
-    os.environ["NANOPAIRWISE_NUM_THREADS"] = str(threads)  # what compute_init() in the train_*.py children then sets
-    torch.set_num_threads(threads)
-
-
 def run_seeds(args) -> dict:
-    """{seed: run_seed(seed)} in order; --jobs > 1 runs the seeds in a pool of spawned processes."""
-    if args.jobs == 1 or len(args.seeds) == 1:
-        return {seed: run_seed(seed, args) for seed in args.seeds}
-    jobs = min(args.jobs, len(args.seeds))
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    with multiprocessing.get_context("spawn").Pool(jobs, _worker_threads, (threads,)) as pool:
-        return dict(zip(args.seeds, pool.starmap(run_seed, [(seed, args) for seed in args.seeds], chunksize=1)))
+    """{seed: {"judge": eval, "bt": eval, "ppo_<arm>": history, ...}}: every seed's task and reward
+    models first (a seed per job), then every PPO run (a run per job, nanopairwise/pipeline.py):
+    once per arm, or with --kl-coefs at each coefficient, coefficient by coefficient, under "frontier"."""
+    results = dict(zip(args.seeds, pool_map(prepare, [(s, args) for s in args.seeds], args.jobs)))
+    arms = default_arms() + [(name, shlex.split(flags)) for name, flags in args.arm]
+    units = [(seed, coef, name, flags, args) for coef in args.kl_coefs or [None] for seed in args.seeds
+             for name, flags in arms]
+    for (seed, coef, name, _, _), history in zip(units, pool_map(run_ppo, units, args.jobs)):
+        where = results[seed] if coef is None else results[seed].setdefault("frontier", {}).setdefault(f"{coef:g}", {})
+        where[f"ppo_{name}"] = history
+    return results
 
 
-def run_seed(seed, args) -> dict:
-    """All stages for one seed (nanopairwise/pipeline.py); {"judge": eval, "bt": eval, "ppo_<reward>": history}."""
-    return run_pipeline(os.path.join(args.run_dir, f"seed{seed}"), seed, args.smoke, SMOKE_RM if args.smoke else [],
-                        (SMOKE_PPO if args.smoke else []) + args.ppo_args.split(),
-                        [(name, shlex.split(flags)) for name, flags in args.arm])
+def prepare(seed, args) -> dict:
+    """The seed's task and both reward models (pipeline.prepare_seed): {"judge": eval, "bt": eval}."""
+    return prepare_seed(os.path.join(args.run_dir, f"seed{seed}"), seed, args.smoke, SMOKE_RM if args.smoke else [])
+
+
+def run_ppo(seed, coef, name, flags, args) -> dict:
+    """One PPO run of the seed (pipeline.run_arm): --kl-coef `coef` in kl<coef>/ (None: the default)."""
+    kl = [] if coef is None else ["--kl-coef", f"{coef:g}"]
+    return run_arm(os.path.join(args.run_dir, f"seed{seed}"), seed, name,
+                   (SMOKE_PPO if args.smoke else []) + args.ppo_args.split() + kl + list(flags),
+                   "" if coef is None else f"kl{coef:g}")
 
 
 def mean_std(values, signed: bool = False) -> str:
@@ -124,12 +149,25 @@ def mean_std(values, signed: bool = False) -> str:
     return mean if len(values) == 1 else f"{mean} ± {statistics.stdev(values):.3f}"
 
 
-def table(results: dict, seconds: float, command: str = "python scripts/compare.py", methods=METHODS) -> str:
-    """The header line (seeds, machine, date, time, command), then body(results)."""
+def table(results: dict, seconds: float, command: str = "python scripts/compare.py", methods=METHODS, arms=ARMS,
+          levels=None) -> str:
+    """The header line (seeds, machine, date, time, command), then report(results, ...)."""
     cpu = platform.processor() or platform.machine()
     head = (f"Seeds {', '.join(map(str, sorted(results)))} (mean ± std), {os.cpu_count()}-core CPU ({cpu}), torch "
             f"{torch.__version__}, {datetime.date.today()}, {seconds / 60:.0f} min; produced by `{command}`.")
-    return head + "\n\n" + body(results, methods)
+    return head + "\n\n" + report(results, methods, arms, levels)
+
+
+def is_frontier(results: dict) -> bool:
+    return any("frontier" in r for r in results.values())
+
+
+def report(results: dict, methods=METHODS, arms=ARMS, levels=None) -> str:
+    """The tables: the KL frontier's (at `levels`, default default_kl_levels) or the one-coefficient
+    body; then the reward models' (rm_table)."""
+    if is_frontier(results):
+        return frontier_tables(results, levels or default_kl_levels(results, arms), arms) + "\n" + rm_table(results)
+    return body(results, methods) + "\n" + rm_table(results)
 
 
 def header_command(argv: list) -> str:
@@ -174,6 +212,73 @@ def body(results: dict, methods=METHODS) -> str:
             + "\n".join(diffs) + "\n")
 
 
+def rm_table(results: dict) -> str:
+    """The reward models on held-out pairs (mean ± std over seeds): oracle accuracy, ECE over both
+    orientations of every pair, and the judge's position consistency beside its parts (judge.order_metrics)."""
+    seeds = sorted(results)
+    col = lambda rm, key: mean_std([results[s][rm].get(key) for s in seeds])
+    rows = []
+    for label, rm in (("generative pairwise judge", "judge"), ("Bradley-Terry RM", "bt")):
+        parts = ([col(rm, "independent_consistency"), f"{col(rm, 'accuracy_chosen_first')} / "
+                  f"{col(rm, 'accuracy_chosen_second')}", col(rm, "yes_rate")] if rm == "judge"
+                 else ["1 (by construction)", "—", "—"])
+        rows.append("| " + " | ".join([label, col(rm, "oracle_accuracy"), col(rm, "ece"),
+                                       col(rm, "position_consistency"), *parts]) + " |")
+    return ("| reward model | oracle accuracy | ECE (both orientations) | position consistency | consistency if the "
+            "orders erred independently | accuracy chosen first / second | Yes rate |\n|---|---|---|---|---|---|---|\n"
+            + "\n".join(rows) + "\n")
+
+
+def frontier_points(results: dict, seed, arm: str, key: str) -> list:
+    """[(held-out KL, held-out `key`), ...] after PPO, one per --kl-coefs value the seed's arm finished."""
+    runs = results[seed].get("frontier", {}).values()
+    return [(r[arm]["after"]["kl"], r[arm]["after"][key]) for r in runs if arm in r and r[arm]["after"].get(key) is not None]
+
+
+def default_kl_levels(results: dict, arms=ARMS, n: int = 3) -> list:
+    """n KL values evenly spaced in log KL inside the range that every seed's every arm reached
+    (so each is read off every frontier by interpolation, never extrapolated); [] if there is none."""
+    ranges = [[kl for kl, _ in frontier_points(results, s, arm, "oracle_score")] for s in results for arm in arms]
+    if not all(ranges):
+        return []
+    lo, hi = max(max(min(r), 1e-3) for r in ranges), min(max(r) for r in ranges)
+    if lo >= hi:
+        return []
+    return sorted({float(f"{lo * (hi / lo) ** f:.2g}") for f in ((0.5 + i) / n for i in range(n))})
+
+
+def frontier_tables(results: dict, levels: list, arms=ARMS) -> str:
+    """Per coefficient, each arm's held-out KL, oracle score and win rate (mean ± std over seeds);
+    then, at each matched KL level, each arm's values read off its own per-seed frontier, and
+    Pairwise-RL minus each other arm (paired per seed, with on how many seeds it is ahead)."""
+    seeds = sorted(results)
+    coefs = sorted({c for s in seeds for c in results[s].get("frontier", {})}, key=float)
+    lines = ["| --kl-coef | arm | held-out KL | oracle score | oracle win rate |", "|---|---|---|---|---|"]
+    for c in coefs:
+        for arm, label in arms.items():
+            runs = [results[s]["frontier"][c][arm]["after"] for s in seeds if arm in results[s]["frontier"].get(c, {})]
+            lines.append(f"| {c} | {label} | " + " | ".join(mean_std([r.get(k) for r in runs]) if runs else "n/a"
+                                                             for k in ("kl", "oracle_score", "oracle_win_rate")) + " |")
+    before = lambda key: mean_std([next(iter(results[s]["frontier"].values()))["ppo_pairwise"]["before"][key]
+                                   for s in seeds])   # the initial policy, shared by every run of a seed
+    lines.append(f"\nBefore PPO: oracle score {before('oracle_score')}, oracle win rate {before('oracle_win_rate')}.")
+    others = list(arms)[1:]
+    for key, name in (("oracle_score", "oracle score"), ("oracle_win_rate", "oracle win rate")):
+        lines += [f"\nAt matched held-out KL, {name} (each seed's frontier interpolated linearly in KL; Pairwise-RL "
+                  "minus each other arm paired per seed):\n",
+                  "| KL | " + " | ".join(arms.values()) + " | " + " | ".join(f"Pairwise-RL − {arms[a]} | seeds ahead"
+                                                                    for a in others) + " |",
+                  "|---" * (1 + len(arms) + 2 * len(others)) + "|"]
+        for level in levels:
+            at = {arm: {s: value_at(frontier_points(results, s, arm, key), level) for s in seeds} for arm in arms}
+            cells = [mean_std(list(at[arm].values())) for arm in arms]
+            for arm in others:
+                d = [at["ppo_pairwise"][s] - at[arm][s] for s in seeds if None not in (at["ppo_pairwise"][s], at[arm][s])]
+                cells += [mean_std(d, signed=True) if d else "n/a", f"{sum(round(x, 6) > 0 for x in d)} of {len(d)}"]
+            lines.append(f"| {level:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_readme(text: str, path=os.path.join(ROOT, "README.md")):
     readme = open(path, encoding="utf-8").read()
     if README_START not in readme or README_END not in readme:
@@ -183,55 +288,75 @@ def write_readme(text: str, path=os.path.join(ROOT, "README.md")):
     atomic_write_text(path, f"{before}{README_START}\n{text}{README_END}{after}")
 
 
-def draw(args) -> list:
-    """The figure from the seeds' run directories: RUN_DIR/compare.png, and docs/compare.png unless --no-readme."""
-    groups = {label.split(" (")[0]: [os.path.join(args.run_dir, f"seed{s}", d) for s in args.seeds for d in dirs]
-              for label, dirs in args.methods.items()}
-    missing = [d for dirs in groups.values() for d in dirs if not os.path.exists(os.path.join(d, "metrics.jsonl"))]
-    if missing:
-        raise SystemExit(f"--plot-only: no finished runs in {', '.join(missing)}; run scripts/compare.py first")
-    title = f"built-in task, seeds {', '.join(map(str, args.seeds))}: Pairwise-RL vs the Bradley-Terry arms (scripts/compare.py)"
-    outs = [plot.plot_groups(groups, os.path.join(args.run_dir, "compare.png"), title)]
-    if not args.no_readme:
-        outs.append(plot.plot_groups(groups, FIGURE, title))
+def draw(args, results: dict = None) -> list:
+    """The figure: with frontier `results` the KL frontier (plot.plot_frontier: RUN_DIR/frontier.png,
+    and docs/frontier.png unless --no-readme), else the training curves from the seeds' run
+    directories (RUN_DIR/compare.png, and docs/compare.png)."""
+    seeds = ", ".join(map(str, args.seeds))
+    if results and is_frontier(results):
+        title = f"built-in task, seeds {seeds}: held-out oracle metrics vs exact held-out KL (scripts/compare.py --kl-coefs)"
+        outs = [plot.plot_frontier(results, os.path.join(args.run_dir, "frontier.png"), args.arms, title)]
+        outs += [] if args.no_readme else [plot.plot_frontier(results, FRONTIER, args.arms, title)]
+    else:
+        groups = {label.split(" (")[0]: [os.path.join(args.run_dir, f"seed{s}", d) for s in args.seeds for d in dirs]
+                  for label, dirs in args.methods.items()}
+        missing = [d for dirs in groups.values() for d in dirs if not os.path.exists(os.path.join(d, "metrics.jsonl"))]
+        if missing:
+            raise SystemExit(f"--plot-only: no finished runs in {', '.join(missing)}; run scripts/compare.py first")
+        title = f"built-in task, seeds {seeds}: Pairwise-RL vs the Bradley-Terry arms (scripts/compare.py)"
+        outs = [plot.plot_groups(groups, os.path.join(args.run_dir, "compare.png"), title)]
+        outs += [] if args.no_readme else [plot.plot_groups(groups, FIGURE, title)]
     for out in outs:
         print(f"wrote {out}")
     return outs
+
+
+def load_results(args):
+    """--plot-only: RUN_DIR/results.json's results for --seeds (None without the file)."""
+    results_json = os.path.join(args.run_dir, "results.json")
+    if not os.path.exists(results_json):
+        return None
+    results = {int(k): v for k, v in json.load(open(results_json)).items()}
+    if set(args.seeds) - set(results):
+        raise SystemExit(f"--plot-only: {results_json} has no results for seeds "
+                         f"{sorted(set(args.seeds) - set(results))}; run scripts/compare.py with them")
+    return {s: results[s] for s in args.seeds}
+
+
+def figure_md(results) -> str:
+    return FRONTIER_MD if results and is_frontier(results) else FIGURE_MD
 
 
 def main(argv=None):
     args = get_args(argv)
     results_md = os.path.join(args.run_dir, "results.md")
     if args.plot_only:
-        outs = draw(args)
+        results = load_results(args)
+        outs = draw(args, results)
         if os.path.exists(results_md):  # the table of the same runs (printed; with the figure into the README)
             text = open(results_md, encoding="utf-8").read()
-            results_json = os.path.join(args.run_dir, "results.json")
-            if os.path.exists(results_json):  # re-rendered from the numbers of --seeds; time and command as they were
-                results = {int(k): v for k, v in json.load(open(results_json)).items()}
-                if set(args.seeds) - set(results):
-                    raise SystemExit(f"--plot-only: {results_json} has no results for seeds "
-                                     f"{sorted(set(args.seeds) - set(results))}; run scripts/compare.py with them")
+            if results:  # re-rendered from the numbers of --seeds; time and command as they were
                 head = re.sub(r"produced by `python scripts/compare.py(.*)`",   # written before paths were left out
                               lambda m: f"produced by `{header_command(shlex.split(m.group(1)))}`",
                               text.split("\n\n", 1)[0])
-                if sorted(results) != sorted(args.seeds):
+                if len(results) < len(re.match(r"Seeds ([\d, ]+)", head).group(1).split(",")):
                     head = re.sub(r"^Seeds [\d, ]+", f"Seeds {', '.join(map(str, args.seeds))} (of the runs below) ", head)
-                text = head + "\n\n" + body({s: results[s] for s in args.seeds}, args.methods)
+                text = head + "\n\n" + report(results, args.methods, args.arms, args.kl_levels)
             print("\n" + text)
             if not args.no_readme:
-                write_readme(text + FIGURE_MD)
+                write_readme(text + figure_md(results))
         return outs
     t0 = time.time()
     results = run_seeds(args)
-    text = table(results, time.time() - t0, header_command(argv if argv is not None else sys.argv[1:]), args.methods)
+    text = table(results, time.time() - t0, header_command(argv if argv is not None else sys.argv[1:]), args.methods,
+                 args.arms, args.kl_levels)
     os.makedirs(args.run_dir, exist_ok=True)
     atomic_write_text(os.path.join(args.run_dir, "results.json"), json.dumps(results, indent=2))
     atomic_write_text(results_md, text)
     print("\n" + text)
-    draw(args)  # without matplotlib this stops here; install it and rerun with --plot-only
+    draw(args, results)  # without matplotlib this stops here; install it and rerun with --plot-only
     if not args.no_readme:
-        write_readme(text + FIGURE_MD)
+        write_readme(text + figure_md(results))
     return results
 
 

@@ -7,13 +7,13 @@ One figure, six panels: over PPO steps, the rollout reward and the KL to the ref
 step (metrics.jsonl `reward/score`, `rollout/kl`), the held-out oracle score and oracle win rate
 against the anchors at each evaluation (`eval/oracle_score`, `eval/oracle_win_rate`); the
 reward model's training loss (`loss/rm`); and the reward model's reliability diagram (eval.json
-`reliability` of train_rm.py: per bin of the predicted P(chosen > rejected), the mean prediction
-against the labeller model's mean true probability; on the diagonal = calibrated, marker area =
+`reliability` of train_rm.py: per bin of the predicted P(a > b) over both orientations of every
+held-out pair, the mean prediction against the labeller model's mean true probability; on the diagonal = calibrated, marker area =
 pairs in the bin). A run directory counts as PPO or RM by what its metrics.jsonl holds.
 
 Runs given the same label are one group (one colour): each run a thin line, their mean (over the
 steps all of them logged) a thick one; the reliability bins of a group are pooled. scripts/compare.py
-draws its figure with `plot_groups`. matplotlib is an optional extra: pip install 'nanopairwise[plot]'.
+draws its figure with `plot_groups`, and its KL frontier (--kl-coefs) with `plot_frontier`. matplotlib is an optional extra: pip install 'nanopairwise[plot]'.
 """
 
 import argparse
@@ -21,7 +21,7 @@ import json
 import os
 
 PANELS = [  # (metrics.jsonl key, title)
-    ("reward/score", "PPO reward (rollouts; each reward model's own scale)"),
+    ("reward/score", "PPO reward (rollouts; --reward-norm init-std: initial policy's std = 1)"),
     ("rollout/kl", "KL to reference (rollouts)"),
     ("eval/oracle_score", "held-out oracle score"),
     ("eval/oracle_win_rate", "held-out oracle win rate vs anchor"),
@@ -85,13 +85,7 @@ def pooled_reliability(bins_list) -> tuple:
 
 def plot_groups(groups: dict, out_path: str, title: str = None) -> str:
     """Draw {label: [run_dir, ...]} into one PNG at out_path (see the module docstring)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")  # files only, no display
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("plotting needs matplotlib, an optional extra: pip install 'nanopairwise[plot]' "
-                         "(or pip install matplotlib)") from None
+    plt = _pyplot()
     fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
     axes = axes.ravel()
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -126,14 +120,68 @@ def plot_groups(groups: dict, out_path: str, title: str = None) -> str:
         ax.grid(alpha=0.3)
         if not ax.lines:
             ax.text(0.5, 0.5, "no data in these runs", ha="center", va="center", transform=ax.transAxes, color="0.5")
-    rel_ax.set(title="reward model reliability (held-out pairs)", xlabel="predicted P(chosen > rejected)",
-               ylabel="true P(chosen preferred) (labeller model)", xlim=(0, 1), ylim=(0, 1))
+    rel_ax.set(title="reward model reliability (held-out pairs, both orders)", xlabel="predicted P(a > b)",
+               ylabel="true P(a preferred) (labeller model)", xlim=(0, 1), ylim=(0, 1))
     rel_ax.grid(alpha=0.3)
     rel_ax.legend(fontsize=8, loc="upper left")
     for ax in axes[:len(PANELS)]:  # one legend for the curves: the first panel that has any
         if ax.lines:
             ax.legend(fontsize=8)
             break
+    return _save(fig, plt, out_path, title)
+
+
+def plot_frontier(results: dict, out_path: str, arms: dict, title: str = None) -> str:
+    """The KL frontier of scripts/compare.py --kl-coefs into one PNG: held-out oracle score and
+    oracle win rate (after PPO) against the exact held-out KL, one colour per arm of `arms`
+    ({"ppo_<reward>": label}); each seed's runs a thin line in order of KL, the mean over seeds at
+    each coefficient a thick one with ± std bars in both directions; the initial policy dashed.
+    `results`: compare.py's {seed: {"frontier": {coef: {"ppo_<reward>": eval history}}}}."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, key, name in zip(axes, ("oracle_score", "oracle_win_rate"), ("held-out oracle score", "held-out oracle win rate vs anchor")):
+        befores = [next(iter(r["frontier"].values()))["ppo_pairwise"]["before"][key] for r in results.values()]
+        ax.axhline(sum(befores) / len(befores), color="0.5", linestyle="--", linewidth=1, label="before PPO (mean)")
+        for g, (arm, label) in enumerate(arms.items()):
+            color, by_coef = colors[g % len(colors)], {}
+            for r in results.values():
+                pts = sorted((run[arm]["after"]["kl"], run[arm]["after"][key]) for run in r["frontier"].values() if arm in run)
+                ax.plot(*zip(*pts), color=color, linewidth=0.8, alpha=0.35, marker=".")
+                for c, run in r["frontier"].items():
+                    by_coef.setdefault(float(c), []).append((run[arm]["after"]["kl"], run[arm]["after"][key]) if arm in run else None)
+            mean = [(c, [p for p in ps if p]) for c, ps in sorted(by_coef.items())]
+            mean = [(_mean([x for x, _ in ps]), _mean([y for _, y in ps]), _std([x for x, _ in ps]), _std([y for _, y in ps]))
+                    for _, ps in mean if ps]
+            xs, ys, dx, dy = zip(*mean)
+            ax.errorbar(xs, ys, xerr=dx, yerr=dy, color=color, linewidth=2.2, marker="o", capsize=3,
+                        label=f"{label} (mean of {len(results)} seeds)")
+        ax.set(title=name, xlabel="KL(pi || pi_ref), exact, summed over the response (held-out)", ylabel=key, xscale="log")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    return _save(fig, plt, out_path, title)
+
+
+def _mean(v):
+    return sum(v) / len(v)
+
+
+def _std(v):
+    return (sum((x - _mean(v)) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else 0.0
+
+
+def _pyplot():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no display
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("plotting needs matplotlib, an optional extra: pip install 'nanopairwise[plot]' "
+                         "(or pip install matplotlib)") from None
+    return plt
+
+
+def _save(fig, plt, out_path: str, title: str = None) -> str:
     if title:
         fig.suptitle(title)
     fig.tight_layout()

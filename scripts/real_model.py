@@ -13,7 +13,7 @@ Phases, each timed, in RUN_DIR (a finished phase is skipped, so an interrupted r
   sft        a short SFT of SmolLM2 on the task's (imperfect) demonstrations, LoRA merged -> sft/
   judge, bt  train_rm.py from SmolLM2 on the same pairs, the same steps, LoRA
   ppo_*      train_ppo.py from the SFT policy, the arms of scripts/compare.py: pairwise (judge,
-             pairwise critic), bt (normalised BT reward, critic from the BT model) and bt-anchor
+             pairwise critic), bt (normalised BT reward, critic from the BT trunk) and bt-anchor
              (BT win probability against the anchor); the policy with LoRA (its reference =
              adapters off), the critic fully trained
 Then the held-out table of scripts/compare.py (judge/BT oracle accuracy, ECE, position consistency;

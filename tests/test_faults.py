@@ -163,7 +163,7 @@ PPO_FLAG_CASES = [(["--max-new-tokens", "0"], r"^--max-new-tokens 0: must be a f
                   (["--top-p", "1.5"], r"^--top-p 1.5: must be a finite number > 0 and <= 1$"),
                   (["--anchor-samples", "1"], r"^--anchor-samples 1: must be a finite number >= 2$"),
                   (["--max-kl", "-1"], r"^--max-kl -1.0: must be a finite number > 0 \(or 0 = off\)$"),
-                  (["--reward-norm-prompts", "-1"], r"^--reward-norm-prompts -1: must be a finite number >= 0$"),
+                  (["--reward-norm-prompts", "-1"], r"^--reward-norm-prompts -1: must be a finite number >= 1$"),
                   (["--critic-warmup-steps", "-1"], r"^--critic-warmup-steps -1: must be a finite number >= 0$")]
 
 

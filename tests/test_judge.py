@@ -201,17 +201,45 @@ def test_pair_metrics_by_hand():
     p_ba = torch.tensor([0.2, 0.3, 0.7, 0.6])         # pair 4 gets the same verdict in both orders
     m = pair_metrics(p, p_true, q_c, q_r, p_ab, p_ba)
     assert m["accuracy"] == 0.75 and m["oracle_accuracy"] == 1.0 and m["position_consistency"] == 0.75
-    # bins 9, 8, 3, 6: one prediction each, so ECE = mean |p - p_true|
-    assert m["ece"] == pytest.approx((0.05 + 0.25 + 0.05 + 0.15) / 4)
+    # a1 = 3/4 (pair 3 wrong with chosen first), a2 = 2/4 (pairs 3 and 4 wrong with chosen second); 5 Yes of 8
+    assert m["accuracy_chosen_first"] == 0.75 and m["accuracy_chosen_second"] == 0.5 and m["yes_rate"] == 0.625
+    assert m["independent_consistency"] == pytest.approx(0.75 * 0.5 + 0.25 * 0.5)
+    # both orientations: (p, pi) in bins 9, 8, 3, 6 and (1 - p, 1 - pi) in bins 0, 1, 6, 3; bins 3 and 6
+    # hold two each (0.35 vs 0.4 and 0.5; 0.65 vs 0.6 and 0.5), the others one
+    assert m["ece"] == pytest.approx((2 * 0.05 + 2 * 0.25 + 2 * 0.10 + 2 * 0.10) / 8)
     assert m["brier"] == pytest.approx((0.05 ** 2 + 0.25 ** 2 + 0.05 ** 2 + 0.15 ** 2) / 4)
     two = expected_calibration_error(torch.tensor([0.71, 0.79]), torch.tensor([1.0, 0.0]))
     assert two == pytest.approx(abs(0.75 - 0.5))     # same bin: averages cancel before the |.|
     rel = m["reliability"]                            # the reliability diagram's bins
-    assert rel["count"] == [0, 0, 0, 1, 0, 0, 1, 0, 1, 1] and rel["bin_edges"][3:5] == [0.3, 0.4]
+    assert rel["count"] == [1, 1, 0, 2, 0, 0, 2, 0, 1, 1] and rel["bin_edges"][3:5] == [0.3, 0.4]
     assert rel["mean_prob"][8] == pytest.approx(0.85) and rel["mean_target"][8] == pytest.approx(0.6)
-    assert rel["mean_prob"][0] is None and rel["mean_target"][5] is None  # empty bins
+    assert rel["mean_prob"][2] is None and rel["mean_target"][5] is None  # empty bins
     bare = pair_metrics(p, None, None, None)
     assert set(bare) == {"accuracy", "position_consistency"}
+
+
+def _sampled_orientation(logit_scale: float, n: int = 40000):
+    """Synthetic held-out pairs as the task labels them: pi = the labeller's P(A > B), a predictor
+    p = sigmoid(logit_scale * logit(E[pi | p])) (1: calibrated by construction), and the recorded
+    orientation sampled from pi: (p, pi) when A was chosen, else (1 - p, 1 - pi)."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.rand(n, generator=g, dtype=torch.float64) * 0.98 + 0.01
+    pi = torch.distributions.Beta(4 * p, 4 * (1 - p)).sample()       # E[pi | p] = p, spread like label noise
+    a_chosen = torch.rand(n, generator=g, dtype=torch.float64) < pi
+    pred = torch.sigmoid(logit_scale * torch.logit(p))
+    return torch.where(a_chosen, pred, 1 - pred), torch.where(a_chosen, pi, 1 - pi)
+
+
+def test_ece_is_unbiased_by_the_sampled_orientation():
+    """The calibrated predictor sits on the diagonal over both orientations (ECE <= 0.02), where the
+    recorded orientation alone puts it far above; an overconfident one (logit doubled) is clearly worse."""
+    torch.manual_seed(0)
+    p_chosen, p_true = _sampled_orientation(1.0)
+    calibrated = pair_metrics(p_chosen, p_true, None, None)["ece"]
+    assert calibrated <= 0.02
+    assert expected_calibration_error(p_chosen, p_true) > 0.05     # the one-orientation bias this removes
+    overconfident = pair_metrics(*_sampled_orientation(2.0), None, None)["ece"]
+    assert overconfident > calibrated + 0.05
 
 
 def test_pairwise_group_rewards_sum_to_half_k(tok, judge):

@@ -56,7 +56,7 @@ def test_plot_reads_runs_and_writes_a_png(tmp_path):
     run = plot.read_run(str(tmp_path / "ppo_a"))
     assert [s for s, _ in run["series"]["eval/oracle_score"]] == [0, 3, 6] and len(run["series"]["reward/score"]) == 6
     xs, ys, ns, ece = plot.pooled_reliability([metrics["reliability"]])
-    assert sum(ns) == 200 and ece == pytest.approx(metrics["ece"])  # one run: pooling changes nothing
+    assert sum(ns) == 2 * 200 and ece == pytest.approx(metrics["ece"])  # both orientations; one run: pooling changes nothing
     out = str(tmp_path / "fig" / "plot.png")
     plot.main([str(tmp_path / "ppo_a"), str(tmp_path / "ppo_b"), str(tmp_path / "judge"), "--out", out])
     with open(out, "rb") as f:
@@ -83,7 +83,8 @@ def test_compare_plot_only_redraws_without_training(tmp_path, monkeypatch):
             write_ppo_run(str(tmp_path / f"seed{seed}" / name), seed)
         for name in ("judge", "bt"):
             write_rm_run(str(tmp_path / f"seed{seed}" / name), seed)
-    monkeypatch.setattr(compare, "run_seed", lambda *a: pytest.fail("--plot-only must not train"))
+    for stage in ("prepare_seed", "run_arm"):
+        monkeypatch.setattr(compare, stage, lambda *a: pytest.fail("--plot-only must not train"))
     figure = str(tmp_path / "docs" / "compare.png")
     monkeypatch.setattr(compare, "FIGURE", figure)
     readme = tmp_path / "README.md"
@@ -103,7 +104,7 @@ def test_plot_only_rerenders_the_table_from_results_json_with_paired_differences
     paths; its seeds by default); the paired rows are Pairwise-RL minus each arm, seed by seed:
     here +0.03 and +0.01 over bt, -0.02 and 0.00 over bt-anchor."""
     pytest.importorskip("matplotlib")
-    monkeypatch.setattr(compare, "draw", lambda args: [])
+    monkeypatch.setattr(compare, "draw", lambda args, results=None: [])
     readme = tmp_path / "README.md"
     readme.write_text(f"{compare.README_START}\n{compare.README_END}\n")
     monkeypatch.setattr(compare.write_readme, "__defaults__", (str(readme),))

@@ -4,6 +4,7 @@ These are behaviour tests of the reference math the training loop uses (the fuse
 tested against the same reference in test_ppo_loss.py).
 """
 
+import math
 import os
 import socket
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 from nanopairwise import losses
 
@@ -222,3 +224,41 @@ def test_estimate_advantages_per_estimator():
     torch.testing.assert_close(adv, losses.masked_whiten(losses.group_advantages_ref(rewards, mask, 3, "rloo"), mask))
     with pytest.raises(ValueError, match="choose one of gae, grpo, rloo"):
         losses.estimate_advantages("vtrace", rewards, values, mask, 3)
+
+
+def test_exact_kl_is_the_full_vocabulary_sum():
+    """losses.exact_kl against torch's KL divergence, 0 for equal distributions, and a token with
+    pi(v) = 0 (logit -inf) adds nothing even where pi_ref(v) > 0."""
+    g = torch.Generator().manual_seed(0)
+    log_p = torch.log_softmax(torch.randn(3, 5, 7, generator=g), -1)
+    log_q = torch.log_softmax(torch.randn(3, 5, 7, generator=g), -1)
+    expected = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
+    torch.testing.assert_close(losses.exact_kl(log_p, log_q), expected)
+    torch.testing.assert_close(losses.exact_kl(log_p, log_p), torch.zeros(3, 5))
+    log_p0 = torch.log_softmax(torch.tensor([0.0, 0.0, -float("inf")]), -1)
+    log_q0 = torch.log(torch.tensor([0.25, 0.25, 0.5]))
+    assert losses.exact_kl(log_p0, log_q0).item() == pytest.approx(math.log(2.0))
+
+
+def test_value_at_interpolates_inside_the_range_only():
+    from nanopairwise.evaluation import value_at
+    points = [(0.5, 0.7), (0.1, 0.6), (1.0, 0.9)]                    # unsorted: sorted by KL inside
+    assert value_at(points, 0.3) == pytest.approx(0.65) and value_at(points, 0.75) == pytest.approx(0.8)
+    assert value_at(points, 0.1) == pytest.approx(0.6) and value_at(points, 1.0) == pytest.approx(0.9)
+    assert value_at(points, 0.05) is None and value_at(points, 1.5) is None   # no extrapolation
+
+
+def test_position_correlation_sees_the_zero_critic_artefact():
+    """A constant critic at 0 under a positive score: GAE's advantages are lam^(L-1-t) s, highly
+    correlated with that shape; a critic at the mean score leaves only s - mean, uncorrelated."""
+    g = torch.Generator().manual_seed(0)
+    B, T = 64, 20
+    lengths = torch.randint(8, T + 1, (B,), generator=g)
+    mask = (torch.arange(T)[None] < lengths[:, None]).float()
+    scores = 0.45 + 0.1 * torch.randn(B, generator=g)
+    rewards = losses.shape_rewards(scores, mask)
+    corr = {}
+    for name, bias in (("zero", 0.0), ("mean", scores.mean().item())):
+        advantages, _ = losses.gae(rewards, torch.full((B, T), bias) * mask, mask, 1.0, 0.95)
+        corr[name] = losses.position_correlation(advantages, mask, 0.95).item()
+    assert corr["zero"] > 0.6 and abs(corr["mean"]) < 0.1, corr

@@ -178,7 +178,8 @@ def test_critic_warmup_leaves_the_policy_unchanged(run_dir, tmp_path, monkeypatc
     monkeypatch.setattr(train_ppo, "ppo_update", spy)
     out = str(tmp_path / "warm")
     history = train_ppo.main(["--run-dir", str(run_dir), "--out-dir", out, "--reward", "bt-anchor",
-                              "--critic-warmup-steps", "1", "--eval-every", "0", *FAST[:1], "2", *FAST[2:]])
+                              "--critic-warmup-steps", "1", "--eval-every", "0", *FAST[:1], "2", *FAST[2:],
+                              "--reward-norm", "none"])   # a 2-step BT model: bt-anchor's scores have no spread
     same = lambda a, b: all(torch.equal(x, y) for x, y in zip(a, b))
     (policy0, critic0), (policy1, critic1), (policy2, _) = snapshots
     assert same(policy0, policy1) and not same(critic0, critic1)   # warm-up: only the critic learned
@@ -214,3 +215,29 @@ def test_critic_free_flags_are_checked(run_dir, tmp_path):
     train_ppo.main(["--run-dir", str(run_dir), "--out-dir", str(out), *FAST, "--steps", "1", "--eval-every", "0",
                     "--reward", "pairwise-group"])
     assert "critic/explained_var" in step_rows(str(out))[1] and (out / "checkpoint" / "critic").exists()
+
+
+def test_every_arm_is_normalised_and_its_critic_starts_at_the_mean_score(run_dir, tmp_path, monkeypatch):
+    """Defaults on the pairwise arm: the initial policy's score statistics are measured and kept,
+    the score is divided by their std (--reward-norm init-std), the fresh critic head's bias is the
+    initial mean score in those units (--critic-bias init-mean), reward/score_std is logged, and
+    eval.json's KL is the exact one (>= 0) next to its k1 estimate."""
+    biases = []
+    update = train_ppo.ppo_update
+    monkeypatch.setattr(train_ppo, "ppo_update", lambda e, models, *a, **k: biases.append(
+        unwrap_head_bias(models[2])) or update(e, models, *a, **k))
+    out = str(tmp_path / "pw")
+    history = train_ppo.main(["--run-dir", str(run_dir), "--out-dir", out, "--eval-every", "0", *FAST[:1], "1",
+                              *FAST[2:]])
+    state = torch.load(os.path.join(out, "checkpoint", "trainer_state.pt"), weights_only=False)
+    norm = state["reward_norm"]
+    assert norm["n"] == 32 * 2 and norm["std"] > 0 and 0.0 <= norm["truncated"] <= 1.0
+    expected = norm["mean"] / norm["std"] - 0.5 * norm["truncated"]        # prob / std, less the truncation penalty
+    assert biases[0] == pytest.approx(expected, rel=1e-5)
+    assert step_rows(out)[1]["reward/score_std"] > 0
+    after = history["after"]
+    assert after["kl"] >= -1e-6 and "kl_k1" in after
+
+
+def unwrap_head_bias(critic):
+    return (critic.module if hasattr(critic, "module") else critic).score_head.bias.item()
