@@ -88,6 +88,8 @@ def get_args(argv=None):
     p.add_argument("--kl-levels", type=float, nargs="+", default=None,
                    help="KL values at which the arms are compared, each seed's frontier interpolated (default: "
                         "three, evenly spaced in log KL inside the range every seed and arm reached)")
+    p.add_argument("--curves-kl-coef", type=float, default=None,
+                   help="with --kl-coefs: the coefficient whose runs compare.png shows over PPO steps (default: the median)")
     p.add_argument("--plot-only", action="store_true",
                    help="only redraw the figure from the finished run directories under --run-dir (no training)")
     args = p.parse_args(argv)
@@ -139,14 +141,31 @@ def run_ppo(seed, coef, name, flags, args) -> dict:
                    "" if coef is None else f"kl{coef:g}")
 
 
-def mean_std(values, signed: bool = False) -> str:
+def with_costs(results: dict, run_dir: str) -> dict:
+    """Each PPO run's history gains "cost": its mean wall seconds per step and judge rows per step
+    (metrics.jsonl's perf/ms, perf/judge_rows; None where not logged): compute beside the score."""
+    for seed, r in results.items():
+        runs = [("", r)] + [(f"kl{c}", runs) for c, runs in r.get("frontier", {}).items()]
+        for sub, where in runs:
+            for name, history in where.items():
+                path = os.path.join(run_dir, f"seed{seed}", sub, name, "metrics.jsonl")
+                if name.startswith("ppo_") and os.path.exists(path):
+                    rows = [json.loads(line) for line in open(path, encoding="utf-8")]
+                    steps = [row for row in rows if "perf/ms" in row]
+                    mean = lambda k: statistics.mean(row[k] for row in steps) if steps and all(k in row for row in steps) else None
+                    history["cost"] = {"step_s": mean("perf/ms") and mean("perf/ms") / 1000,
+                                       "judge_rows": mean("perf/judge_rows")}
+    return results
+
+
+def mean_std(values, signed: bool = False, digits: int = 3) -> str:
     """'mean ± std' over the seeds; a metric that is null in some runs (NaN/inf, written as JSON null)
     is averaged over the others and says so, 'n/a' where it is null everywhere."""
     known = [v for v in values if v is not None]
     if len(known) < len(values):
-        return f"{mean_std(known, signed)} ({len(known)} of {len(values)} runs)" if known else "n/a"
-    mean = f"{statistics.mean(values):{'+' if signed else ''}.3f}"
-    return mean if len(values) == 1 else f"{mean} ± {statistics.stdev(values):.3f}"
+        return f"{mean_std(known, signed, digits)} ({len(known)} of {len(values)} runs)" if known else "n/a"
+    mean = f"{statistics.mean(values):{'+' if signed else ''}.{digits}f}"
+    return mean if len(values) == 1 else f"{mean} ± {statistics.stdev(values):.{digits}f}"
 
 
 def table(results: dict, seconds: float, command: str = "python scripts/compare.py", methods=METHODS, arms=ARMS,
@@ -253,12 +272,16 @@ def frontier_tables(results: dict, levels: list, arms=ARMS) -> str:
     Pairwise-RL minus each other arm (paired per seed, with on how many seeds it is ahead)."""
     seeds = sorted(results)
     coefs = sorted({c for s in seeds for c in results[s].get("frontier", {})}, key=float)
-    lines = ["| --kl-coef | arm | held-out KL | oracle score | oracle win rate |", "|---|---|---|---|---|"]
+    lines = ["| --kl-coef | arm | held-out KL | oracle score | oracle win rate | s / step | judge rows / step |",
+             "|---|---|---|---|---|---|---|"]
     for c in coefs:
         for arm, label in arms.items():
-            runs = [results[s]["frontier"][c][arm]["after"] for s in seeds if arm in results[s]["frontier"].get(c, {})]
-            lines.append(f"| {c} | {label} | " + " | ".join(mean_std([r.get(k) for r in runs]) if runs else "n/a"
-                                                             for k in ("kl", "oracle_score", "oracle_win_rate")) + " |")
+            runs = [results[s]["frontier"][c][arm] for s in seeds if arm in results[s]["frontier"].get(c, {})]
+            cells = [mean_std([r["after"].get(k) for r in runs]) if runs else "n/a"
+                     for k in ("kl", "oracle_score", "oracle_win_rate")]
+            cells += [mean_std([r.get("cost", {}).get(k) for r in runs], digits=d) if runs else "n/a"
+                      for k, d in (("step_s", 1), ("judge_rows", 0))]
+            lines.append(f"| {c} | {label} | " + " | ".join(cells) + " |")
     before = lambda key: mean_std([next(iter(results[s]["frontier"].values()))["ppo_pairwise"]["before"][key]
                                    for s in seeds])   # the initial policy, shared by every run of a seed
     lines.append(f"\nBefore PPO: oracle score {before('oracle_score')}, oracle win rate {before('oracle_win_rate')}.")
@@ -289,23 +312,27 @@ def write_readme(text: str, path=os.path.join(ROOT, "README.md")):
 
 
 def draw(args, results: dict = None) -> list:
-    """The figure: with frontier `results` the KL frontier (plot.plot_frontier: RUN_DIR/frontier.png,
-    and docs/frontier.png unless --no-readme), else the training curves from the seeds' run
-    directories (RUN_DIR/compare.png, and docs/compare.png)."""
-    seeds = ", ".join(map(str, args.seeds))
+    """The figures: with frontier `results` the KL frontier (plot.plot_frontier: RUN_DIR/frontier.png,
+    and docs/frontier.png unless --no-readme); always the training curves and the reward models'
+    reliability diagrams from the seeds' run directories (RUN_DIR/compare.png, and docs/compare.png),
+    for a frontier those of the runs at --curves-kl-coef."""
+    seeds, outs, sub, at = ", ".join(map(str, args.seeds)), [], "", ""
     if results and is_frontier(results):
         title = f"built-in task, seeds {seeds}: held-out oracle metrics vs exact held-out KL (scripts/compare.py --kl-coefs)"
         outs = [plot.plot_frontier(results, os.path.join(args.run_dir, "frontier.png"), args.arms, title)]
         outs += [] if args.no_readme else [plot.plot_frontier(results, FRONTIER, args.arms, title)]
-    else:
-        groups = {label.split(" (")[0]: [os.path.join(args.run_dir, f"seed{s}", d) for s in args.seeds for d in dirs]
-                  for label, dirs in args.methods.items()}
-        missing = [d for dirs in groups.values() for d in dirs if not os.path.exists(os.path.join(d, "metrics.jsonl"))]
-        if missing:
-            raise SystemExit(f"--plot-only: no finished runs in {', '.join(missing)}; run scripts/compare.py first")
-        title = f"built-in task, seeds {seeds}: Pairwise-RL vs the Bradley-Terry arms (scripts/compare.py)"
-        outs = [plot.plot_groups(groups, os.path.join(args.run_dir, "compare.png"), title)]
-        outs += [] if args.no_readme else [plot.plot_groups(groups, FIGURE, title)]
+        coefs = sorted({c for r in results.values() for c in r["frontier"]}, key=float)
+        coef = f"{args.curves_kl_coef:g}" if args.curves_kl_coef is not None else coefs[len(coefs) // 2]
+        sub, at = f"kl{coef}", f" at --kl-coef {coef}"
+    groups = {label.split(" (")[0]: [os.path.join(args.run_dir, f"seed{s}", rm) for s in args.seeds] +
+              [os.path.join(args.run_dir, f"seed{s}", sub, ppo) for s in args.seeds]
+              for label, (rm, ppo) in args.methods.items()}
+    missing = [d for dirs in groups.values() for d in dirs if not os.path.exists(os.path.join(d, "metrics.jsonl"))]
+    if missing:
+        raise SystemExit(f"--plot-only: no finished runs in {', '.join(missing)}; run scripts/compare.py first")
+    title = f"built-in task, seeds {seeds}: Pairwise-RL vs the other arms{at} (scripts/compare.py)"
+    outs.append(plot.plot_groups(groups, os.path.join(args.run_dir, "compare.png"), title))
+    outs += [] if args.no_readme else [plot.plot_groups(groups, FIGURE, title)]
     for out in outs:
         print(f"wrote {out}")
     return outs
@@ -320,11 +347,11 @@ def load_results(args):
     if set(args.seeds) - set(results):
         raise SystemExit(f"--plot-only: {results_json} has no results for seeds "
                          f"{sorted(set(args.seeds) - set(results))}; run scripts/compare.py with them")
-    return {s: results[s] for s in args.seeds}
+    return with_costs({s: results[s] for s in args.seeds}, args.run_dir)
 
 
 def figure_md(results) -> str:
-    return FRONTIER_MD if results and is_frontier(results) else FIGURE_MD
+    return (FRONTIER_MD if results and is_frontier(results) else "") + FIGURE_MD
 
 
 def main(argv=None):
@@ -347,7 +374,7 @@ def main(argv=None):
                 write_readme(text + figure_md(results))
         return outs
     t0 = time.time()
-    results = run_seeds(args)
+    results = with_costs(run_seeds(args), args.run_dir)
     text = table(results, time.time() - t0, header_command(argv if argv is not None else sys.argv[1:]), args.methods,
                  args.arms, args.kl_levels)
     os.makedirs(args.run_dir, exist_ok=True)
