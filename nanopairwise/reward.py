@@ -32,7 +32,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from nanopairwise import batching, losses
-from nanopairwise.common import derive_seed
+from nanopairwise.common import Progress, derive_seed
 from nanopairwise.distributed import all_reduce_sum, gathered, get_rank, get_world_size
 from nanopairwise.guards import UserError
 from nanopairwise.judge import win_probs
@@ -125,22 +125,29 @@ def group_scores(prompts, texts, judge, tok, reward: RewardConfig):
 
 
 @torch.no_grad()
-def fill_anchors(prompts, policy, judge, tok, template, n: int, sampling: Sampling, seed: int, device):
+def fill_anchors(prompts, policy, judge, tok, template, n: int, sampling: Sampling, seed: int, device,
+                 chunk: int = 16):
     """Best-of-n anchors for prompts without one: n samples of the initial `policy` (a
     PolicyLogprobs), each scored by its mean symmetric win probability against the other n - 1
-    (round_robin_win_rates: n (n - 1) / 2 pairs in both orders), the best kept. Every rank does the
-    same work with the same seed, so all ranks get the same anchors."""
+    (round_robin_win_rates: n (n - 1) / 2 pairs in both orders), the best kept. `chunk` prompts at
+    a time share one sampling batch (chunk x n rows) and one judge batch. Every rank does the same
+    work with the same seed, so all ranks get the same anchors."""
     missing = [p for p in prompts if not p.anchor]
     if not missing:
         return
     if judge is None:
         raise UserError("prompts without an anchor need a judge (--judge) to pick best-of-N anchors")
     generator = torch.Generator(device=device).manual_seed(derive_seed(seed, "anchors"))
+    progress = Progress(len(missing), f"anchors (best of {n})", every=chunk)
     with gathered(judge):
-        for p in missing:
-            texts = sample(policy, tok, [p.prompt] * n, sampling, generator).texts(tok)
-            rates = round_robin_win_rates(judge, tok, template, [(p.principle, p.prompt, texts)])[0].sum(-1)  # (n,)
-            p.anchor = texts[int(rates.argmax())]
+        for i in range(0, len(missing), chunk):
+            rows = missing[i:i + chunk]
+            texts = sample(policy, tok, [p.prompt for p in rows for _ in range(n)], sampling, generator).texts(tok)
+            groups = [(p.principle, p.prompt, texts[j * n:(j + 1) * n]) for j, p in enumerate(rows)]
+            rates = round_robin_win_rates(judge, tok, template, groups).sum(-1)             # (len(rows), n)
+            for j, p in enumerate(rows):
+                p.anchor = groups[j][2][int(rates[j].argmax())]
+            progress.update(i + len(rows))
 
 
 @torch.no_grad()

@@ -279,3 +279,23 @@ def test_pairwise_group_rewards_sum_to_half_k(tok, judge):
     assert cost_1["perf/judge_rows"] == cost["perf/judge_rows"] // 2
     with pytest.raises(ValueError, match="not groups of K = 4"):
         score_responses(prompts, texts, judge, tok, RewardConfig("pairwise-group", TEMPLATE, group_size=4))
+
+
+def test_fill_anchors_keeps_each_prompts_round_robin_best(tok, judge, monkeypatch):
+    """Best-of-n anchors in batches of `chunk` prompts (3 prompts, chunk 2: a batch boundary inside):
+    each prompt without an anchor gets the sample with the highest mean win rate against its own
+    other samples, as one prompt scored alone picks it; a prompt with an anchor keeps it."""
+    from types import SimpleNamespace
+    from nanopairwise import reward
+    n = 3
+    samples = {"q": ["1 2 3", "3 2 1", "2"], "r": ["7 7", "1", "7"], "s": ["4 4 4", "5", "4 5"]}
+    monkeypatch.setattr(reward, "sample", lambda policy, tok, prompts, sampling, generator: SimpleNamespace(
+        texts=lambda tok: [samples[q][i % n] for i, q in enumerate(prompts)]))
+    prompts = [SimpleNamespace(principle="P.", prompt=q, anchor=None) for q in ("q", "r", "s")]
+    prompts.append(SimpleNamespace(principle="P.", prompt="t", anchor="gold"))
+    reward.fill_anchors(prompts, None, judge, tok, TEMPLATE, n, None, 0, torch.device("cpu"), chunk=2)
+    for p in prompts[:3]:
+        rates = reward.round_robin_win_rates(judge, tok, TEMPLATE, [("P.", p.prompt, samples[p.prompt])])[0].sum(-1)
+        assert p.anchor == samples[p.prompt][int(rates.argmax())]
+    assert prompts[3].anchor == "gold"
+    assert len({p.anchor for p in prompts[:3]} & {"1 2 3", "7 7", "4 4 4"}) < 3   # not always the first sample
