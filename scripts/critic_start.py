@@ -16,16 +16,21 @@ that shape (~0 when they carry only the score's deviations). Settings, per arm:
 
 Per seed (the task and reward models of a scripts/compare.py run directory, trained here if
 missing), each (arm, setting) runs --steps 4 of train_ppo.py in RUN_DIR/seed<S>/critic_start/ppo_<arm>_<setting>
-(a finished run is skipped). The table: per step, mean ± std over seeds of the position
-correlation and of the critic's explained variance; it goes to RUN_DIR/critic_start.md.
+(a finished run is skipped). The tables, into RUN_DIR/critic_start.md: per step, mean ± std over
+seeds of the position correlation and of the critic's explained variance; and per arm the initial
+policy's raw score statistics that --reward-norm init-std divides by (reward.measure_reward_norm,
+kept in the run's trainer state) beside the first step's reward/score_std after the division.
 """
 
 import argparse
 import json
 import os
 
+import torch
+
 from nanopairwise.common import atomic_write_text
 from nanopairwise.pipeline import pool_map, prepare_seed, run_arm
+from nanopairwise.ppo_checkpoint import TRAINER_STATE
 
 SETTINGS = {  # (arm, setting): train_ppo.py flags
     ("pairwise", "init-mean"): ["--reward", "pairwise", "--critic-bias", "init-mean"],
@@ -52,23 +57,24 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
-def run_one(seed, arm, setting, args) -> list:
-    """The metrics.jsonl step rows of one run (trained unless finished)."""
+def run_one(seed, arm, setting, args) -> tuple:
+    """(the metrics.jsonl step rows, the initial score statistics) of one run (trained unless finished)."""
     run = os.path.join(args.run_dir, f"seed{seed}")
     flags = ["--steps", str(args.steps), "--eval-every", "0", "--eval-size", "8"] + (SMOKE_PPO if args.smoke else [])
     run_arm(run, seed, f"{arm}_{setting}", flags + SETTINGS[arm, setting], "critic_start")
-    path = os.path.join(run, "critic_start", f"ppo_{arm}_{setting}", "metrics.jsonl")
-    rows = [json.loads(line) for line in open(path, encoding="utf-8")]
-    return [r for r in rows if "reward/score" in r]                  # the training steps, not the evaluations
+    out = os.path.join(run, "critic_start", f"ppo_{arm}_{setting}")
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"), encoding="utf-8")]
+    state = torch.load(os.path.join(out, "checkpoint", TRAINER_STATE), weights_only=False)
+    return [r for r in rows if "reward/score" in r], state.get("reward_norm")   # training steps, not evaluations
 
 
-def mean_std(values) -> str:
+def mean_std(values, fmt: str = "+.2f") -> str:
     values = [v for v in values if v is not None]
     if not values:
         return "n/a"
     mean = sum(values) / len(values)
     std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
-    return f"{mean:+.2f} ± {std:.2f}"
+    return f"{mean:{fmt}} ± {std:{fmt.lstrip('+')}}"
 
 
 def table(results: dict, seeds: list, steps: int) -> str:
@@ -79,10 +85,19 @@ def table(results: dict, seeds: list, steps: int) -> str:
         cells = []
         for t in range(steps):
             for key in KEYS:
-                cells.append(mean_std([rows[t].get(key) if t < len(rows) else None for rows in by_seed.values()]))
+                cells.append(mean_std([rows[t].get(key) if t < len(rows) else None for rows, _ in by_seed.values()]))
         lines.append(f"| {arm} | {setting} | " + " | ".join(cells) + " |")
+    scale = ["| arm | initial raw score mean | initial raw score std | truncated | step-1 reward/score_std (init-std) |",
+             "|---|---|---|---|---|"]
+    for (arm, setting), by_seed in results.items():
+        if setting == "init-mean":
+            norms = [norm for _, norm in by_seed.values() if norm]
+            scale.append(f"| {arm} | " + " | ".join(mean_std([n[k] for n in norms], ".3f") for k in ("mean", "std", "truncated"))
+                         + " | " + mean_std([rows[0].get("reward/score_std") for rows, _ in by_seed.values()], ".2f") + " |")
     return (f"Seeds {', '.join(map(str, seeds))} (mean ± std over seeds); corr = critic/adv_position_corr, the "
-            "advantages' correlation with lambda^(L-1-t); expl. var = critic/explained_var.\n\n" + "\n".join(lines) + "\n")
+            "advantages' correlation with lambda^(L-1-t); expl. var = critic/explained_var.\n\n" + "\n".join(lines)
+            + "\n\nThe reward's scale (reward.measure_reward_norm over the initial policy's rollouts; a bt score's "
+            "offset is arbitrary):\n\n" + "\n".join(scale) + "\n")
 
 
 def main(argv=None):
