@@ -143,7 +143,8 @@ def add_ppo_arguments(p):
     p.add_argument("--clip-high", type=float, default=0.2, help="PPO ratio clip above: 1 + clip_high")
     p.add_argument("--value-clip", type=float, default=0.2, help="clip of the critic's change from its rollout value")
     p.add_argument("--vf-coef", type=float, default=0.5, help="weight of the value loss in the joint loss")
-    p.add_argument("--kl-coef", type=float, default=0.05, help="beta of the KL penalty to the reference")
+    p.add_argument("--kl-coef", type=float, default=0.5,
+                   help="beta of the KL penalty to the reference, in the normalised score's units (--reward-norm)")
     p.add_argument("--kl-mode", choices=["reward", "loss"], default="reward", help="k1 in reward, or k3 loss term")
     p.add_argument("--gamma", type=float, default=1.0, help="GAE discount")
     p.add_argument("--lam", type=float, default=0.95, help="GAE lambda of the advantages")
