@@ -113,8 +113,8 @@ def get_args(argv=None):
     lora.add_lora_args(p)  # on the policy; its reference is then the base weights with adapters off
     args = p.parse_args(argv)
     tracking.check_arguments(p, args)
-    if args.lora_rank and args.fsdp:
-        p.error("--lora-rank with --fsdp is not supported (the reference shares the policy's weights)")
+    if (args.lora_rank or args.critic_lora_rank) and args.fsdp:
+        p.error("--lora-rank / --critic-lora-rank with --fsdp is not supported (LoRA shares the base weights)")
     args.critic = args.critic or ("pairwise" if args.reward == "pairwise" else "standard")
     args.critic = args.critic if args.advantage_estimator == "gae" else "none"     # grpo / rloo: no critic
     args.out_dir = args.out_dir or os.path.join(args.run_dir, f"ppo_{args.reward}")
@@ -166,6 +166,8 @@ def add_ppo_arguments(p):
     p.add_argument("--critic-fresh-head", action=argparse.BooleanOptionalAction, default=True,
                    help="--reward bt: a fresh critic head (--critic-bias) like every arm's; --no-critic-fresh-head: "
                         "the reward model's own head, rescaled to the normalised units")
+    p.add_argument("--critic-lora-rank", type=int, default=0, help="the critic as rank-R adapters (alpha 2R) on the "
+                   "reward model's trunk plus its scalar head, not a fully trained second model (0 = full fine-tuning)")
     p.add_argument("--critic-warmup-steps", type=int, default=0,
                    help="the first N steps train only the critic (the policy's weights do not change)")
     # divergence guard: stop (before saving) when the policy runs away from the reference
@@ -182,9 +184,9 @@ def validate_args(args):
                  "--minibatches", "--eval-size"):
         check_flag(args, name, lo=1)
     check_flag(args, "--anchor-samples", lo=2)                     # best of one is no ranking
-    check_flag(args, "--lora-rank", lo=0)
     check_flag(args, "--reward-norm-prompts", lo=1)
-    check_flag(args, "--critic-warmup-steps", lo=0)
+    for name in ("--lora-rank", "--critic-lora-rank", "--critic-warmup-steps"):
+        check_flag(args, name, lo=0)
     check_flag(args, "--lora-alpha", above=0)
     for name in ("--eval-every", "--save-every", "--truncation-penalty", "--kl-coef", "--vf-coef", "--value-clip"):
         check_flag(args, name, lo=0)
@@ -203,9 +205,10 @@ def validate_args(args):
     if grouped and args.samples_per_prompt < 2:
         raise UserError(f"--samples-per-prompt {args.samples_per_prompt}: {' and '.join(grouped)} compare each "
                         "sample with the other samples of its prompt; use --samples-per-prompt 2 or more")
-    if args.critic == "none" and args.critic_warmup_steps:
-        raise UserError(f"--critic-warmup-steps {args.critic_warmup_steps}: --advantage-estimator "
-                        f"{args.advantage_estimator} has no critic to warm up")
+    for flag, value, what in (("--critic-warmup-steps", args.critic_warmup_steps, "warm up"),
+                              ("--critic-lora-rank", args.critic_lora_rank, "adapt")):
+        if args.critic == "none" and value:
+            raise UserError(f"{flag} {value}: --advantage-estimator {args.advantage_estimator} has no critic to {what}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,8 +219,8 @@ def load_inputs(args, world_size: int):
     """(run, tokenizer, train prompts, eval prompts, trainer state): every file and length checked."""
     run = RunState(*ppo_inputs(args), sampling=Sampling(args.max_new_tokens, args.temperature, args.top_p))
     ckpt = os.path.join(args.out_dir, "checkpoint")
-    state = (ppo_checkpoint.load_state(ckpt, args.lora_rank, args.fsdp, world_size, args.advantage_estimator)
-             if args.resume else {"step": 0})
+    state = (ppo_checkpoint.load_state(ckpt, args.lora_rank, args.fsdp, world_size, args.advantage_estimator,
+                                       args.critic_lora_rank) if args.resume else {"step": 0})
     # with LoRA the base weights are re-read from --policy and the adapters from the trainer state
     run.policy_dir = os.path.join(ckpt, "policy") if args.resume and not args.lora_rank else run.policy
     judged = args.reward.startswith("pairwise")                      # the judge is the reward model
@@ -292,7 +295,7 @@ def build_models(args, run, tok, train_prompts, eval_prompts, state, device):
     adamw = lambda params, lr: torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     optimizers = [adamw([w for w in policy.parameters() if w.requires_grad], run.lr)]   # [policy, critic]
     if critic is not None:                                           # grpo / rloo: no critic
-        optimizers.append(adamw(critic.parameters(), run.critic_lr))
+        optimizers.append(adamw([w for w in critic.parameters() if w.requires_grad], run.critic_lr))
     if args.resume:
         ppo_checkpoint.load_optimizers(ckpt, optimizers, args.fsdp, get_rank())
     return models, optimizers
@@ -326,9 +329,9 @@ def save_step(step, models, optimizers, tok, prompts, history, state, experience
         check_divergence(step, "the updated policy's KL to the reference (k2 on this step's rollouts)", kl,
                          "--max-kl", args.max_kl, divergence_hint(run), last_saved, experience.input_ids.device)
     trainer_state = {"step": step, "anchors": [p.anchor for p in prompts], "world_size": get_world_size(),
-                     "advantage_estimator": args.advantage_estimator,
-                     "history": history, "reward_norm": state.get("reward_norm"),
-                     "policy_trainable": lora.trainable_state_dict(policy) if args.lora_rank else None}
+                     "advantage_estimator": args.advantage_estimator, "history": history, "reward_norm": state.get("reward_norm"),
+                     "policy_trainable": lora.trainable_state_dict(policy) if args.lora_rank else None,
+                     "critic_trainable": lora.trainable_state_dict(critic) if args.critic_lora_rank else None}
     ppo_checkpoint.save(os.path.join(args.out_dir, "checkpoint"), policy, critic, optimizers, tok, trainer_state,
                         args.fsdp)
 

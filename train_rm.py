@@ -70,6 +70,8 @@ def get_args(argv=None):
     p.add_argument("--max-response-tokens", type=int, default=256, help="responses are cut to this many tokens")
     # optimisation
     p.add_argument("--batch-size", type=int, default=32, help="preference pairs per step, over all ranks")
+    p.add_argument("--length-buckets", type=int, default=0, help="length-bucketed batches: sort each run of N "
+                   "global batches by input length, then shuffle the batches (less padding; 0 = off)")
     p.add_argument("--epochs", type=float, default=None,
                    help="passes over the training pairs (default: lora.DEFAULT_EPOCHS by the model's regime and "
                         "--objective, else 4; --resume: the resumed run's)")
@@ -110,7 +112,8 @@ def validate_args(args):
     """Every flag checked before anything is read or loaded; a UserError names the flag."""
     for name in ("--batch-size", "--eval-batch-size", "--max-response-tokens"):
         check_flag(args, name, lo=1)
-    for name in ("--warmup-steps", "--weight-decay", "--save-every", "--max-steps", "--lora-rank", "--consistency-coef"):
+    for name in ("--warmup-steps", "--weight-decay", "--save-every", "--max-steps", "--lora-rank", "--consistency-coef",
+                 "--length-buckets"):
         check_flag(args, name, lo=0)
     for name in ("--epochs", "--lr", "--lora-alpha"):
         check_flag(args, name, above=0)
@@ -122,16 +125,15 @@ def validate_args(args):
 def check_lengths(pairs, args, tok, limit):
     """Every input the model reads must fit its max_position_embeddings. Responses are cut to
     --max-response-tokens; prompt and principle are never cut, so a pair too long is refused by
-    file:line (an over-long input would otherwise reach the attention mask: out of memory)."""
-    for p in pairs:
-        if args.objective == "pairwise":
-            n = len(encode_pair(tok, args.template, p.principle, p.prompt, p.chosen, p.rejected,
-                                  args.max_response_tokens))
-        else:
-            n = max(len(encode_single(tok, args.template, p.principle, p.prompt, y, args.max_response_tokens))
-                    for y in (p.chosen, p.rejected))
+    file:line (an over-long input would otherwise reach the attention mask: out of memory). Returns
+    each pair's input length (bt: the longer row), what --length-buckets sorts by."""
+    single = lambda p, y: len(encode_single(tok, args.template, p.principle, p.prompt, y, args.max_response_tokens))
+    lengths = [len(encode_pair(tok, args.template, p.principle, p.prompt, p.chosen, p.rejected, args.max_response_tokens))
+               if args.objective == "pairwise" else max(single(p, p.chosen), single(p, p.rejected)) for p in pairs]
+    for p, n in zip(pairs, lengths):
         check_length(n, limit, p.source, "the reward model's input", "shorten the prompt or principle, "
                      "or lower --max-response-tokens")
+    return lengths
 
 
 @dataclass
@@ -144,13 +146,12 @@ class RunState:
     lr: float = None                     # --lr, or lora.DEFAULT_LR of the model's regime
     warmup_steps: int = None             # --warmup-steps, or by regime
     total_steps: int = None              # epochs x batches per epoch, at most --max-steps
+    lengths: list = None                 # each train pair's input length (check_lengths): --length-buckets
 
     def resolved(self) -> dict:
         """The flags as this run resolved them: the W&B config and the checkpoint's "args" take them."""
         return dict(model=self.model, train_data=self.train_data, eval_data=self.eval_data, epochs=self.epochs,
                     lr=self.lr, warmup_steps=self.warmup_steps)
-
-
 
 
 def lr_at(step, run: RunState):
@@ -212,7 +213,8 @@ def load_inputs(args, run: RunState, ckpt_dir: str):
     # with LoRA the base weights are re-read from --model and the adapters from the trainer state
     init_dir = ckpt_dir if args.resume and not args.lora_rank else run.model
     tok = Tokenizer.from_pretrained(init_dir if os.path.exists(os.path.join(init_dir, "tokenizer.json")) else run.model)
-    check_lengths(train_pairs + eval_pairs, args, tok, checkpoint.read_config(init_dir)["max_position_embeddings"])
+    lengths = check_lengths(train_pairs + eval_pairs, args, tok, checkpoint.read_config(init_dir)["max_position_embeddings"])
+    run.lengths = lengths[:len(train_pairs)]
     return train_pairs, eval_pairs, tok, init_dir, state
 
 
@@ -296,7 +298,7 @@ def train(args, run, rank, world_size, device):
     progress = Progress(run.total_steps - step, f"{args.objective} RM")
     while step < run.total_steps:
         batch = [train_pairs[i] for i in batching.rank_batch(len(train_pairs), args.batch_size, step, args.seed, rank,
-                                                             world_size)]
+                                                             world_size, run.lengths, args.length_buckets)]
         stats = train_step(model, raw_model, optimizer, batch, step, args, run, tok, yes_no, device, last_saved)
         step += 1
         stats["perf/ms"], t_last = 1000 * (time.time() - t_last), time.time()

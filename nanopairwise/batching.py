@@ -34,14 +34,19 @@ def pad_batch(seqs, pad_id: int, side: str = "right"):
 
 
 def score_batches(score, encode, items, pad_id: int, batch_size: int, device) -> torch.Tensor:
-    """One number per item, `batch_size` items per forward: (n,) fp32 on the CPU. Each item becomes
-    token ids by `encode(item)`; a batch is right-padded and `score(ids (b, T), mask (b, T))`, on
-    `device`, returns its (b,) numbers (the judge's verdict probability, the BT model's score)."""
-    out = []
-    for i in range(0, len(items), batch_size):
-        ids, mask = pad_batch([encode(it) for it in items[i:i + batch_size]], pad_id, side="right")
-        out.append(score(ids.to(device), mask.to(device)).cpu())
-    return torch.cat(out) if out else torch.zeros(0)
+    """One number per item, `batch_size` items per forward: (n,) fp32 on the CPU, in the items'
+    order. Each item becomes token ids by `encode(item)`; the inputs are sorted by length and cut
+    into batches (length-bucketed: little padding); a batch is right-padded and `score(ids (b, T),
+    mask (b, T))`, on `device`, returns its (b,) numbers (the judge's verdict probability, the BT
+    model's score)."""
+    seqs = [encode(it) for it in items]
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    out = torch.zeros(len(seqs))
+    for i in range(0, len(order), batch_size):
+        rows = order[i:i + batch_size]
+        ids, mask = pad_batch([seqs[r] for r in rows], pad_id, side="right")
+        out[rows] = score(ids.to(device), mask.to(device)).float().cpu()
+    return out
 
 
 def last_index(mask: torch.Tensor) -> torch.Tensor:
@@ -56,18 +61,36 @@ def gather_last(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return x[rows, last_index(mask.to(x.device))]
 
 
-def rank_batch(n: int, batch_size: int, step: int, seed: int, rank: int, world_size: int) -> list:
+def rank_batch(n: int, batch_size: int, step: int, seed: int, rank: int, world_size: int, lengths=None,
+               window: int = 0) -> list:
     """Indices (into n records) of this rank's share of global batch `step`.
 
     The data order is one permutation of range(n) per epoch, the same on every rank and a function
     of (seed, epoch) only, so a resumed run continues exactly; epoch e holds n // batch_size batches
     (the remainder is not used that epoch), and rank r takes the r-th of world_size equal slices.
+    With `lengths` (one per record) and `window` > 0 the order is length-bucketed (bucket_order).
     """
     epoch, pos = divmod(step, n // batch_size)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, "data_order", epoch)))
+    if lengths is not None and window > 0:
+        generator = torch.Generator().manual_seed(derive_seed(seed, "length_buckets", epoch))
+        order = bucket_order(order[:n // batch_size * batch_size], lengths, batch_size, window, generator)
     per_rank = batch_size // world_size
     start = pos * batch_size + rank * per_rank
     return order[start:start + per_rank].tolist()
+
+
+def bucket_order(order: torch.Tensor, lengths, batch_size: int, window: int, generator) -> torch.Tensor:
+    """Length-bucketed batches: each run of `window` batches of `order` (a shuffled index list, a
+    multiple of batch_size long) is sorted by length and cut into batches, which are then put in
+    random order within the run. Batches hold inputs of similar length (little padding); which
+    inputs meet stays random across runs and epochs."""
+    out = []
+    for start in range(0, len(order), window * batch_size):
+        chunk = sorted(order[start:start + window * batch_size].tolist(), key=lambda i: lengths[i])
+        batches = [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+        out += [i for b in torch.randperm(len(batches), generator=generator).tolist() for i in batches[b]]
+    return torch.tensor(out, dtype=torch.long)
 
 
 def iterate_minibatches(n: int, batch_size: int, generator: torch.Generator = None, shuffle: bool = True,

@@ -31,6 +31,7 @@ from nanopairwise.distributed import barrier, broadcast_object, get_rank, get_wo
 # streams always had, so runs reproduce earlier runs bit for bit.
 SEED_PURPOSES = {                   # purpose: (multiplier, offset)      index
     "data_order": (1000, 0),        # order of the training records       epoch
+    "length_buckets": (1000, 500),  # order of the length-bucketed batches epoch
     "rollout": (1_000_003, 0),      # PPO sampling, on the device         step * world_size + rank
     "minibatches": (7919, 0),       # PPO minibatch shuffles              step * world_size + rank
     "anchors": (1, 17),             # best-of-N anchor samples            0

@@ -16,6 +16,8 @@ verdict logits:
 
 so P(a > b) + P(b > a) = 1 exactly, and an identical pair scores exactly 0.5. In code:
 `verdict_probs` gives p(a, b) (one order), `symmetrize` the formula, `win_probs` both at once.
+`verdict_probs` runs each prefix its inputs share once, through the KV cache (prefix_sharing.py:
+the same probabilities, |dp| <= 1e-5 in fp32).
 
 The judge's input (JudgeTemplate, encode_pair) is laid out in nanopairwise/layouts.py, with every
 other model input, so the layouts agree token for token.
@@ -32,10 +34,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanopairwise import ops
+from nanopairwise import ops, prefix_sharing
 from nanopairwise.batching import gather_last, score_batches
 from nanopairwise.guards import UserError
-from nanopairwise.layouts import JudgeTemplate, encode_pair
+from nanopairwise.layouts import JudgeTemplate, encode_pair, encode_pair_segments
 
 # ----------------------------------------------------------------------------------------------
 # verdict tokens
@@ -68,7 +70,8 @@ def verdict_token_ids(tokenizer, template: JudgeTemplate):
 class PairwiseJudge(nn.Module):
     """A causal LM used as a judge. forward() returns the next-token logits after each input (B, V),
     so DDP/FSDP see one ordinary forward; `verdict_logits` picks the two verdict columns and counts
-    its cost: `rows_scored` inputs and `tokens_scored` (padded) tokens read so far."""
+    its cost: `rows_scored` inputs and `tokens_scored` (padded) tokens read so far (verdict_probs
+    counts them too when it runs the trunk itself, prefix-shared, and reads `verdict_logits_at`)."""
 
     def __init__(self, lm: nn.Module, yes_id: int, no_id: int):
         super().__init__()
@@ -87,9 +90,12 @@ class PairwiseJudge(nn.Module):
         self.rows_scored += input_ids.size(0)
         self.tokens_scored += input_ids.numel()            # padded: what the forward computes on (no host sync)
         hidden = self.lm.trunk(input_ids, attention_mask=attention_mask)                # (B, T, C)
-        h_last = gather_last(hidden, attention_mask).float()                            # (B, C)
+        return self.verdict_logits_at(gather_last(hidden, attention_mask))
+
+    def verdict_logits_at(self, h_last):
+        """(B, 2) fp32 [z_yes, z_no] from the final hidden states at the answer position (B, C)."""
         w = self.lm.lm_head_weight[[self.yes_id, self.no_id]].float()                   # (2, C)
-        return h_last @ w.t()
+        return h_last.float() @ w.t()
 
 
 def judge_loss(logits: torch.Tensor, labels: torch.Tensor, yes_id: int, no_id: int):
@@ -125,9 +131,19 @@ def symmetrize(p_ab: torch.Tensor, p_ba: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def verdict_probs(judge: PairwiseJudge, tokenizer, template, items, batch_size=64,
-                  max_response_tokens=256, device=None):
+                  max_response_tokens=256, device=None, shared_prefix=True):
     """p(a, b) = sigmoid(z_yes - z_no), the judge's verdict for each (principle, prompt, a, b)
-    item in the order given: (n,) fp32 on CPU."""
+    item in the order given: (n,) fp32 on CPU. With `shared_prefix` every prefix the items share
+    (principle + prompt, and the first answer) is run once (nanopairwise/prefix_sharing.py; the
+    same probabilities); without, each input is run whole, in length-sorted batches."""
+    if shared_prefix and items:
+        segmented = [encode_pair_segments(tokenizer, template, *it, max_response_tokens=max_response_tokens)
+                     for it in items]
+        h_last, tokens = prefix_sharing.last_hidden_states(judge.lm, segmented, tokenizer.pad_token_id, batch_size)
+        judge.rows_scored += len(items)
+        judge.tokens_scored += tokens                   # padded, each shared prefix once
+        z = judge.verdict_logits_at(h_last)                                             # (n, 2)
+        return torch.sigmoid(z[:, 0] - z[:, 1]).cpu()
     encode = lambda it: encode_pair(tokenizer, template, *it, max_response_tokens=max_response_tokens)
 
     def score(ids, mask):
@@ -145,13 +161,15 @@ class WinProbs(NamedTuple):
 
 @torch.no_grad()
 def win_probs(judge, tokenizer, template, items, symmetric=True, **kw) -> WinProbs:
-    """Win probability of a over b for each (principle, prompt, a, b), both orders by default;
-    with symmetric=False only one order is scored (half the cost) and win = p_ab."""
-    p_ab = verdict_probs(judge, tokenizer, template, items, **kw)
+    """Win probability of a over b for each (principle, prompt, a, b), both orders by default
+    (scored in one verdict_probs call, so the orders share their prefix); with symmetric=False
+    only one order is scored (half the cost) and win = p_ab. `kw`: verdict_probs' options."""
     if not symmetric:
+        p_ab = verdict_probs(judge, tokenizer, template, items, **kw)
         return WinProbs(p_ab, p_ab, None)
     swapped = [(pr, q, b, a) for pr, q, a, b in items]
-    p_ba = verdict_probs(judge, tokenizer, template, swapped, **kw)
+    p = verdict_probs(judge, tokenizer, template, list(items) + swapped, **kw)
+    p_ab, p_ba = p[:len(items)], p[len(items):]
     return WinProbs(symmetrize(p_ab, p_ba), p_ab, p_ba)
 
 

@@ -29,6 +29,7 @@ layouts agree token for token where they overlap:
     policy prompt       encode_chat(prompt)                          encode_prompt
     policy training     prompt (left-padded) + response              pack_prompt_response
     judge pair          pair_ids(a, b)                               encode_pair, encode_both_orders
+                        in pieces: pair_segments (prefix-shared scoring)   encode_pair_segments
     BT single           prefix_ids + response + end-of-turn id       encode_single
     train_rm.py batch   both orders of each pair, or chosen then rejected rows   encode_rm_batch
     standard critic     prefix_ids, then the response tokens         critic_inputs
@@ -102,25 +103,36 @@ class JudgeTemplate:
         return (tokenizer.chat_bos_ids + tokenizer.encode(f"Principle: {principle}\n")
                 + tokenizer.encode_chat(prompt, bos=False))
 
+    def pair_segments(self, tokenizer, principle: str, prompt, a_ids, b_ids) -> tuple:
+        """The judge's input in three pieces, (prefix_ids, A + end + the prompt's second user turn,
+        B + end + question): the first is shared by every input of a prompt, the first two by the
+        inputs with the same first answer (prefix_sharing.py runs each shared piece once)."""
+        end = tokenizer.encode(tokenizer.turn_end_text)
+        return (self.prefix_ids(tokenizer, principle, prompt),
+                list(a_ids) + end + tokenizer.encode_chat(prompt, bos=False),
+                list(b_ids) + end + tokenizer.encode(f"{self.question}\nAnswer:"))
+
     def pair_ids(self, tokenizer, principle: str, prompt, a_ids, b_ids=None) -> list:
         """The judge's input from the responses' ids; with b_ids None, the pairwise critic's prefix
         (the same ids, cut where response B would start)."""
-        end = tokenizer.encode(tokenizer.turn_end_text)
-        ids = (self.prefix_ids(tokenizer, principle, prompt) + list(a_ids) + end
-               + tokenizer.encode_chat(prompt, bos=False))
-        if b_ids is None:
-            return ids
-        return ids + list(b_ids) + end + tokenizer.encode(f"{self.question}\nAnswer:")
+        prefix, first, second = self.pair_segments(tokenizer, principle, prompt, a_ids, b_ids or [])
+        return prefix + first + ([] if b_ids is None else second)
 
     def render(self, tokenizer, principle: str, prompt, a: str, b: str) -> str:
         """The judge's input as text, for reading: its ids decoded with the special tokens kept."""
         return tokenizer.decode(encode_pair(tokenizer, self, principle, prompt, a, b), skip_special_tokens=False)
 
 
+def encode_pair_segments(tokenizer, template: JudgeTemplate, principle, prompt, a, b, max_response_tokens=256):
+    """One judge input as JudgeTemplate.pair_segments' three pieces; each response is cut to
+    `max_response_tokens`."""
+    return template.pair_segments(tokenizer, principle, prompt, tokenizer.encode(a)[:max_response_tokens],
+                                  tokenizer.encode(b)[:max_response_tokens])
+
+
 def encode_pair(tokenizer, template: JudgeTemplate, principle, prompt, a, b, max_response_tokens=256):
     """Token ids of one judge input; each response is cut to `max_response_tokens`."""
-    return template.pair_ids(tokenizer, principle, prompt, tokenizer.encode(a)[:max_response_tokens],
-                             tokenizer.encode(b)[:max_response_tokens])
+    return sum(encode_pair_segments(tokenizer, template, principle, prompt, a, b, max_response_tokens), [])
 
 
 def encode_single(tokenizer, template: JudgeTemplate, principle, prompt, response, max_response_tokens=256):

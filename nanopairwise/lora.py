@@ -172,11 +172,12 @@ TINY_PARAMS = 20_000_000  # below this a model is "tiny": the built-in task's, t
 # full: every weight of a pretrained LM (a 135M SmolLM2 judge at 1e-3 diverged, loss 1.28 -> 3.02;
 # RLHF codebases use ~1e-5 for reward models and ~1e-6 for the PPO actor); lora: adapters only,
 # about 10-20x the full rate (the adapter update is small and starts at zero; Hu et al. 2021 use
-# 2e-4 to 5e-4). The critic is always fully fine-tuned. See README "Defaults by model".
+# 2e-4 to 5e-4); a LoRA critic (train_ppo.py --critic-lora-rank) gets 10x the full critic's rate.
+# See README "Defaults by model".
 DEFAULT_LR = {
     "tiny": {"rm": 1e-3, "policy": 5e-5, "critic": 5e-4},
     "full": {"rm": 1e-5, "policy": 1e-6, "critic": 1e-5},
-    "lora": {"rm": 2e-4, "policy": 1e-5, "critic": 1e-5},
+    "lora": {"rm": 2e-4, "policy": 1e-5, "critic": 1e-4},
 }
 
 # train_rm.py --epochs by (regime, objective), 4 where not listed. Measured on the built-in task (seed 0,

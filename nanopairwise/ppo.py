@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from nanopairwise import batching, checkpoint, lora, losses, ops
+from nanopairwise import batching, checkpoint, lora, losses, ops, ppo_checkpoint
 from nanopairwise.common import clock
 from nanopairwise.distributed import clip_grad_norm, unwrap
 from nanopairwise.guards import check_finite_over_ranks, check_length
@@ -68,17 +68,25 @@ def build_critic(args, run, state: dict, dtype, device):
     """The critic: from --resume, else the reward model's trunk with a fresh head whose bias is the
     initial policy's mean score (--critic-bias init-mean; zero: V = 0, which puts a position term
     lambda^(L-1-t) * score in the first advantages), or with --no-critic-fresh-head the BT model's
-    own head rescaled to the reward's units (InstructGPT, OpenRLHF). None for grpo / rloo."""
+    own head rescaled to the reward's units (InstructGPT, OpenRLHF). With --critic-lora-rank the
+    trunk is frozen under rank-R adapters (alpha 2R) and only they and the head train; on --resume
+    both come back from the trainer state (the base is the reward model again). None for grpo / rloo."""
     if args.critic == "none":
         return None
-    if args.resume:
-        return ScalarHeadModel.from_pretrained(os.path.join(args.out_dir, "checkpoint", "critic"), dtype, device)
+    ckpt = os.path.join(args.out_dir, "checkpoint")
+    if args.resume and not args.critic_lora_rank:
+        return ScalarHeadModel.from_pretrained(os.path.join(ckpt, "critic"), dtype, device)
     rm_head = args.reward == "bt" and args.critic == "standard" and not args.critic_fresh_head
     critic = ScalarHeadModel.from_pretrained(run.rm_dir, dtype, device, new_head=not rm_head)
     if rm_head and run.reward.norm:
         critic.normalize_head_(run.reward.norm["mean"], run.reward.norm["std"])   # V in the reward's units
     elif not rm_head and args.critic_bias == "init-mean":
         critic.set_bias_(initial_mean_score(state["reward_norm"], run.reward, args.truncation_penalty))
+    if args.critic_lora_rank:
+        lora.apply_lora(critic.lm, args.critic_lora_rank, 2.0 * args.critic_lora_rank)
+        if args.resume:
+            lora.load_trainable_state_dict(critic, state["critic_trainable"],
+                                           os.path.join(ckpt, ppo_checkpoint.TRAINER_STATE))
     return critic
 
 

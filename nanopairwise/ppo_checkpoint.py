@@ -4,8 +4,9 @@
     critic/               the critic: HF trunk + score_head.safetensors (scalar_head.ScalarHeadModel);
                           none with --advantage-estimator grpo / rloo
     trainer_state.pt      step, anchors, BT reward normalisation, held-out history, world size, the
-                          advantage estimator, and with --lora-rank the adapters (the base weights are
-                          re-read from --policy)
+                          advantage estimator, with --lora-rank the adapters (the base weights are
+                          re-read from --policy), with --critic-lora-rank the critic's adapters and
+                          head (its base: the reward model)
     optimizers.pt         AdamW states of [policy, critic] ([policy] without a critic); DDP: replicated,
                           written by rank 0
     optimizers.rankR.pt   with --fsdp: rank R's shards instead (resume on the same number of ranks)
@@ -46,13 +47,17 @@ def save(path: str, policy, critic, optimizers, tok, state: dict, fsdp: bool):
             atomic_torch_save([o.state_dict() for o in optimizers], os.path.join(tmp, optimizer_file(fsdp, rank)))
 
 
-def load_state(path: str, lora_rank: int, fsdp: bool, world_size: int, advantage_estimator: str = "gae") -> dict:
+def load_state(path: str, lora_rank: int, fsdp: bool, world_size: int, advantage_estimator: str = "gae",
+               critic_lora_rank: int = 0) -> dict:
     """The trainer state of the checkpoint at `path`, checked against this run's flags."""
     state = load_trainer_state(path, TRAINER_STATE, lora_rank, "policy_trainable")
     saved = state.get("advantage_estimator", "gae")
     if saved != advantage_estimator:                    # a critic (and its optimizer) is saved with gae only
         raise UserError(f"--resume: the checkpoint at {path} was written with --advantage-estimator {saved}; "
                         "resume with the same estimator")
+    if bool(state.get("critic_trainable")) != bool(critic_lora_rank):
+        raise UserError(f"--resume: the checkpoint at {path} was written "
+                        f"{'with' if critic_lora_rank == 0 else 'without'} --critic-lora-rank; resume with the same flag")
     if fsdp and state["world_size"] != world_size:
         raise UserError(f"--resume --fsdp: the checkpoint holds optimizer shards of {state['world_size']} "
                         f"ranks; run on {state['world_size']} ranks")

@@ -51,6 +51,7 @@ class RewardConfig:
     group_size: int = 1                # pairwise-group: K, the samples of a prompt (adjacent rows)
     group_anchor: bool = False         # pairwise-group: the anchor is one more member (--group-anchor)
     norm: dict = None                  # {"mean": mu, "std": sigma, ...} (--reward-norm init-std); None: raw
+    shared_prefix: bool = True         # the judge runs each shared prefix once (prefix_sharing.py)
 
 
 class Scores(NamedTuple):
@@ -63,7 +64,7 @@ class Scores(NamedTuple):
 def score_responses(prompts, texts, rm, tok, reward: RewardConfig, anchor_scores: dict = None) -> Scores:
     """Sequence scores of responses `texts` to `prompts` (objects with .principle, .prompt, .anchor;
     pairwise-group: K = reward.group_size adjacent rows per prompt), with the raw win probability
-    against the anchor and the judge's cost (counted by PairwiseJudge.verdict_logits).
+    against the anchor and the judge's cost (counted by PairwiseJudge: judge.verdict_probs).
     bt-anchor: `anchor_scores`, a dict the caller keeps for the run, caches r(x, y*) per anchor."""
     rows, tokens = getattr(rm, "rows_scored", 0), getattr(rm, "tokens_scored", 0)
     if reward.kind == "bt":
@@ -74,7 +75,8 @@ def score_responses(prompts, texts, rm, tok, reward: RewardConfig, anchor_scores
             win, rates = group_scores(prompts, texts, rm, tok, reward)
         else:
             items = [(p.principle, p.prompt, y, p.anchor) for p, y in zip(prompts, texts)]
-            win = rates = (win_probs(rm, tok, reward.template, items, symmetric=reward.symmetric).win
+            win = rates = (win_probs(rm, tok, reward.template, items, symmetric=reward.symmetric,
+                                     shared_prefix=reward.shared_prefix).win
                            if reward.kind == "pairwise"
                            else bt_anchor_win_probs(rm, tok, reward.template, items, anchor_scores))
     cost = ({"perf/judge_rows": rm.rows_scored - rows, "perf/judge_tokens": rm.tokens_scored - tokens}
@@ -98,14 +100,15 @@ def group_win_matrix(pair_win: torch.Tensor, n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def round_robin_win_rates(judge, tok, template, groups, symmetric: bool = True) -> torch.Tensor:
+def round_robin_win_rates(judge, tok, template, groups, symmetric: bool = True,
+                          shared_prefix: bool = True) -> torch.Tensor:
     """W (G, n, n) (group_win_matrix) of `groups`, each (principle, prompt, [n texts]) with the same n.
     One judge batch for all groups: n (n - 1) / 2 unordered pairs per group, each scored in both
     orders and order-symmetrised (judge.win_probs; symmetric=False: one order, half the cost)."""
     n = len(groups[0][2])
     i, j = torch.triu_indices(n, n, offset=1).tolist()
     items = [(principle, prompt, ys[a], ys[b]) for principle, prompt, ys in groups for a, b in zip(i, j)]
-    win = win_probs(judge, tok, template, items, symmetric=symmetric).win                 # (G * n (n - 1) / 2,)
+    win = win_probs(judge, tok, template, items, symmetric=symmetric, shared_prefix=shared_prefix).win
     return group_win_matrix(win.view(len(groups), -1), n)
 
 
@@ -118,7 +121,8 @@ def group_scores(prompts, texts, judge, tok, reward: RewardConfig):
         raise ValueError(f"pairwise-group: {B} rows are not groups of K = {K} >= 2 samples of one prompt each")
     extra = lambda p: [p.anchor] if reward.group_anchor else []
     groups = [(prompts[g].principle, prompts[g].prompt, texts[g:g + K] + extra(prompts[g])) for g in range(0, B, K)]
-    W = round_robin_win_rates(judge, tok, reward.template, groups, reward.symmetric)       # (B / K, n, n)
+    W = round_robin_win_rates(judge, tok, reward.template, groups, reward.symmetric,
+                              reward.shared_prefix)                                     # (B / K, n, n)
     n = W.size(1)
     rates = (W.sum(-1) / (n - 1))[:, :K].reshape(B)                                     # the rollouts' rates
     return (W[:, :K, K].reshape(B) if reward.group_anchor else None), rates

@@ -1,9 +1,21 @@
-"""One PPO step of train_ppo.py, timed phase by phase, on Qwen2.5-0.5B-shaped random models.
+"""One PPO step of train_ppo.py, timed phase by phase, on Qwen2.5-0.5B-shaped random models or a real model.
 
     python scripts/bench_ppo_step.py                        # GPU: 64 prompts x 1 sample x 256 new tokens, bf16
     python scripts/bench_ppo_step.py --fused-head           # the same with the fused LM-head + log-prob kernel
     python scripts/bench_ppo_step.py --prompts 16 --samples-per-prompt 4
     TRITON_INTERPRET=1 python scripts/bench_ppo_step.py --smoke   # tiny models on the CPU (what the test runs)
+    python scripts/bench_ppo_step.py --model DIR --lora-rank 16 --prompts 8 --samples-per-prompt 4 \
+        --new-tokens 64 --prompt-len 48          # a real model (SmolLM2), LoRA policy and critic
+
+With --model DIR every role starts from that checkpoint (policy; reference; judge; critic trunk,
+fresh head) and the text goes through its own tokenizer, with no stop ids, so every row generates
+M tokens; prompts and anchors are random ordinary token ids, decoded. --lora-rank R: the policy as
+train_ppo --lora-rank R (reference = adapters off), the critic as --critic-lora-rank R (unless
+--critic-lora-rank says otherwise). --naive-judge scores every judge input whole (the path before
+prefix sharing). A third table gives each phase's matmul FLOPs (nanopairwise/flops.py: counted
+from the step's real tokens; the judge's are the tokens its scoring path runs; attention not
+counted) as GFLOP/s and as a share of the fp32 and bf16 matmul peaks measured at the end of the
+same run.
 
 What is timed is train_ppo's own step, not a copy of it: nanopairwise/ppo.py's make_experience (whose clock()
 timers give the rollout, judge and forward rows) and then ppo_update, as train_ppo.main
@@ -63,10 +75,12 @@ win probabilities in [0, 1] and a finite PPO loss (ppo_update raises otherwise);
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import importlib.metadata
 import math
-import platform
+import os
+import resource
 import statistics
 import sys
 
@@ -74,13 +88,15 @@ import torch
 
 import train_ppo  # its flags and defaults (get_args): the one script a script imports (tests/test_imports.py)
 from bench_generate import QWEN25_05B, TINY  # this script's own directory is on sys.path
-from nanopairwise import data, ops
+from bench_judge import cpu_name, random_text
+from nanopairwise import checkpoint, data, flops, lora, ops
 from nanopairwise.common import clock, derive_seed, parse_dtype
 from nanopairwise.judge import PairwiseJudge, verdict_probs, verdict_token_ids
-from nanopairwise.layouts import JudgeTemplate, Sampling, encode_pair
+from nanopairwise.layouts import JudgeTemplate, Sampling, encode_pair, encode_pair_segments
 from nanopairwise.model import ModelConfig, Transformer
 from nanopairwise.policy import PolicyLogprobs
 from nanopairwise.ppo import Models, RunState, make_experience, ppo_update, resolve_lrs
+from nanopairwise.prefix_sharing import shared_token_counts
 from nanopairwise.reward import RewardConfig
 from nanopairwise.rollout import Rollout  # noqa: E402
 from nanopairwise.scalar_head import ScalarHeadModel, critic_values
@@ -109,9 +125,21 @@ def get_args(argv=None):
     p.add_argument("--ppo-epochs", type=int, default=defaults.ppo_epochs, help="as train_ppo --ppo-epochs")
     p.add_argument("--minibatches", type=int, default=defaults.minibatches, help="as train_ppo --minibatches")
     p.add_argument("--fused-head", action="store_true", help="policy log-probs through the fused LM-head kernel")
+    # a real model (every role from one checkpoint), LoRA, the judge's scoring path
+    p.add_argument("--model", default=None, help="HF checkpoint dir with tokenizer.json: policy, reference, judge "
+                   "and critic trunk all start from it (default: random Qwen2.5-0.5B-shaped models)")
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA policy of this rank, reference = adapters off "
+                   "(train_ppo --lora-rank; 0 = full fine-tuning)")
+    p.add_argument("--critic-lora-rank", type=int, default=None,
+                   help="LoRA critic of this rank (train_ppo --critic-lora-rank; default: --lora-rank; 0 = full)")
+    p.add_argument("--naive-judge", action="store_true", help="score every judge input whole, not prefix-shared")
+    p.add_argument("--forwards-alone", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time each forward of the judge and forward phases alone (the second table)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     # runtime
     p.add_argument("--dtype", default=None, help="bf16 or fp32 (default bf16 on CUDA, fp32 on the CPU)")
-    p.add_argument("--repeats", type=int, default=3, help="timed steps after the warm-up step (median reported)")
+    p.add_argument("--repeats", type=int, default=3, help="timed steps after the warm-up step (median reported); "
+                   "0: time the checked warm-up step itself (a CPU run where a step takes minutes and nothing compiles)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.smoke
@@ -121,10 +149,18 @@ def get_args(argv=None):
                               ("prompt_len", 64, 8)):
         if getattr(args, name) is None:
             setattr(args, name, smoke if args.smoke else full)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.critic_lora_rank is None:
+        args.critic_lora_rank = args.lora_rank
     args.shape = dict(TINY if args.smoke else QWEN25_05B)
+    if args.model:
+        cfg = checkpoint.read_config(args.model)
+        args.shape = dataclasses.asdict(ModelConfig.from_hf(cfg))
+    args.cfg = ModelConfig(**args.shape) if args.model else ModelConfig(model_type="qwen2", **args.shape)
     args.rows = args.prompts * args.samples_per_prompt                         # P*K rollouts per step
     assert args.rows % args.minibatches == 0, "P*K must divide into --minibatches (every row trained)"
-    assert args.repeats >= 1 and args.new_tokens >= 1 and args.prompt_len >= 1
+    assert args.repeats >= 0 and args.new_tokens >= 1 and args.prompt_len >= 1
     # the arguments train_ppo's step functions read
     args.ppo = train_ppo.get_args(["--samples-per-prompt", str(args.samples_per_prompt),
                                    "--prompts-per-step", str(args.prompts), "--max-new-tokens", str(args.new_tokens),
@@ -132,7 +168,8 @@ def get_args(argv=None):
                                    "--seed", str(args.seed)])
     template = JudgeTemplate()                                              # the judge's, also the critic's
     args.run = RunState(policy=None, prompts=None, eval_prompts=None, judge_template=template,
-                        reward=RewardConfig("pairwise", template, args.ppo.reward_transform, args.ppo.symmetric),
+                        reward=RewardConfig("pairwise", template, args.ppo.reward_transform, args.ppo.symmetric,
+                                            shared_prefix=not args.naive_judge),
                         sampling=Sampling(args.ppo.max_new_tokens, args.ppo.temperature, args.ppo.top_p))
     return args
 
@@ -150,9 +187,20 @@ class FullLengthTokenizer(Tokenizer):
         return [self.eos_token_id]
 
 
-def build_tokenizer(template: JudgeTemplate, V: int, principle: str):
+class NeverStopTokenizer(Tokenizer):
+    """A real tokenizer whose rollouts never stop early (no stop ids): every row generates M tokens."""
+
+    @property
+    def stop_token_ids(self) -> list:
+        return []
+
+
+def build_tokenizer(template: JudgeTemplate, V: int, principle: str, model: str = None):
     """(tokenizer, n_bpe): a chatml BPE of n_bpe ids trained on synthetic judge inputs, filler
-    tokens "<|t{id}|>" up to V, and eos at id V, outside the model (see the docstring)."""
+    tokens "<|t{id}|>" up to V, and eos at id V, outside the model (see the docstring). With
+    `model`: its own tokenizer, never stopping, and n_bpe = 0."""
+    if model:
+        return NeverStopTokenizer.from_pretrained(model), 0
     lines = [f"Principle: {principle}\n" + render_chat(f"question {i}", "chatml") + f"answer {7 * i}<|im_end|>\n"
              f"{template.question}\nAnswer:{template.yes if i % 2 else template.no}" for i in range(300)]
     hf = train_bpe(lines, BPE_SIZE, special_tokens=("<pad>",), chat_template="chatml").tokenizer
@@ -169,22 +217,33 @@ def build_tokenizer(template: JudgeTemplate, V: int, principle: str):
 def build_models(args, tok):
     """(policy, ref, judge, critic) and the two optimisers, as train_ppo.main builds them."""
     torch.manual_seed(args.seed)
-    cfg = ModelConfig(model_type="qwen2", **args.shape)
+    if args.model:
+        cfg = None
+        random_lm = lambda: Transformer.from_pretrained(args.model, dtype=args.dtype, device=args.device)
+    else:
+        cfg = ModelConfig(model_type="qwen2", **args.shape)
 
-    def random_lm():
-        with torch.device(args.device):                                       # init on the device: fast
-            return Transformer(cfg).to(args.dtype)
+        def random_lm():
+            with torch.device(args.device):                                   # init on the device: fast
+                return Transformer(cfg).to(args.dtype)
 
     policy_lm, judge_lm = random_lm(), random_lm()
     policy = PolicyLogprobs(policy_lm, args.fused_head)
-    ref = policy.reference(copy.deepcopy(policy_lm))
     critic = ScalarHeadModel(copy.deepcopy(judge_lm))                      # fresh zero head
+    if args.critic_lora_rank:                                              # as train_ppo --critic-lora-rank
+        lora.apply_lora(critic.lm, args.critic_lora_rank, 2.0 * args.critic_lora_rank)
+    if args.lora_rank:                                                     # as train_ppo: adapters, reference = off
+        lora.apply_lora(policy_lm, args.lora_rank, 2.0 * args.lora_rank)
+        ref = lora.AdaptersOff(PolicyLogprobs(policy_lm, args.fused_head))
+    else:
+        ref = policy.reference(copy.deepcopy(policy_lm))
     judge = PairwiseJudge(judge_lm, *verdict_token_ids(tok, args.run.judge_template))
     judge.eval().requires_grad_(False)
     run = args.run
     run.lr, run.critic_lr = resolve_lrs(args.ppo, policy_lm, critic.lm)
-    optimizers = [torch.optim.AdamW(policy.parameters(), lr=run.lr, betas=(0.9, 0.95), weight_decay=0.0),
-                  torch.optim.AdamW(critic.parameters(), lr=run.critic_lr, betas=(0.9, 0.95), weight_decay=0.0)]
+    trainable = lambda m: [w for w in m.parameters() if w.requires_grad]
+    optimizers = [torch.optim.AdamW(trainable(policy), lr=run.lr, betas=(0.9, 0.95), weight_decay=0.0),
+                  torch.optim.AdamW(trainable(critic), lr=run.critic_lr, betas=(0.9, 0.95), weight_decay=0.0)]
     return Models(policy, ref, critic, rm=judge, judge=judge), optimizers
 
 
@@ -193,6 +252,8 @@ def bench_prompts(tok, n_bpe, args):
     g = torch.Generator().manual_seed(args.seed + 1)
     V = args.shape["vocab_size"]
     rand = lambda n: tok.decode(torch.randint(n_bpe, V, (n,), generator=g).tolist())
+    if args.model:                                                            # ordinary ids of the real tokenizer
+        rand = lambda n: random_text(tok, n, g)
     return [data.RLPrompt(prompt=rand(args.prompt_len), anchor=rand(args.new_tokens),
                           principle=args.ppo.default_principle) for _ in range(args.prompts)]
 
@@ -265,6 +326,43 @@ def token_counts(exp, items, tok, args):
             "other": None, "step": generated}, per_order, policy_tokens, critic_tokens
 
 
+def step_flops(exp, items, tok, args) -> dict:
+    """Matmul FLOPs of each phase of the step (nanopairwise/flops.py), from its real tokens: the
+    judge's are the tokens its scoring path runs (prefix-shared: each shared prefix once)."""
+    cfg, a = args.cfg, args.ppo
+    prompt_tokens = int(exp.attention_mask.sum() - exp.response_mask.sum())
+    response_tokens, critic_tokens = int(exp.response_mask.sum()), int(exp.critic_mask.sum())
+    template = args.run.reward.template
+    segments = [encode_pair_segments(tok, template, *it) for it in items]
+    if a.symmetric:
+        segments += [encode_pair_segments(tok, template, pr, q, b, y) for pr, q, y, b in items]
+    judge_tokens = shared_token_counts(segments)[0 if args.naive_judge else 1]
+    policy_fwd = flops.block_flops(cfg, prompt_tokens + response_tokens) + flops.head_flops(cfg, response_tokens)
+    critic_fwd = flops.block_flops(cfg, critic_tokens)
+    out = {"rollout": flops.block_flops(cfg, prompt_tokens + response_tokens) + flops.head_flops(cfg, response_tokens),
+           "judge": flops.block_flops(cfg, judge_tokens), "forward": 2 * policy_fwd + critic_fwd,
+           "update": a.ppo_epochs * (flops.train_flops(policy_fwd, not args.lora_rank)
+                                     + flops.train_flops(critic_fwd, not args.critic_lora_rank)),
+           "other": None}
+    out["step"] = sum(v for v in out.values() if v)
+    return out
+
+
+def print_flops_table(seconds, step_fl, device):
+    """Achieved GFLOP/s of each phase against the fp32 and bf16 matmul peaks measured now."""
+    n = 2048 if device.type == "cuda" else 1024
+    peaks = {dt: flops.matmul_peak(dt, device, n) for dt in (torch.float32, torch.bfloat16)}
+    print(f"\nmatmul peak measured now ({n}^3): fp32 {peaks[torch.float32]:,.0f} GFLOP/s, "
+          f"bf16 {peaks[torch.bfloat16]:,.0f} GFLOP/s")
+    print("\n| phase | GFLOP | GFLOP/s | % of fp32 peak | % of bf16 peak |\n|---|---:|---:|---:|---:|")
+    for k in PHASES:
+        if step_fl[k] is None:
+            continue
+        rate = step_fl[k] / 1e9 / seconds[k]
+        print(f"| {k} | {step_fl[k] / 1e9:,.1f} | {rate:,.1f} | {100 * rate / peaks[torch.float32]:.1f} | "
+              f"{100 * rate / peaks[torch.bfloat16]:.1f} |")
+
+
 @torch.no_grad()
 def time_forwards(prompts, exp, models, tok, args):
     """Each forward of the judge and forward phases alone: {name: median seconds}."""
@@ -284,7 +382,7 @@ def time_forwards(prompts, exp, models, tok, args):
     for name, fn in calls.items():
         fn()                                                                  # warm-up
         times = []
-        for _ in range(args.repeats):
+        for _ in range(max(1, args.repeats)):
             t0 = clock(device)
             fn()
             times.append(clock(device) - t0)
@@ -299,38 +397,47 @@ def time_forwards(prompts, exp, models, tok, args):
 
 def header(args, models, n_bpe):
     dev = args.device
-    cpu = f"CPU {platform.processor() or platform.machine()}"
+    cpu = f"CPU {cpu_name()}"
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu
     version = importlib.metadata.version
     params = sum(p.numel() for p in models[0].parameters()) / 1e6
     backend = ops.pick_backend(torch.empty(0, device=dev))
-    shape = "Qwen2.5-0.5B" if not args.smoke else "tiny"
+    shape = "tiny shape, random weights" if args.smoke else "Qwen2.5-0.5B shape, random weights"
+    if args.model:
+        shape = f"{args.model} (real weights)"
+    rank = lambda r: f"LoRA rank {r}" if r else "full"
+    lora_ = f"policy {rank(args.lora_rank)}, critic {rank(args.critic_lora_rank)}"
+    threads = "" if dev.type == "cuda" else f" | {torch.get_num_threads()} threads"
+    load = " | load average %.2f %.2f %.2f" % os.getloadavg() if hasattr(os, "getloadavg") else ""
     a = args.ppo
     print(f"# PPO step | {name} | torch {torch.__version__} | triton {version('triton')} | transformers "
           f"{version('transformers')} | {str(args.dtype).removeprefix('torch.')} | kernels {backend}"
-          f"{' + fused head' if args.fused_head else ''} | {datetime.date.today()}")
-    print(f"# policy, reference, judge, critic: {shape} shape, random weights, {params:.1f}M params each, "
-          f"V {args.shape['vocab_size']:,} ({n_bpe} BPE ids + filler) | {args.prompts} prompts x "
+          f"{' + fused head' if args.fused_head else ''} | {datetime.date.today()}{threads}{load}")
+    print(f"# policy, reference, judge, critic: {shape}, {params:.1f}M params each, {lora_}, judge "
+          f"{'naive' if args.naive_judge else 'prefix-shared'}, "
+          f"V {args.shape['vocab_size']:,}{'' if args.model else f' ({n_bpe} BPE ids + filler)'} | {args.prompts} prompts x "
           f"{args.samples_per_prompt} samples x {args.new_tokens} new tokens, prompts of {args.prompt_len} "
-          f"tokens | ppo {a.ppo_epochs} epochs x {a.minibatches} minibatches | median of {args.repeats} "
-          f"steps after 1 warm-up", flush=True)
+          f"tokens | ppo {a.ppo_epochs} epochs x {a.minibatches} minibatches | "
+          f"{f'median of {args.repeats} steps after 1 warm-up' if args.repeats else 'the warm-up step timed'}",
+          flush=True)
 
 
 def main(argv=None):
     args = get_args(argv)
-    tok, n_bpe = build_tokenizer(args.run.judge_template, args.shape["vocab_size"], args.ppo.default_principle)
+    tok, n_bpe = build_tokenizer(args.run.judge_template, args.shape["vocab_size"], args.ppo.default_principle,
+                                 args.model)
     models, optimizers = build_models(args, tok)
     prompts = bench_prompts(tok, n_bpe, args)
     header(args, models, n_bpe)
 
     # warm-up step: Triton compiles, and the checks run before anything is timed
-    exp, _, stats = ppo_step(prompts, models, optimizers, tok, args, step=0)
+    exp, s, stats = ppo_step(prompts, models, optimizers, tok, args, step=0)
     if check_warmup(exp, stats, args):
         print("FAILED: not timing a step that does not do the stated work")
         return 1
     if args.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(args.device)
-    runs = []
+    runs = [] if args.repeats else [s]
     for i in range(args.repeats):
         exp, s, _ = ppo_step(prompts, models, optimizers, tok, args, step=1 + i)
         runs.append(s)
@@ -345,6 +452,11 @@ def main(argv=None):
         cols = ("-", "-") if n is None else (f"{n:,}", f"{n / seconds[k]:,.0f}")
         print(f"| {k} | {seconds[k]:.3f} | {100 * seconds[k] / seconds['step']:.1f} | {cols[0]} | {cols[1]} |")
 
+    print_flops_table(seconds, step_flops(exp, items, tok, args), args.device)
+    if args.device.type == "cpu":                             # ru_maxrss is in KiB on Linux
+        print(f"\npeak resident memory of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB")
+    if not args.forwards_alone:
+        return 0
     alone = time_forwards(prompts, exp, models, tok, args)
     forward_tokens = {"judge, order (y, anchor)": per_order, "judge, order (anchor, y)": per_order,
                       "old log-probs": policy_tokens, "ref log-probs": policy_tokens, "critic values": critic_tokens}

@@ -15,12 +15,16 @@ Steps, in order (each a subprocess, so a crash or a hang in one is reported and 
   linear_logprob  kernels/bench.py --op linear_logprob --dtype bf16
   generate        scripts/bench_generate.py
   ppo_step        scripts/bench_ppo_step.py --repeats 2
+  judge           scripts/bench_judge.py --model random --dtype bf16 (naive vs prefix-shared scoring,
+                  K = 1, 4, 8; SmolLM2-135M's shape: the real weights are not on a fresh GPU machine)
+  ppo_step_lora   scripts/bench_ppo_step.py --lora-rank 16 --repeats 2 --no-forwards-alone (LoRA policy
+                  and critic, prefix-shared judge; the FLOP table against the measured matmul peaks)
 Each step's output goes between its markers in docs/BENCHMARKS.md (`<!-- gpu-check-NAME:begin -->`)
 with the command, date, device, wall time and exit status; under --smoke nothing is written unless
 --docs names a file. The exit code is 1 if any step failed, and the last line names the failed steps.
 
-Time: each step has a time limit (LIMIT_S, 465 s together) so that the whole run ends within
-8 minutes on one H100 even if a step hangs; the limits are estimates (no GPU has run this yet):
+Time: each step has a time limit (LIMIT_S, 615 s together) so that the whole run ends within
+11 minutes on one H100 even if a step hangs; the limits are estimates (no GPU has run this yet):
 a step that reaches its limit is reported as failed ("timed out"), with its output so far.
 """
 
@@ -47,6 +51,11 @@ STEPS = {
                  [PY, "scripts/bench_generate.py", "--smoke"], 60),  # two shapes: two compiles of the step
     "ppo_step": ([PY, "scripts/bench_ppo_step.py", "--repeats", "2"],
                  [PY, "scripts/bench_ppo_step.py", "--smoke", "--repeats", "1"], 90),
+    "judge": ([PY, "scripts/bench_judge.py", "--model", "random", "--dtype", "bf16"],
+              [PY, "scripts/bench_judge.py", "--smoke"], 75),
+    "ppo_step_lora": ([PY, "scripts/bench_ppo_step.py", "--lora-rank", "16", "--repeats", "2", "--no-forwards-alone"],
+                      [PY, "scripts/bench_ppo_step.py", "--smoke", "--lora-rank", "4", "--repeats", "1",
+                       "--no-forwards-alone"], 75),
 }
 SMOKE_LIMIT_S = 300      # per step on a CPU: the interpreter is slow, and this is no promise of speed
 OUTPUT_LINES = 120       # of a step's output kept in the docs (pytest: its summary)

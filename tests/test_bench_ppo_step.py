@@ -131,3 +131,35 @@ def test_warmup_checks_pass_a_good_step_and_fail_each_bad_one(capsys):
                                                   for k in ("old_logprobs", "ref_logprobs"))
         assert bench.check_warmup(exp, stats, args) == [want]
     assert capsys.readouterr().out.count("FAILED") == len(bad)
+
+
+def test_lora_smoke_run_prints_the_flop_table():
+    """--lora-rank (policy) with a full critic and the naive judge: the configuration of 'today's
+    figure'; the FLOP table has every phase, and the matmul peaks are measured in the run."""
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    env.pop("NANOPAIRWISE_KERNELS", None)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_ppo_step.py"), "--smoke", "--lora-rank",
+                           "2", "--critic-lora-rank", "0", "--naive-judge", "--no-forwards-alone", "--repeats", "1"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    assert "policy LoRA rank 2, critic full, judge naive" in out and out.count(": ok\n") == 3
+    assert "max |old - ref log-prob| before any update = 0.00e+00" in out    # adapters start at B = 0
+    assert re.search(rf"^matmul peak measured now \(1024\^3\): fp32 {NUM} GFLOP/s, bf16 {NUM} GFLOP/s$", out, re.M)
+    gflop = {}
+    for k in ("rollout", "judge", "forward", "update", "step"):
+        m = re.search(rf"^\| {k} \| {NUM} \| {NUM} \| {NUM} \| {NUM} \|$", out, re.M)
+        assert m, (k, out)
+        gflop[k] = float(m.group(1).replace(",", ""))
+    assert gflop["step"] >= gflop["update"] > 0 and gflop["judge"] > 0
+    assert "forward alone" not in out
+
+
+def test_flops_count_the_model_and_lora_halves_the_weight_gradients():
+    cfg = bench.ModelConfig(model_type="qwen2", **bench.TINY)
+    lm = bench.Transformer(cfg)
+    projections = sum(p.numel() for n, p in lm.named_parameters() if n.endswith("proj.weight"))
+    assert bench.flops.block_matmul_params(cfg) == projections
+    assert bench.flops.block_flops(cfg, 10) == 20 * projections
+    assert bench.flops.head_flops(cfg, 3) == 6 * cfg.hidden_size * cfg.vocab_size
+    assert bench.flops.train_flops(1.0, trained=True) == 3.0 and bench.flops.train_flops(1.0, trained=False) == 2.0

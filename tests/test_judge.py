@@ -29,16 +29,22 @@ def tok():
     return train_bpe(CORPUS, 400)
 
 
-@pytest.fixture(scope="module")
-def judge(tok):
+def random_judge(tok, hidden_size=32, num_attention_heads=4):
+    """A tiny random judge (GQA: 2 K/V heads) on `tok`, seeded (also used by test_prefix_sharing.py)."""
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                      num_hidden_layers=2, num_attention_heads=num_attention_heads, num_key_value_heads=2,
+                      tie_word_embeddings=True)
     lm = Transformer(cfg)
     with torch.no_grad():  # larger random weights than the 0.02 init, so verdicts differ by input
         for p in lm.parameters():
             p.add_(0.3 * torch.randn_like(p))
     return PairwiseJudge(lm, *verdict_token_ids(tok, TEMPLATE)).eval()
+
+
+@pytest.fixture(scope="module")
+def judge(tok):
+    return random_judge(tok)
 
 
 def test_template_renders_literal_strings(tok):

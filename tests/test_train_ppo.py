@@ -62,12 +62,14 @@ class Crash(Exception):
 GRPO_GROUP = ["--advantage-estimator", "grpo", "--reward", "pairwise-group"]
 
 
-@pytest.mark.parametrize("lora", [[], ["--lora-rank", "4"], GRPO_GROUP])
+@pytest.mark.parametrize("lora", [[], ["--lora-rank", "4"], ["--critic-lora-rank", "4"], GRPO_GROUP])
 def test_resume_after_a_crash_gives_the_same_next_steps(run_dir, tmp_path, monkeypatch, lora):
     """Crash right after the step-1 checkpoint; the resumed run's steps 2 and 3 equal the
     uninterrupted run's (same rollouts, same losses, same evaluation). With LoRA the reference
-    is the policy with adapters off: the KL starts at exactly 0 and then moves. GRPO on the
-    in-group pairwise reward: no critic is saved, nor its optimizer state."""
+    is the policy with adapters off: the KL starts at exactly 0 and then moves. With
+    --critic-lora-rank the critic's adapters and head come back from the trainer state, and
+    resuming without the flag is refused. GRPO on the in-group pairwise reward: no critic is
+    saved, nor its optimizer state."""
     args = ["--run-dir", str(run_dir), "--save-every", "1", *FAST, *lora]
     straight = train_ppo.main(args + ["--out-dir", str(tmp_path / "straight")])
     make_experience = train_ppo.make_experience
@@ -97,8 +99,11 @@ def test_resume_after_a_crash_gives_the_same_next_steps(run_dir, tmp_path, monke
         assert len(torch.load(ckpt / "optimizers.pt", weights_only=False)) == 1         # the policy's only
         assert all(a[s]["loss/v"] == 0.0 and "critic/explained_var" not in a[s] for s in a)
         assert all(a[s]["perf/judge_rows"] == 4 * 1 * 2 for s in a)   # 4 prompts x K(K-1)/2 = 1 pair x 2 orders
-    elif lora:
+    elif "--lora-rank" in lora:
         assert a[1]["rollout/kl"] == 0.0 and straight["after"]["kl"] != 0.0
+    if "--critic-lora-rank" in lora:
+        with pytest.raises(UserError, match="with --critic-lora-rank"):
+            train_ppo.main(args[:-2] + ["--out-dir", str(tmp_path / "crashed"), "--resume", "--steps", "4"])
 
 
 def test_divergence_guard_stops_before_saving(run_dir, tmp_path):
@@ -204,6 +209,8 @@ def test_critic_free_flags_are_checked(run_dir, tmp_path):
             train_ppo.main(base + flags + ["--samples-per-prompt", "1"])
     with pytest.raises(UserError, match="--advantage-estimator grpo has no critic to warm up"):
         train_ppo.main(base + ["--advantage-estimator", "grpo", "--critic-warmup-steps", "1"])
+    with pytest.raises(UserError, match="--critic-lora-rank 4: --advantage-estimator grpo has no critic to adapt"):
+        train_ppo.main(base + ["--advantage-estimator", "grpo", "--critic-lora-rank", "4"])
     rloo = base + ["--advantage-estimator", "rloo", "--kl-mode", "loss", "--reward", "pairwise-group",
                    "--group-anchor", "--eval-every", "0"]
     train_ppo.main(rloo + ["--steps", "1"])

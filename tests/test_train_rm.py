@@ -33,7 +33,7 @@ def test_torchrun_two_processes(tiny_task, tmp_path, sharding):
     out = str(tmp_path / "judge")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "train_rm.py"), "--task-dir", tiny_task, "--out-dir", out, "--max-steps", "3",
-           "--save-every", "2", *FAST] + (["--fsdp"] if sharding == "fsdp" else [])
+           "--save-every", "2", *FAST, "--length-buckets", "2"] + (["--fsdp"] if sharding == "fsdp" else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 rank(s) on cpu" in proc.stdout and proc.stdout.count("step 3/3 |") == 1  # rank 0 logs alone
