@@ -10,9 +10,10 @@ build_critic, the critic's start.
      advantages whitened over the global batch (all ranks); --advantage-estimator grpo | rloo:
      no critic, the prompt's other K - 1 samples are the baseline (losses.estimate_advantages).
      Then times min(pi_old / pi_rollout, ROLLOUT_IS_CAP) per token: truncated importance sampling
-     (verl's TIS) for the rollout engine, whose arithmetic (bf16 snapshot, compiled kernels: decode.py) differs from the training
-     forward's; PPO's clipped objective is linear in the advantage, so this weights each token's
-     policy-gradient term. The gap is logged (rollout/logprob_gap, _max)
+     (verl's TIS) for the rollout engine, whose arithmetic (bf16 snapshot, compiled kernels:
+     decode.py) differs from the training forward's; PPO's clipped objective is linear in the
+     advantage, so this weights each token's policy-gradient term. The gap is logged
+     (rollout/logprob_gap, _max)
   5. --ppo-epochs passes of --minibatches minibatches: clipped surrogate + clipped value loss
      through the fused PPO-loss kernel (ops.ppo_loss), one backward, a finite check, the steps
 

@@ -151,10 +151,10 @@ def with_costs(results: dict, run_dir: str) -> dict:
                 path = os.path.join(run_dir, f"seed{seed}", sub, name, "metrics.jsonl")
                 if name.startswith("ppo_") and os.path.exists(path):
                     rows = [json.loads(line) for line in open(path, encoding="utf-8")]
-                    steps = [row for row in rows if "perf/ms" in row]
-                    mean = lambda k: statistics.mean(row[k] for row in steps) if steps and all(k in row for row in steps) else None
-                    history["cost"] = {"step_s": mean("perf/ms") and mean("perf/ms") / 1000,
-                                       "judge_rows": mean("perf/judge_rows")}
+                    steps = [row for row in rows if "perf/ms" in row]                   # training steps
+                    mean = lambda k: statistics.mean(row[k] for row in steps) if all(k in row for row in steps) else None
+                    history["cost"] = {"step_s": statistics.mean(row["perf/ms"] for row in steps) / 1000 if steps else None,
+                                       "judge_rows": mean("perf/judge_rows") if steps else None}
     return results
 
 

@@ -28,6 +28,7 @@ import os
 
 import torch
 
+from compare import mean_std  # scripts/compare.py (this script's own directory is on sys.path)
 from nanopairwise.common import atomic_write_text
 from nanopairwise.pipeline import pool_map, prepare_seed, run_arm
 from nanopairwise.ppo_checkpoint import TRAINER_STATE
@@ -68,15 +69,6 @@ def run_one(seed, arm, setting, args) -> tuple:
     return [r for r in rows if "reward/score" in r], state.get("reward_norm")   # training steps, not evaluations
 
 
-def mean_std(values, fmt: str = "+.2f") -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "n/a"
-    mean = sum(values) / len(values)
-    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
-    return f"{mean:{fmt}} ± {std:{fmt.lstrip('+')}}"
-
-
 def table(results: dict, seeds: list, steps: int) -> str:
     """Markdown: one row per (arm, setting), per step the position correlation and explained variance."""
     head = "| arm | critic start | " + " | ".join(f"step {t} corr | step {t} expl. var" for t in range(1, steps + 1)) + " |"
@@ -85,15 +77,17 @@ def table(results: dict, seeds: list, steps: int) -> str:
         cells = []
         for t in range(steps):
             for key in KEYS:
-                cells.append(mean_std([rows[t].get(key) if t < len(rows) else None for rows, _ in by_seed.values()]))
+                cells.append(mean_std([rows[t].get(key) if t < len(rows) else None for rows, _ in by_seed.values()],
+                                      signed=True, digits=2))
         lines.append(f"| {arm} | {setting} | " + " | ".join(cells) + " |")
     scale = ["| arm | initial raw score mean | initial raw score std | truncated | step-1 reward/score_std (init-std) |",
              "|---|---|---|---|---|"]
     for (arm, setting), by_seed in results.items():
         if setting == "init-mean":
             norms = [norm for _, norm in by_seed.values() if norm]
-            scale.append(f"| {arm} | " + " | ".join(mean_std([n[k] for n in norms], ".3f") for k in ("mean", "std", "truncated"))
-                         + " | " + mean_std([rows[0].get("reward/score_std") for rows, _ in by_seed.values()], ".2f") + " |")
+            scale.append(f"| {arm} | " + " | ".join(mean_std([n[k] for n in norms]) for k in ("mean", "std", "truncated"))
+                         + " | " + mean_std([rows[0].get("reward/score_std") for rows, _ in by_seed.values()], digits=2)
+                         + " |")
     return (f"Seeds {', '.join(map(str, seeds))} (mean ± std over seeds); corr = critic/adv_position_corr, the "
             "advantages' correlation with lambda^(L-1-t); expl. var = critic/explained_var.\n\n" + "\n".join(lines)
             + "\n\nThe reward's scale (reward.measure_reward_norm over the initial policy's rollouts; a bt score's "

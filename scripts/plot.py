@@ -19,6 +19,7 @@ draws its figure with `plot_groups`, and its KL frontier (--kl-coefs) with `plot
 import argparse
 import json
 import os
+import statistics
 
 PANELS = [  # (metrics.jsonl key, title)
     ("reward/score", "PPO reward (rollouts; --reward-norm init-std: initial policy's std = 1)"),
@@ -150,9 +151,9 @@ def plot_frontier(results: dict, out_path: str, arms: dict, title: str = None) -
                 ax.plot(*zip(*pts), color=color, linewidth=0.8, alpha=0.35, marker=".")
                 for c, run in r["frontier"].items():
                     by_coef.setdefault(float(c), []).append((run[arm]["after"]["kl"], run[arm]["after"][key]) if arm in run else None)
-            mean = [(c, [p for p in ps if p]) for c, ps in sorted(by_coef.items())]
-            mean = [(_mean([x for x, _ in ps]), _mean([y for _, y in ps]), _std([x for x, _ in ps]), _std([y for _, y in ps]))
-                    for _, ps in mean if ps]
+            points = [[p for p in ps if p] for _, ps in sorted(by_coef.items())]    # per coefficient: seeds' (kl, y)
+            mean = [(statistics.mean(x for x, _ in ps), statistics.mean(y for _, y in ps),
+                     _std([x for x, _ in ps]), _std([y for _, y in ps])) for ps in points if ps]
             xs, ys, dx, dy = zip(*mean)
             ax.errorbar(xs, ys, xerr=dx, yerr=dy, color=color, linewidth=2.2, marker="o", capsize=3,
                         label=f"{label} (mean of {len(results)} seeds)")
@@ -162,12 +163,8 @@ def plot_frontier(results: dict, out_path: str, arms: dict, title: str = None) -
     return _save(fig, plt, out_path, title)
 
 
-def _mean(v):
-    return sum(v) / len(v)
-
-
 def _std(v):
-    return (sum((x - _mean(v)) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else 0.0
+    return statistics.stdev(v) if len(v) > 1 else 0.0
 
 
 def _pyplot():
