@@ -15,7 +15,7 @@ Phases, each timed, in RUN_DIR (a finished phase is skipped, so an interrupted r
   ppo_*      train_ppo.py from the SFT policy, the arms of scripts/compare.py: pairwise (judge,
              pairwise critic), bt (normalised BT reward, critic from the BT trunk) and bt-anchor
              (BT win probability against the anchor); the policy with LoRA (its reference =
-             adapters off), the critic fully trained
+             adapters off), the critic LoRA too (--critic-lora-rank); --dtype bfloat16 where the CPU has bf16
 Then the held-out table of scripts/compare.py (judge/BT oracle accuracy, ECE, position consistency;
 oracle score and win rate before -> after; KL), the zero-shot judge line, and the phase times.
 
@@ -36,7 +36,7 @@ import time
 import torch
 
 import compare  # (this script's own directory is on sys.path)
-from nanopairwise import data, gguf, lora, principles_task
+from nanopairwise import data, decode, gguf, lora, principles_task
 from nanopairwise.bootstrap import BootstrapConfig, bootstrap, demonstrations, sft, task_paths
 from nanopairwise.common import atomic_write_text, set_seed
 from nanopairwise.data import DEFAULT_PRINCIPLE
@@ -79,13 +79,19 @@ def get_args(argv=None):
     p.add_argument("--sft-lr", type=float, default=2e-4, help="SFT learning rate (LoRA)")
     p.add_argument("--rm-steps", type=int, default=60, help="train_rm.py steps of the judge and of BT")
     p.add_argument("--rm-batch", type=int, default=4, help="pairs per train_rm.py step")
-    p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank of SFT, judge, BT and the PPO policy")
+    p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank of SFT, judge, BT, the PPO policy and "
+                   "the PPO critic (--critic-lora-rank)")
+    p.add_argument("--dtype", default="auto", help="--dtype of train_rm.py and train_ppo.py: auto = bfloat16 "
+                   "(bf16 base weights, fp32 adapters) on a CPU with AVX512-BF16 / AMX or a bf16 GPU, else float32")
     p.add_argument("--rl-prompts", type=int, default=None, help="principles: RL prompts that get an anchor and "
                    "train PPO (the first N of the task's; default: all)")
     p.add_argument("--ppo-args", default=None, help="train_ppo.py flags of every PPO run (default: PPO_ARGS of "
                    "the task: 16 new tokens for digits, 64 for principles, the task's response budget)")
     args = p.parse_args(argv)
     args.ppo_args = args.ppo_args or PPO_ARGS[args.task]
+    if args.dtype == "auto":
+        bf16 = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else decode.cpu_has_bf16()
+        args.dtype = "bfloat16" if bf16 else "float32"
     if args.smoke:
         args.eval_pairs, args.sft_steps, args.sft_batch = SMOKE["eval_pairs"], SMOKE["sft_steps"], SMOKE["sft_batch"]
         args.rm_steps, args.rm_batch = SMOKE["rm_steps"], SMOKE["rm_batch"]
@@ -187,7 +193,7 @@ def main(argv=None):
         phase("sft", os.path.join(sft, "model.safetensors"), lambda: sft_policy(base, sft, args))
     rm_common = ["--model", base, "--train-data", paths["pairs_train"], "--eval-data", eval_pairs, "--seed",
                  str(args.seed), "--max-steps", str(args.rm_steps), "--batch-size", str(args.rm_batch),
-                 "--eval-batch-size", "16", "--lora-rank", str(args.lora_rank)]
+                 "--eval-batch-size", "16", "--lora-rank", str(args.lora_rank), "--dtype", args.dtype]
     for objective, name in REWARD_MODELS.items():  # train_rm.py, in a child process (nanopairwise/pipeline.py)
         out = os.path.join(run, name)
         phase(name, os.path.join(out, "eval.json"),
@@ -206,7 +212,8 @@ def main(argv=None):
             "--reward", reward, "--policy", sft, "--judge", judge_dir,
             "--bt-rm", os.path.join(run, "bt", "checkpoint"), "--prompts", rl_train,
             "--eval-prompts", rl_test, "--out-dir", out, "--seed", str(args.seed),
-            "--lora-rank", str(args.lora_rank), *ppo_args]))
+            "--lora-rank", str(args.lora_rank), "--critic-lora-rank", str(args.lora_rank), "--dtype", args.dtype,
+            *ppo_args]))
 
     results = {name: json.load(open(os.path.join(run, name, "eval.json")))
                for name in ("judge", "bt", *(f"ppo_{reward}" for reward in REWARDS))}
@@ -227,4 +234,5 @@ def main(argv=None):
 
 if __name__ == "__main__":
     torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_flush_denormal(True)   # as compute_init() does in the train_*.py children
     main()
