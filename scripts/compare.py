@@ -100,18 +100,24 @@ def get_args(argv=None):
                       os.path.exists(results_json) else [0, 1, 2])
     if args.jobs < 1:
         p.error(f"--jobs must be >= 1, got {args.jobs}")
-    args.arm = [arm.split("=", 1) for arm in args.arm]
-    if any(len(arm) != 2 or not re.fullmatch(r"[\w.-]+", arm[0]) for arm in args.arm):
-        p.error("--arm takes NAME=FLAGS with a NAME of letters, digits, '.', '_' or '-'")
-    # the table's rows and the figure's groups: each arm with the judge's RM columns unless its reward is a BT one
-    args.methods = METHODS | {name: ("bt" if re.search(r"--reward[ =]bt", flags) else "judge", f"ppo_{name}")
-                              for name, flags in args.arm}
-    args.arms = ARMS | {f"ppo_{name}": name for name, _ in args.arm}     # the frontier's curves and columns
+    args.arm, args.methods, args.arms = parse_arms(p, args.arm)
     if args.kl_coefs and (min(args.kl_coefs) < 0 or len(set(args.kl_coefs)) < len(args.kl_coefs)):
         p.error(f"--kl-coefs must be distinct and >= 0, got {args.kl_coefs}")
     if args.kl_coefs and any("--kl-coef" in shlex.split(f) for f in [args.ppo_args] + [f for _, f in args.arm]):
         p.error("--ppo-args or an --arm sets --kl-coef, which --kl-coefs sets per run; leave it out")
     return args
+
+
+def parse_arms(p, specs: list):
+    """--arm NAME=FLAGS strings -> ([[NAME, FLAGS]], METHODS and ARMS with each arm added): the
+    table's rows and the figure's groups (each arm with the judge's RM columns unless its reward is
+    a BT one), the frontier's curves and columns. A malformed one is a p.error."""
+    arms = [arm.split("=", 1) for arm in specs]
+    if any(len(arm) != 2 or not re.fullmatch(r"[\w.-]+", arm[0]) for arm in arms):
+        p.error("--arm takes NAME=FLAGS with a NAME of letters, digits, '.', '_' or '-'")
+    methods = METHODS | {name: ("bt" if re.search(r"--reward[ =]bt", flags) else "judge", f"ppo_{name}")
+                         for name, flags in arms}
+    return arms, methods, ARMS | {f"ppo_{name}": name for name, _ in arms}
 
 
 def run_seeds(args) -> dict:
@@ -189,7 +195,7 @@ def report(results: dict, methods=METHODS, arms=ARMS, levels=None) -> str:
     return body(results, methods) + "\n" + rm_table(results)
 
 
-def header_command(argv: list) -> str:
+def header_command(argv: list, script: str = "scripts/compare.py") -> str:
     """The command line for the table's header without paths of the machine that ran it: --run-dir
     relative to the repository when inside it, else left out (a reader reruns with the default)."""
     words = [w for arg in argv for w in (arg.split("=", 1) if arg.startswith("--run-dir=") else [arg])]
@@ -197,7 +203,7 @@ def header_command(argv: list) -> str:
         i = words.index("--run-dir")
         rel = os.path.relpath(os.path.abspath(words[i + 1]), ROOT)
         words[i:i + 2] = [] if rel.startswith("..") else ["--run-dir", rel]
-    return shlex.join(["python", "scripts/compare.py", *words])
+    return shlex.join(["python", script, *words])
 
 
 def body(results: dict, methods=METHODS) -> str:

