@@ -31,6 +31,7 @@ Sizes. The defaults are sized for about an hour on a 2-core CPU (measured phase 
 import argparse
 import json
 import os
+import re
 import shlex
 import statistics
 import sys
@@ -220,11 +221,13 @@ def run_seed(args) -> tuple:
             (paths["rl_train"], rl_train, args.rl_prompts), (paths["rl_test"], rl_test, eval_size)], ppo_args, args))
     for name, flags in args.arms:  # pairwise, bt, bt-anchor (the arms of scripts/compare.py), then --arm
         out = os.path.join(run, f"ppo_{name}")
+        critic_free = re.search(r"--advantage-estimator[ =](grpo|rloo)", shlex.join([*ppo_args, *flags]))
+        critic = [] if critic_free else ["--critic-lora-rank", str(args.lora_rank)]   # grpo / rloo: no critic
         phase(f"ppo_{name}", os.path.join(out, "eval.json"), lambda: run_script("train_ppo.py", [
             "--policy", sft, "--judge", judge_dir,
             "--bt-rm", os.path.join(run, "bt", "checkpoint"), "--prompts", rl_train,
             "--eval-prompts", rl_test, "--out-dir", out, "--seed", str(args.seed),
-            "--lora-rank", str(args.lora_rank), "--critic-lora-rank", str(args.lora_rank), "--dtype", args.dtype,
+            "--lora-rank", str(args.lora_rank), *critic, "--dtype", args.dtype,
             *ppo_args, *flags]))
 
     results = {name: json.load(open(os.path.join(run, name, "eval.json")))
