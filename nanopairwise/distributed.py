@@ -71,9 +71,9 @@ def compute_init(device: str = "auto"):
         # NANOPAIRWISE_NUM_THREADS overrides it (scripts/compare.py --jobs sets it per worker).
         threads = os.environ.get("NANOPAIRWISE_NUM_THREADS")
         torch.set_num_threads(int(threads) if threads else max(1, (os.cpu_count() or 1) // world_size))
-        # subnormal floats (|x| < 1.2e-38 in fp32: exp of very negative logits in softmaxes, tiny
-        # gradients) take a slow microcode path on x86; flushed to zero, an fp32 LoRA step of
-        # SmolLM2 ran 4x faster with the same losses (docs/BENCHMARKS.md, "Subnormals")
+        # subnormal floats (|x| < 1.2e-38 in fp32) take a slow microcode path on x86; flushed to
+        # zero, an fp32 LoRA step of SmolLM2 ran ~4x faster with the same losses (docs/BENCHMARKS.md,
+        # "Subnormals"; which op makes them there is not yet found)
         torch.set_flush_denormal(True)
     return ddp, rank, local_rank, world_size, dev
 

