@@ -44,7 +44,7 @@ import torch
 import compare  # (this script's own directory is on sys.path)
 from nanopairwise import data, decode, gguf, lora, principles_task
 from nanopairwise.bootstrap import BootstrapConfig, bootstrap, demonstrations, sft, task_paths
-from nanopairwise.common import atomic_write_text, set_seed
+from nanopairwise.common import atomic_write_text, parse_dtype, set_seed
 from nanopairwise.data import DEFAULT_PRINCIPLE
 from nanopairwise.evaluation import evaluate_reward_model
 from nanopairwise.formats import load_preference_pairs
@@ -115,7 +115,8 @@ def get_args(argv=None):
 def zero_shot(model_dir, pairs_file, args):
     """Held-out metrics of the untrained model as a judge (what train_rm.py reports, nothing trained)."""
     tok, template = Tokenizer.from_pretrained(model_dir), JudgeTemplate()
-    judge = PairwiseJudge(Transformer.from_pretrained(model_dir), *verdict_token_ids(tok, template))
+    model = Transformer.from_pretrained(model_dir, dtype=parse_dtype(args.dtype))   # as train_rm.py would run it
+    judge = PairwiseJudge(model, *verdict_token_ids(tok, template))
     pairs = load_preference_pairs(pairs_file, data_format="auto", default_principle=DEFAULT_PRINCIPLE)
     return evaluate_reward_model(judge, "pairwise", pairs, tok, template, batch_size=16, max_response_tokens=256)
 
@@ -146,8 +147,9 @@ def anchor_prompts(policy_dir, judge_dir, files, ppo_args, args):
     ppo, _ = p.parse_known_args(ppo_args)
     tok = Tokenizer.from_pretrained(policy_dir)
     template = load_rm_config(judge_dir)[1]
-    judge = PairwiseJudge(Transformer.from_pretrained(judge_dir), *verdict_token_ids(tok, template)).eval()
-    policy = PolicyLogprobs(Transformer.from_pretrained(policy_dir)).eval()
+    load = lambda path: Transformer.from_pretrained(path, dtype=parse_dtype(args.dtype))   # as train_ppo.py would
+    judge = PairwiseJudge(load(judge_dir), *verdict_token_ids(tok, template)).eval()
+    policy = PolicyLogprobs(load(policy_dir)).eval()
     sampling = Sampling(ppo.max_new_tokens, ppo.temperature, ppo.top_p)
     for src, dst, n in files:
         prompts = data.load_rl_prompts(src)[:n]
