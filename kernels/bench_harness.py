@@ -28,6 +28,7 @@ import triton.testing
 
 QUANTILES = [0.5, 0.2, 0.8]          # p50, p20, p80
 PASSES = ("fwd", "bwd", "fwd+bwd")
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}   # --dtype names
 
 
 class Env(NamedTuple):
