@@ -2,7 +2,8 @@
 Instruct (skipped when the model has not been fetched): every phase runs and the table, the
 zero-shot line and the phase times come out. Too slow for the default suite (six phases on a 135M
 model, each loading and saving ~0.5 GB checkpoints: 5.6 CPU-minutes, 13 min wall on a shared
-2-core CPU), so it runs only with NANOPAIRWISE_SLOW_TESTS=1."""
+2-core CPU), so it runs only with NANOPAIRWISE_SLOW_TESTS=1. The order of the phases over seeds and
+arms is checked in the default suite, with the phases stubbed."""
 
 import json
 import os
@@ -51,3 +52,19 @@ def test_smoke_recipe_principles(smollm2_dir, tmp_path):
     assert not os.path.exists(tmp_path / "seed1" / "ppo_grpo" / "checkpoint" / "critic")   # no critic with grpo
     text = open(tmp_path / "results.md").read()
     assert "Seeds 0, 1 (mean ± std)" in text and "| all |" in text and "ppo_grpo" in text
+
+
+def test_arms_run_arm_by_arm_over_the_seeds(tmp_path, monkeypatch):
+    """main(): every seed's shared phases first, then each PPO arm on every seed before the next arm
+    (so an interrupted run has Pairwise-RL on all its seeds), then one report over the seeds."""
+    calls = []
+    monkeypatch.setattr(real_model.Seed, "prepare", lambda self: calls.append(("prepare", self.args.seed)))
+    monkeypatch.setattr(real_model.Seed, "ppo", lambda self, name, flags: calls.append((name, self.args.seed)))
+    monkeypatch.setattr(real_model.Seed, "results", lambda self: ({"seed": self.args.seed}, {}, {}))
+    monkeypatch.setattr(real_model, "report", lambda args, results, zs, times: f"report of {sorted(results)}")
+    results, _, _ = real_model.main(["--task", "principles", "--run-dir", str(tmp_path), "--seeds", "3", "5",
+                                     "--arm", "grpo=--reward pairwise --advantage-estimator grpo"])
+    assert calls == [("prepare", 3), ("prepare", 5), ("pairwise", 3), ("pairwise", 5), ("bt", 3), ("bt", 5),
+                     ("bt-anchor", 3), ("bt-anchor", 5), ("grpo", 3), ("grpo", 5)]
+    assert results == {3: {"seed": 3}, 5: {"seed": 5}} and (tmp_path / "results.md").read_text() == "report of [3, 5]"
+    assert sorted(os.listdir(tmp_path)) == ["results.md", "seed3", "seed5"]   # Seed() makes RUN_DIR/seed<S>
