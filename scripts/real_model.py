@@ -5,6 +5,7 @@ of the policy, the pairwise judge and the BT reward model.
     python scripts/real_model.py --task principles --run-dir runs/real_principles   # principle-following
     python scripts/real_model.py --smoke           # tiny sizes: checks the plumbing (the test runs this)
     python scripts/real_model.py --task principles --seeds 0 1 2 --arm 'grpo=--reward pairwise --advantage-estimator grpo'
+    python scripts/real_model.py --task principles --seeds 0 1 2 --report-only   # the table of what has finished
 
 Phases, each timed, in RUN_DIR/seed<S> for each of --seeds (a finished phase is skipped, so an
 interrupted run continues; the table at the end is over every seed). Every seed's phases up to the
@@ -83,6 +84,8 @@ def get_args(argv=None):
                         "principle-following task on everyday questions, pairs from SmolLM2's own samples, the "
                         "policy SmolLM2 itself (no SFT), best-of-N anchors by the judge, per-check pass rates")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: plumbing only, numbers meaningless")
+    p.add_argument("--report-only", action="store_true", help="run nothing: the table of what RUN_DIR holds, over "
+                   "the arms finished on every seed (the others named), e.g. while the last arms still run")
     # sizes (the defaults fit about an hour on 2 CPU cores)
     p.add_argument("--eval-pairs", type=int, default=200, help="held-out pairs for the judge / BT metrics")
     p.add_argument("--sft-steps", type=int, default=60, help="SFT steps of the policy")
@@ -181,6 +184,7 @@ class Seed:
         os.makedirs(self.run, exist_ok=True)
         self.times_file = os.path.join(self.run, "phase_seconds.json")
         self.times = json.load(open(self.times_file)) if os.path.exists(self.times_file) else {}
+        self.zs_file = os.path.join(self.run, "zero_shot.json")
 
     def phase(self, name, done_file, fn):
         if not os.path.exists(done_file):
@@ -207,7 +211,6 @@ class Seed:
         eval_pairs = os.path.join(run, "pairs_eval.jsonl")
         if not os.path.exists(eval_pairs):
             data.write_jsonl(eval_pairs, data.read_jsonl(paths["pairs_test"])[:args.eval_pairs])
-        self.zs_file = os.path.join(run, "zero_shot.json")
         phase("zero-shot judge", self.zs_file,
               lambda: atomic_write_text(self.zs_file, json.dumps(zero_shot(base, eval_pairs, args), indent=2)))
         self.policy = os.path.join(run, "sft")
@@ -245,9 +248,12 @@ class Seed:
             "--lora-rank", str(args.lora_rank), *critic, "--dtype", args.dtype, *self.ppo_args, *flags]))
 
     def results(self) -> tuple:
-        """({"judge", "bt", "ppo_<arm>": eval.json}, the zero-shot judge's metrics, {phase: seconds})."""
+        """({"judge", "bt", "ppo_<arm>": eval.json}, the zero-shot judge's metrics, {phase: seconds});
+        with --report-only the PPO arms that have not finished are left out."""
         names = ("judge", "bt", *(f"ppo_{name}" for name, _ in self.args.arms))
-        results = {name: json.load(open(os.path.join(self.run, name, "eval.json"))) for name in names}
+        done = lambda name: not (self.args.report_only and name.startswith("ppo_"))
+        results = {name: json.load(open(os.path.join(self.run, name, "eval.json"))) for name in names
+                   if done(name) or os.path.exists(os.path.join(self.run, name, "eval.json"))}
         return results, json.load(open(self.zs_file)), self.times
 
 
@@ -255,12 +261,22 @@ def report(args, results: dict, zero_shots: dict, times: dict) -> str:
     """compare.py's table over the seeds, the pass rates (principles), the zero-shot judge, phase times."""
     seeds = sorted(results)
     cmd = compare.header_command(args.argv, "scripts/real_model.py")
-    text = compare.table(results, sum(sum(t.values()) for t in times.values()), command=cmd, methods=args.methods)
+    arms = [f"ppo_{name}" for name, _ in args.arms if all(f"ppo_{name}" in results[s] for s in seeds)]
+    methods = {label: (rm, ppo) for label, (rm, ppo) in args.methods.items() if ppo in arms}
+    if "ppo_pairwise" not in arms:
+        raise SystemExit(f"{args.run_dir}: Pairwise-RL (ppo_pairwise) has not finished on every seed of {seeds}: "
+                         "no table yet")
+    text = compare.table(results, sum(sum(t.values()) for t in times.values()), command=cmd, methods=methods)
+    missing = [f"{arm} (seeds {', '.join(str(s) for s in seeds if arm not in results[s])})"
+               for arm in (f"ppo_{name}" for name, _ in args.arms) if arm not in arms]
+    if missing:
+        text += "\nNot finished on every seed, so left out: " + "; ".join(missing) + ".\n"
     if args.task == "principles":
-        text += "\n" + pass_rate_table(results, [f"ppo_{name}" for name, _ in args.arms])
+        text += "\n" + pass_rate_table(results, arms)
     zs = lambda k: compare.mean_std([zero_shots[s][k] for s in seeds])
+    n_pairs = sum(1 for _ in open(os.path.join(args.run_dir, f"seed{seeds[0]}", "pairs_eval.jsonl")))  # <= --eval-pairs
     phases = list(times[seeds[0]])
-    text += (f"\nZero-shot SmolLM2-135M-Instruct as the judge, before any training ({args.eval_pairs} held-out "
+    text += (f"\nZero-shot SmolLM2-135M-Instruct as the judge, before any training ({n_pairs} held-out "
              f"pairs): oracle accuracy {zs('oracle_accuracy')}, position consistency {zs('position_consistency')}, "
              f"ECE {zs('ece')}.\n\nPhase times per seed (s, mean over the seeds): "
              + ", ".join(f"{k} {statistics.mean(times[s].get(k, 0) for s in seeds):.0f}" for k in phases)
@@ -274,9 +290,9 @@ def main(argv=None):
     args = get_args(argv)
     seeds = [Seed(argparse.Namespace(**{**vars(args), "seed": seed, "run_dir": os.path.join(args.run_dir, f"seed{seed}")}))
              for seed in args.seeds]
-    for seed in seeds:
+    for seed in seeds if not args.report_only else []:
         seed.prepare()
-    for name, flags in args.arms:
+    for name, flags in args.arms if not args.report_only else []:
         for seed in seeds:
             seed.ppo(name, flags)
     results, zero_shots, times = ({s: r[i] for s, r in zip(args.seeds, map(Seed.results, seeds))} for i in range(3))

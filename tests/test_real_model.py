@@ -68,3 +68,34 @@ def test_arms_run_arm_by_arm_over_the_seeds(tmp_path, monkeypatch):
                      ("bt-anchor", 3), ("bt-anchor", 5), ("grpo", 3), ("grpo", 5)]
     assert results == {3: {"seed": 3}, 5: {"seed": 5}} and (tmp_path / "results.md").read_text() == "report of [3, 5]"
     assert sorted(os.listdir(tmp_path)) == ["results.md", "seed3", "seed5"]   # Seed() makes RUN_DIR/seed<S>
+
+
+def test_report_only_tables_the_arms_finished_on_every_seed(tmp_path):
+    """--report-only runs nothing and tables what RUN_DIR holds: the arms finished on every seed,
+    the others named with the seeds they lack; without Pairwise-RL on every seed, no table."""
+    def write(path, obj):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(obj if isinstance(obj, str) else json.dumps(obj))
+    rm = {"oracle_accuracy": 0.7, "ece": 0.1, "position_consistency": 0.4}
+    ppo = lambda after: {"before": {"oracle_score": 0.3, "oracle_win_rate": 0.4, "kl": 0.0, "pass_all": 0.1},
+                         "after": {"oracle_score": after, "oracle_win_rate": 0.5, "kl": 0.6, "pass_all": 0.2}}
+    for seed in (0, 1):
+        run = tmp_path / f"seed{seed}"
+        write(run / "pairs_eval.jsonl", "{}\n{}\n{}\n")
+        write(run / "zero_shot.json", rm)
+        write(run / "phase_seconds.json", {"judge": 60.0, "ppo_pairwise": 120.0})
+        for name in ("judge", "bt"):
+            write(run / name / "eval.json", rm)
+        write(run / "ppo_pairwise" / "eval.json", ppo(0.35 + seed / 10))
+    write(tmp_path / "seed0" / "ppo_bt" / "eval.json", ppo(0.33))
+    argv = ["--task", "principles", "--run-dir", str(tmp_path), "--seeds", "0", "1", "--report-only"]
+    real_model.main(argv)
+    text = (tmp_path / "results.md").read_text()
+    assert "| Pairwise-RL (generative judge + pairwise PPO) | 0.700 ± 0.000 |" in text and "0.400 ± 0.071" in text
+    assert "Bradley-Terry RM + standard PPO |" not in text
+    assert "left out: ppo_bt (seeds 1); ppo_bt-anchor (seeds 0, 1)." in text
+    assert "(3 held-out pairs)" in text and "| all | 0.10 ± 0.00 | 0.20 ± 0.00 |" in text
+    os.remove(tmp_path / "seed1" / "ppo_pairwise" / "eval.json")
+    with pytest.raises(SystemExit, match="ppo_pairwise"):
+        real_model.main(argv)
