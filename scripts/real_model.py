@@ -252,6 +252,10 @@ class Seed:
         with --report-only the PPO arms that have not finished are left out."""
         names = ("judge", "bt", *(f"ppo_{name}" for name, _ in self.args.arms))
         done = lambda name: not (self.args.report_only and name.startswith("ppo_"))
+        for path in (os.path.join(self.run, "judge", "eval.json"), os.path.join(self.run, "bt", "eval.json"), self.zs_file):
+            if not os.path.exists(path):
+                raise SystemExit(f"{path}: missing; this seed's phases before PPO have not finished (run without "
+                                 "--report-only to run them)")
         results = {name: json.load(open(os.path.join(self.run, name, "eval.json"))) for name in names
                    if done(name) or os.path.exists(os.path.join(self.run, name, "eval.json"))}
         return results, json.load(open(self.zs_file)), self.times
