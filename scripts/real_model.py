@@ -264,7 +264,7 @@ class Seed:
 def report(args, results: dict, zero_shots: dict, times: dict) -> str:
     """compare.py's table over the seeds, the pass rates (principles), the zero-shot judge, phase times."""
     seeds = sorted(results)
-    cmd = compare.header_command(args.argv, "scripts/real_model.py")
+    cmd = compare.header_command([a for a in args.argv if a != "--report-only"], "scripts/real_model.py")   # what ran
     arms = [f"ppo_{name}" for name, _ in args.arms if all(f"ppo_{name}" in results[s] for s in seeds)]
     methods = {label: (rm, ppo) for label, (rm, ppo) in args.methods.items() if ppo in arms}
     if "ppo_pairwise" not in arms:
