@@ -229,12 +229,13 @@ def body(results: dict, methods=METHODS) -> str:
                  if results[s][main_ppo]["after"].get(key) is not None and results[s][ppo]["after"].get(key) is not None]
             cells += [mean_std(d, signed=True) if d else "n/a", f"{sum(round(x, 6) > 0 for x in d)} of {len(d)}"]  # not float noise
         diffs.append("| " + " | ".join(cells) + " |")
-    return ("| method | RM oracle accuracy | RM ECE | RM position consistency | oracle score before → after "
-            "| oracle win rate vs anchor before → after | KL to reference |\n|---|---|---|---|---|---|---|\n"
-            + "\n".join(rows) + "\n\nPer seed, Pairwise-RL after PPO minus each other arm after PPO (mean ± std of "
+    paired = ("\n\nPer seed, Pairwise-RL after PPO minus each other arm after PPO (mean ± std of "
             "the paired differences, and on how many seeds Pairwise-RL is higher):\n\n"
             "| Pairwise-RL minus | oracle score | seeds higher | oracle win rate | seeds higher |\n|---|---|---|---|---|\n"
-            + "\n".join(diffs) + "\n")
+            + "\n".join(diffs) + "\n") if diffs else "\n"   # none with Pairwise-RL alone
+    return ("| method | RM oracle accuracy | RM ECE | RM position consistency | oracle score before → after "
+            "| oracle win rate vs anchor before → after | KL to reference |\n|---|---|---|---|---|---|---|\n"
+            + "\n".join(rows) + paired)
 
 
 def rm_table(results: dict) -> str:
