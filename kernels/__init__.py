@@ -8,8 +8,9 @@ The reference is the spec: each kernel must match it forward and backward (tests
 import only nanopairwise/losses.py (the references and their return types); the choice between
 kernel and reference at run time (the dispatch) lives in the library, nanopairwise/ops.py, which
 is the one module of nanopairwise/ that imports this package. Also here: inputs.py (the launchers'
-shared input check), logits_tile.py (the LM-head logits tile linear_logprob.py's kernels share:
-tl.dot loop, tiles, padded width), aot.py (ahead-of-time compilation and resource checks for
+input checks), logits_tile.py (the LM-head logits tile linear_logprob.py's kernels share:
+tl.dot loop, tiles, padded width), aot.py + launches.py (ahead-of-time compilation and resource checks for
 sm_80 / sm_90 at every size specialisation),
-bench.py and bench_harness.py (benchmark tables against eager and torch.compile).
+bench.py with bench_harness.py, bench_device.py and bench_linear_logprob.py (benchmark tables against
+eager and torch.compile).
 """

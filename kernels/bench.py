@@ -16,7 +16,8 @@ peak memory of one forward + backward beyond the inputs, also as a ratio to the 
 Under --smoke the timings come from a plain timer around the Triton interpreter: they only
 prove that the path runs. This file is the CLI and one bench_<op>(args, env) function per
 kernel, registered in OPS (the fused LM head's, with its peers and tolerance model, in
-kernels/bench_linear_logprob.py); the shared harness is kernels/bench_harness.py.
+kernels/bench_linear_logprob.py); the shared harness is kernels/bench_harness.py, the device and header
+kernels/bench_device.py.
 """
 
 import os
@@ -31,7 +32,8 @@ if SMOKE or not torch.cuda.is_available():      # must precede the first import 
 import argparse  # noqa: E402
 import itertools  # noqa: E402
 
-from kernels.bench_harness import DTYPES, Impl, bandwidth, compiled, make_env, print_header, run_op  # noqa: E402
+from kernels.bench_device import make_env, print_header  # noqa: E402
+from kernels.bench_harness import DTYPES, Impl, bandwidth, compiled, run_op  # noqa: E402
 from kernels.bench_linear_logprob import bench_linear_logprob  # noqa: E402
 from nanopairwise import losses  # noqa: E402
 

@@ -16,10 +16,7 @@ on the CPU (--smoke, Triton interpreter) from a plain timer: those only prove th
 This module imports triton, so kernels/bench.py sets TRITON_INTERPRET before importing it.
 """
 
-import datetime
-import platform
 import time
-from importlib.metadata import PackageNotFoundError, version
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -29,13 +26,6 @@ import triton.testing
 QUANTILES = [0.5, 0.2, 0.8]          # p50, p20, p80
 PASSES = ("fwd", "bwd", "fwd+bwd")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}   # --dtype names
-
-
-class Env(NamedTuple):
-    device: str
-    cuda: bool
-    copy_gbps: float      # measured device-to-device copy bandwidth, GB/s (read + write)
-    smoke: bool
 
 
 class Impl(NamedTuple):
@@ -136,7 +126,7 @@ def measure(impl, inputs, leaves, env) -> dict:
         res = {"peak": peak_mb(both, leaves, env), "fwd": time_fn(lambda: impl.fn(*inputs), leaves, env)}
         outs = diff_outputs(impl.fn(*inputs))
         res["bwd"] = time_fn(lambda: torch.autograd.backward(outs, upstream, retain_graph=True), leaves, env)
-        del outs
+        outs = None   # frees the retained graph before the fwd+bwd timing
         res["fwd+bwd"] = time_fn(both, leaves, env)
         return res
     except torch.cuda.OutOfMemoryError:
@@ -237,22 +227,7 @@ def compiled(fn, env):
 
 
 # ----------------------------------------------------------------------------------------------
-# the device: rooflines measured in the same run, and the header
-
-
-def copy_bandwidth(device, cuda) -> float:
-    """GB/s of a large device-to-device copy (bytes read + bytes written), the roofline here."""
-    n = 2 ** 28 if cuda else 2 ** 24                     # 1 GiB on a GPU, 64 MiB on the CPU
-    x = torch.empty(n, dtype=torch.float32, device=device)
-    y = torch.empty_like(x)
-    if cuda:
-        ms = triton.testing.do_bench(lambda: y.copy_(x), quantiles=[0.5])
-    else:
-        y.copy_(x)
-        t0 = time.perf_counter()
-        y.copy_(x)
-        ms = (time.perf_counter() - t0) * 1e3
-    return 2 * n * 4 / (ms * 1e-3) / 1e9
+# the compute roofline of a FLOP-rated table
 
 
 def gemm_tflops(M, K, N, dtype, env) -> float:
@@ -262,25 +237,3 @@ def gemm_tflops(M, K, N, dtype, env) -> float:
     b = torch.randn(N, K, device=env.device).to(dtype)
     ms = time_fn(lambda: a @ b.t(), [], env)[0]
     return 2 * M * K * N / (ms * 1e-3) / 1e12
-
-
-def make_env(smoke) -> Env:
-    """The GPU unless smoke (then the CPU, with TRITON_INTERPRET set by the caller)."""
-    cuda = torch.cuda.is_available() and not smoke
-    device = "cuda" if cuda else "cpu"
-    return Env(device, cuda, copy_bandwidth(device, cuda), smoke)
-
-
-def print_header(env, dtype_name):
-    """Two lines: device and versions (peers: their installed distributions); date, copy bandwidth,
-    dtype, quantiles."""
-    name = torch.cuda.get_device_name() if env.cuda else f"CPU {platform.machine()} (Triton interpreter)"
-    peers = []
-    for label, dist in (("liger", "liger-kernel"), ("cce", "cut-cross-entropy")):
-        try:
-            peers.append(f"{label} {version(dist)}")
-        except PackageNotFoundError:
-            peers.append(f"{label} not installed")
-    print(f"device {name} | torch {torch.__version__} | triton {triton.__version__} | {' | '.join(peers)}")
-    print(f"{datetime.date.today()} | copy bandwidth {env.copy_gbps:.0f} GB/s | dtype {dtype_name}"
-          f" | quantiles p50 [p20-p80] | smoke {env.smoke}")

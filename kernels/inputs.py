@@ -1,4 +1,5 @@
-"""The input check both log-prob launchers share (kernels/logprob.py, kernels/linear_logprob.py).
+"""The launchers' input checks: the token log-prob ops' (kernels/logprob.py and
+kernels/linear_logprob.py share it) and the PPO loss's (kernels/ppo_loss.py).
 
 A launcher hands raw pointers to a kernel that has no bounds checking, so every input it cannot
 compute on is refused here, before anything launches: an out-of-range target id would read
@@ -43,3 +44,23 @@ def check_token_inputs(op: str, operands: dict, targets, V: int, temperature, re
     if bad.any():
         raise KernelInputError(f"{op}: targets must be in [0, {V}) or {ignore_index}; bad at rows "
                                f"{bad.nonzero()[:5, 0].tolist()}")
+
+
+def check_ppo_inputs(named: dict, kl_estimator: str):
+    """Refuse unusable inputs of the fused PPO loss. named: name -> tensor or None, logprobs first;
+    every tensor given has logprobs' shape and device, and all but the mask are float; values,
+    old_values and returns come all or none; kl_estimator is k1, k2 or k3."""
+    given_values = [named[k] is not None for k in ("values", "old_values", "returns")]
+    if any(given_values) and not all(given_values):
+        raise KernelInputError("ppo_loss: values, old_values and returns go together (all or none)")
+    if kl_estimator not in ("k1", "k2", "k3"):
+        raise KernelInputError(f"unknown KL estimator {kl_estimator!r}; choose k1, k2 or k3")
+    shape, device = named["logprobs"].shape, named["logprobs"].device
+    for name, x in named.items():
+        if x is None:
+            continue
+        if x.shape != shape or x.device != device:
+            raise KernelInputError(f"ppo_loss: {name} is {tuple(x.shape)} on {x.device}; expected "
+                                   f"{tuple(shape)} on {device} like logprobs")
+        if name != "mask" and not x.is_floating_point():
+            raise KernelInputError(f"ppo_loss: {name} must be a float tensor, got {x.dtype}")

@@ -51,6 +51,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from kernels.inputs import check_ppo_inputs
 from nanopairwise import losses
 
 KL_KINDS = {None: 0, "k1": 1, "k2": 2, "k3": 3}   # KL_KIND constexpr: 0 = no KL term
@@ -248,22 +249,9 @@ def ppo_loss(logprobs, old_logprobs, advantages, mask, clip_low=0.2, clip_high=0
              vf_coef=0.5) -> losses.PPOLoss:
     """Fused losses.ppo_loss_ref: same arguments, same PPOLoss (fp32 scalars, statistics detached)."""
     # 1. check the inputs
-    shape, device = logprobs.shape, logprobs.device
-    given_values = [x is not None for x in (values, old_values, returns)]
-    if any(given_values) and not all(given_values):
-        raise ValueError("ppo_loss: values, old_values and returns go together (all or none)")
-    if kl_estimator not in ("k1", "k2", "k3"):
-        raise ValueError(f"unknown KL estimator {kl_estimator!r}; choose k1, k2 or k3")
     named = dict(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask,
                  ref_logprobs=ref_logprobs, values=values, old_values=old_values, returns=returns)
-    for name, x in named.items():
-        if x is None:
-            continue
-        if x.shape != shape or x.device != device:
-            raise ValueError(f"ppo_loss: {name} is {tuple(x.shape)} on {x.device}; expected "
-                             f"{tuple(shape)} on {device} like logprobs")
-        if name != "mask" and not x.is_floating_point():
-            raise TypeError(f"ppo_loss: {name} must be a float tensor, got {x.dtype}")
+    check_ppo_inputs(named, kl_estimator)
     # 2. flat contiguous views (a copy only when an input is not contiguous); data is detached
     flat = {k: (None if x is None else x.contiguous().reshape(-1)) for k, x in named.items()}
     data = [None if flat[k] is None else flat[k].detach()

@@ -24,7 +24,7 @@ os.environ["TRITON_INTERPRET"] = "0"
 import triton  # noqa: E402
 
 from gpu_check import write_section  # noqa: E402  (this script's own directory is on sys.path)
-from kernels import aot  # noqa: E402
+from kernels import aot, launches  # noqa: E402
 
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "BENCHMARKS.md")
 
@@ -34,7 +34,7 @@ def get_args(argv=None):
     p.add_argument("--targets", default="80,90,100", help="compute capabilities x 10, comma-separated")
     p.add_argument("--jobs", type=int, default=2, help="compile processes in parallel")
     p.add_argument("--mixed", default="all", choices=("all", "heaviest", "none"),
-                   help="size classes (kernels/aot.py SIZES: each size argument divisible by 16, not, "
+                   help="size classes (kernels/launches.py SIZES: each size argument divisible by 16, not, "
                         "or 1): every combination for every variant (all), for each kernel's heaviest "
                         "variant only (heaviest, what tests/test_compile_gate.py runs), or none (aligned)")
     p.add_argument("--json", default=None, help="write every row (resources, vector-load counts) here")
@@ -53,9 +53,9 @@ def _check(job):
 
 
 def compile_all(targets, mixed, jobs) -> list:
-    """Every distinct launch (aot.launches(mixed), aot.distinct) x target, in `jobs` processes."""
-    launches = aot.launches(mixed)
-    work = [(launch, cc) for cc in targets for launch in aot.distinct(launches, cc)]
+    """Every distinct launch (launches.launches(mixed), aot.distinct) x target, in `jobs` processes."""
+    todo = launches.launches(mixed)
+    work = [(launch, cc) for cc in targets for launch in aot.distinct(todo, cc)]
     if jobs <= 1:
         return [_check(w) for w in work]
     with ProcessPoolExecutor(jobs) as pool:
@@ -97,7 +97,7 @@ def in_flight_table(rows) -> str:
                 and "error" not in r:
             block_v = int(r["flags"].split()[0].split("=")[1])
             programs = r["warps_per_sm"] // r["num_warps"]
-            kb = programs * block_v * aot.DTYPES[r["dtype"]].itemsize / 1024
+            kb = programs * block_v * launches.DTYPES[r["dtype"]].itemsize / 1024
             lines.append(f"| {r['kernel']} | {r['dtype']} | {block_v} | {r['num_warps']} | {programs} "
                          f"| {kb:.0f} | {kb * 1024 / need:.1f} |")
     return "\n".join(lines)

@@ -35,7 +35,6 @@ Sizes. The defaults are sized for about an hour on a 2-core CPU (measured phase 
 import argparse
 import json
 import os
-import re
 import shlex
 import statistics
 import sys
@@ -44,7 +43,7 @@ import time
 import torch
 
 import compare  # (this script's own directory is on sys.path)
-from nanopairwise import data, decode, gguf, lora, principles_task
+from nanopairwise import data, decode, gguf, lora, losses, principles_task
 from nanopairwise.bootstrap import BootstrapConfig, bootstrap, demonstrations, sft, task_paths
 from nanopairwise.common import atomic_write_text, parse_dtype, set_seed
 from nanopairwise.data import DEFAULT_PRINCIPLE
@@ -161,6 +160,14 @@ def anchor_prompts(policy_dir, judge_dir, files, ppo_args, args):
         data.write_jsonl(dst, prompts)
 
 
+def critic_free(flags: list) -> bool:
+    """Whether train_ppo.py builds no critic with these flags (--advantage-estimator grpo or rloo),
+    read as its argparse reads them: '--flag value' or '--flag=value', abbreviations, last one wins."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--advantage-estimator", choices=losses.ESTIMATORS, default="gae")
+    return p.parse_known_args(flags)[0].advantage_estimator != "gae"
+
+
 def pass_rate_table(results: dict, arms: list) -> str:
     """Per-check pass rates on the held-out prompts (mean ± std over seeds), before -> after, one
     column per PPO arm."""
@@ -239,8 +246,7 @@ class Seed:
     def ppo(self, name, flags):
         """train_ppo.py from the policy: one arm (pairwise, bt, bt-anchor of scripts/compare.py, or --arm)."""
         args, out = self.args, os.path.join(self.run, f"ppo_{name}")
-        critic_free = re.search(r"--advantage-estimator[ =](grpo|rloo)", shlex.join([*self.ppo_args, *flags]))
-        critic = [] if critic_free else ["--critic-lora-rank", str(args.lora_rank)]   # grpo / rloo: no critic
+        critic = [] if critic_free([*self.ppo_args, *flags]) else ["--critic-lora-rank", str(args.lora_rank)]
         self.phase(f"ppo_{name}", os.path.join(out, "eval.json"), lambda: run_script("train_ppo.py", [
             "--policy", self.policy, "--judge", self.judge_dir,
             "--bt-rm", os.path.join(self.run, "bt", "checkpoint"), "--prompts", self.rl_train,

@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from kernels import bench, bench_harness
+from kernels import bench, bench_device, bench_harness
 from nanopairwise import losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,7 +60,7 @@ def _off_by_a_little(x, y, r):
     return out._replace(logprobs=out.logprobs * 1.01)
 
 
-ENV = bench_harness.Env("cpu", False, 1.0, True)
+ENV = bench_device.Env("cpu", False, 1.0, True)
 RATE = bench_harness.bandwidth({"fwd": 1, "bwd": 2, "fwd+bwd": 3}, ENV)
 TOL = bench.LOGPROB_TOL[torch.float32]
 Impl = bench_harness.Impl

@@ -2,11 +2,11 @@
 
 The other kernel tests run under TRITON_INTERPRET=1, which accepts code the GPU compiler refuses
 and says nothing about registers. scripts/kernel_resources.py compiles every kernel at every CUDA
-launch configuration the launchers use (kernels/aot.py takes them from the launchers' own
+launch configuration the launchers use (kernels/launches.py takes them from the launchers' own
 functions), each dtype and reachable constexpr flag combination, for sm_80 and sm_90 with the
 ptxas in the triton wheel, in a fresh Triton cache (so it really compiles), with the runtime
 specialisation Triton's binder gives the arguments: 16-byte aligned pointers, and each size
-argument in each class it can take (divisible by 16, not, or 1; kernels/aot.py SIZES), every
+argument in each class it can take (divisible by 16, not, or 1; kernels/launches.py SIZES), every
 combination of them, once per distinct compiled kernel. Every variant is compiled with all sizes
 divisible by 16; the size combinations with each kernel's heaviest variant (`--mixed heaviest`).
 It fails on a compile error, on register spills (stack or local memory) and on shared memory
@@ -22,7 +22,7 @@ import sys
 
 import pytest
 
-from kernels import aot
+from kernels import aot, launches
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,11 +50,11 @@ def test_every_kernel_compiles_without_spills_within_shared_memory(rows):
     kernels = {f"{m}.{name}" for m in ("logprob", "linear_logprob", "ppo_loss")
                for name in dir(getattr(aot, m)) if name.endswith("_kernel")}
     assert {r["kernel"] for r in rows} == kernels
-    assert {(r["cc"], r["dtype"], r["aligned"]) for r in rows} == {(cc, d, a) for cc in (80, 90) for d in aot.DTYPES
+    assert {(r["cc"], r["dtype"], r["aligned"]) for r in rows} == {(cc, d, a) for cc in (80, 90) for d in launches.DTYPES
                                                                    for a in (True, False)}
     # the logprob kernels at each configuration _launch_config can return, entropy on and off
     configs = {(r["flags"], r["num_warps"]) for r in rows if r["kernel"] == "logprob._logprob_fwd_kernel"}
-    assert configs == {(f"BLOCK_V={b} ENTROPY={e}", w) for b, w in aot.logprob_configs() for e in (0, 1)}
+    assert configs == {(f"BLOCK_V={b} ENTROPY={e}", w) for b, w in launches.logprob_configs() for e in (0, 1)}
 
 
 def test_logprob_kernels_stream_with_128_bit_vector_accesses(rows):
@@ -66,23 +66,23 @@ def test_logprob_kernels_stream_with_128_bit_vector_accesses(rows):
     for r in rows:
         if r["kernel"].startswith("logprob.") and r["aligned"]:
             block_v = int(r["flags"].split()[0].split("=")[1])
-            vectors = block_v * aot.DTYPES[r["dtype"]].itemsize // (16 * 32 * r["num_warps"])
+            vectors = block_v * launches.DTYPES[r["dtype"]].itemsize // (16 * 32 * r["num_warps"])
             assert vectors >= 1 and r["ld_v4"] == vectors, r
             assert r["st_v4"] == (vectors if "bwd" in r["kernel"] else 0), r
             checked += 1
-    assert checked == 2 * 2 * 2 * len(aot.DTYPES) * len(aot.logprob_configs())
+    assert checked == 2 * 2 * 2 * len(launches.DTYPES) * len(launches.logprob_configs())
 
 
 def test_size_cases_cover_every_class_combination_of_every_size_argument():
     """The heaviest variant of each kernel meets every combination of its size arguments' classes
     (divisible by 16, not, 1), e.g. the fused head at odd N and V with C divisible by 16."""
-    launches = aot.launches("heaviest")
+    heaviest = launches.launches("heaviest")
     for kernel, sizes in (("logprob._logprob_fwd_kernel", "logprob"), ("ppo_loss._ppo_loss_bwd_kernel", "ppo_loss"),
                           ("linear_logprob._linear_logprob_fwd_kernel", "linear_logprob_fwd"),
                           ("linear_logprob._linear_logprob_bwd_kernel", "linear_logprob_bwd")):
-        names = aot.KERNEL_SIZES[sizes]
-        want = {label for label, _ in aot.size_cases(names)}
-        assert len(want) == len(list(itertools.product(*(aot.SIZES[n] for n in names))))
-        got = {launch.sizes for launch in launches if launch.kernel == kernel}
+        names = launches.KERNEL_SIZES[sizes]
+        want = {label for label, _ in launches.size_cases(names)}
+        assert len(want) == len(list(itertools.product(*(launches.SIZES[n] for n in names))))
+        got = {launch.sizes for launch in heaviest if launch.kernel == kernel}
         assert got == want, (kernel, want - got)
-    assert "N=odd V=odd C=16k S=odd" in {launch.sizes for launch in launches}
+    assert "N=odd V=odd C=16k S=odd" in {launch.sizes for launch in heaviest}

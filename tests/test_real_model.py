@@ -99,3 +99,15 @@ def test_report_only_tables_the_arms_finished_on_every_seed(tmp_path):
     os.remove(tmp_path / "seed1" / "ppo_pairwise" / "eval.json")
     with pytest.raises(SystemExit, match="ppo_pairwise"):
         real_model.main(argv)
+
+
+def test_critic_free_reads_the_estimator_as_train_ppo_does():
+    """A PPO arm gets --critic-lora-rank unless its flags make train_ppo.py build no critic (grpo,
+    rloo), in any spelling argparse accepts, the last occurrence winning."""
+    assert not real_model.critic_free(["--steps", "10"])
+    assert not real_model.critic_free(["--advantage-estimator", "gae", "--reward", "pairwise"])
+    assert real_model.critic_free(["--advantage-estimator", "grpo"])
+    assert real_model.critic_free(["--advantage-estimator=rloo", "--lr", "1e-4"])
+    assert real_model.critic_free(["--advantage-est", "grpo"])                            # an abbreviation
+    assert not real_model.critic_free(["--advantage-estimator", "grpo", "--advantage-estimator", "gae"])
+    assert not real_model.critic_free(["--reward", "pairwise-group"])    # the reward alone keeps the critic
