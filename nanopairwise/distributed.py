@@ -13,6 +13,8 @@ nanochat's `compute_init()` / `print0`.
 """
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
 
 import torch
@@ -71,11 +73,40 @@ def compute_init(device: str = "auto"):
         # NANOPAIRWISE_NUM_THREADS overrides it (scripts/compare.py --jobs sets it per worker).
         threads = os.environ.get("NANOPAIRWISE_NUM_THREADS")
         torch.set_num_threads(int(threads) if threads else max(1, (os.cpu_count() or 1) // world_size))
-        # subnormal floats (|x| < 1.2e-38 in fp32) take a slow microcode path on x86; flushed to
-        # zero, an fp32 LoRA step of SmolLM2 ran ~4x faster with the same losses (docs/BENCHMARKS.md,
-        # "Subnormals"; which op makes them there is not yet found)
-        torch.set_flush_denormal(True)
+        tune_cpu_process()
     return ddp, rank, local_rank, world_size, dev
+
+
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+
+
+def tune_cpu_process():
+    """What a CPU process that trains or benchmarks sets once (compute_init, and the scripts that
+    time train_*.py's work in their own process):
+
+    - Freed memory is kept for reuse. glibc serves every allocation over 32 MiB (a (N, V) logits
+      tensor: 512 x 49152 fp32 is 96 MiB) with a fresh mmap and returns it with munmap on free, so
+      each such tensor page-faults in again, 4 KiB at a time, zeroed by the kernel. In a VM a fault
+      is expensive: one `torch.where` over 512 x 49152 took 560 ms, and a bf16 LoRA fwd + bwd of
+      SmolLM2's policy log-probs (8 x 144 tokens) ran 1.9x faster with these allocations
+      served from the heap and kept (M_MMAP_MAX = 0, M_TRIM_THRESHOLD at its maximum; docs/
+      BENCHMARKS.md "Freed memory kept"). The cost: the resident set stays at its peak.
+      glibc only; elsewhere nothing changes. NANOPAIRWISE_KEEP_FREED_MEMORY=0 turns it off.
+    - Subnormal floats (|x| < 1.2e-38 in fp32) take a slow microcode path on x86: flushed to zero
+      as a guard. SmolLM2's LoRA judge step makes none and runs alike either way (1.04x,
+      scripts/bench_subnormal.py; docs/BENCHMARKS.md "Subnormals").
+    """
+    try:
+        if os.environ.get("NANOPAIRWISE_KEEP_FREED_MEMORY", "1") == "0":
+            raise OSError("turned off")
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        if hasattr(libc, "gnu_get_libc_version"):          # glibc: these mallopt parameters exist
+            libc.mallopt(M_MMAP_MAX, 0)
+            libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+    except OSError:                                        # turned off, or no C library to load
+        pass
+    torch.set_flush_denormal(True)
 
 
 def compute_cleanup():

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from nanopairwise import decode
 from nanopairwise.bootstrap import TINY_POLICY
 from nanopairwise.common import parse_dtype
+from nanopairwise.distributed import tune_cpu_process
 from nanopairwise.model import ModelConfig, Transformer
 from nanopairwise.rollout import generate
 
@@ -249,4 +250,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    tune_cpu_process()   # the process setup of train_*.py (distributed.compute_init)
     sys.exit(main())

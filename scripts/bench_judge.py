@@ -34,6 +34,7 @@ import torch
 from nanopairwise import judge as J, prefix_sharing as PS
 from nanopairwise.common import clock, parse_dtype
 from nanopairwise.data import DEFAULT_PRINCIPLE, RLPrompt
+from nanopairwise.distributed import tune_cpu_process
 from nanopairwise.layouts import JudgeTemplate, encode_pair_segments
 from nanopairwise.model import ModelConfig, Transformer
 from nanopairwise.tokenizer import Tokenizer, train_bpe
@@ -181,4 +182,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    tune_cpu_process()   # the process setup of train_*.py (distributed.compute_init)
     sys.exit(main())

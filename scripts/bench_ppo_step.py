@@ -91,6 +91,7 @@ from bench_generate import QWEN25_05B, TINY  # this script's own directory is on
 from bench_judge import cpu_name, random_text
 from nanopairwise import checkpoint, data, flops, lora, ops
 from nanopairwise.common import clock, derive_seed, parse_dtype
+from nanopairwise.distributed import tune_cpu_process
 from nanopairwise.judge import PairwiseJudge, verdict_probs, verdict_token_ids
 from nanopairwise.layouts import JudgeTemplate, Sampling, encode_pair, encode_pair_segments
 from nanopairwise.model import ModelConfig, Transformer
@@ -469,4 +470,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    tune_cpu_process()   # the process setup of train_*.py (distributed.compute_init)
     sys.exit(main())

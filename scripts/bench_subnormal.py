@@ -9,8 +9,9 @@ arithmetic, tens to a hundred times a normal operation. `distributed.compute_ini
 `torch.set_flush_denormal(True)` on the CPU (FTZ/DAZ: subnormal results and inputs read as 0).
 This script measures what that buys, on the step where it was first seen: train_rm.py's pairwise
 judge step (--pairs pairs x 2 orders, judge_loss on the verdict token, AdamW on LoRA adapters),
-in one process, alternating kept / flushed for --rounds rounds of --steps steps (so a drift of the
-machine's load hits both), and reports ms per step (median per mode) and the ratio.
+in one process, after one untimed warm-up step in each mode, alternating kept / flushed for --rounds
+rounds of --steps steps (so a drift of the machine's load hits both), and reports ms per step
+(median per mode) and the ratio.
 
 Where they come from: with flushing off, one more step counts the subnormal entries of every
 module's forward output, of every trainable gradient and of AdamW's state (exp_avg, exp_avg_sq)
@@ -134,6 +135,11 @@ def main(argv=None):
     if not torch.set_flush_denormal(False):   # True where the CPU supports it (x86 with SSE3)
         print("# torch.set_flush_denormal is not supported on this CPU: both modes keep subnormals")
     ms, losses = {"kept": [], "flushed": []}, {"kept": [], "flushed": []}
+    start = lora.trainable_state_dict(judge)
+    for mode in ("kept", "flushed"):   # untimed warm-up: the first call's allocations and kernel setup
+        torch.set_flush_denormal(mode == "flushed")
+        step(judge, torch.optim.AdamW(trainable, lr=2e-4), batches[-1])
+    lora.load_trainable_state_dict(judge, start, "the start")
     for rnd in range(args.rounds):
         # the same batches in both modes, from the same starting weights and optimizer state
         start = lora.trainable_state_dict(judge)

@@ -46,6 +46,7 @@ import compare  # (this script's own directory is on sys.path)
 from nanopairwise import data, decode, gguf, lora, losses, principles_task
 from nanopairwise.bootstrap import BootstrapConfig, bootstrap, demonstrations, sft, task_paths
 from nanopairwise.common import atomic_write_text, parse_dtype, set_seed
+from nanopairwise.distributed import tune_cpu_process
 from nanopairwise.data import DEFAULT_PRINCIPLE
 from nanopairwise.evaluation import evaluate_reward_model
 from nanopairwise.formats import load_preference_pairs
@@ -314,5 +315,5 @@ def main(argv=None):
 
 if __name__ == "__main__":
     torch.set_num_threads(os.cpu_count() or 1)
-    torch.set_flush_denormal(True)   # as compute_init() does in the train_*.py children
+    tune_cpu_process()   # as compute_init() does in the train_*.py children
     main()
