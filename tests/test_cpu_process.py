@@ -1,8 +1,8 @@
 """distributed.tune_cpu_process: the CPU process setup of train_*.py. With it a tensor over glibc's
 32 MiB mmap threshold comes from the heap, kept after it is freed (glibc's own counters say where
 each allocation lives); with NANOPAIRWISE_KEEP_FREED_MEMORY=0 glibc maps it as usual. Each case runs
-in a fresh process, so the setting cannot leak between tests; scripts/bench_memory_reuse.py's smoke run
-times both settings, one child process each. Its speed is docs/BENCHMARKS.md's, never a test's."""
+in a fresh process, so the setting cannot leak between tests; scripts/bench_policy_update.py's smoke run
+times both settings of each comparison, one child process each. Its speed is docs/BENCHMARKS.md's, never a test's."""
 
 import ctypes
 import ctypes.util
@@ -52,13 +52,15 @@ def test_large_tensors_come_from_the_heap_and_stay_there():
     assert mapped["mmapped"] >= size and mapped["heap_in_use"] < size  # glibc's default: its own mapping
 
 
-def test_bench_memory_reuse_smoke_runs_each_setting_in_its_own_process():
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_memory_reuse.py"), "--smoke",
-                           "--steps", "2", "--rounds", "1", "--rows", "2", "--prompt-len", "8", "--new-tokens", "4",
-                           "--dtype", "fp32"], capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
+@pytest.mark.parametrize("compare,new,old", [("memory", "kept", "default"), ("kernels", "chunked", "ref")])
+def test_bench_policy_update_smoke_runs_each_setting_in_its_own_process(compare, new, old):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_policy_update.py"), "--smoke",
+                           "--compare", compare, "--steps", "2", "--rounds", "1", "--rows", "2", "--prompt-len", "8",
+                           "--new-tokens", "4", "--dtype", "fp32"],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
-    assert out.startswith("# freed memory kept vs returned | tiny random model | fp32 base, LoRA r=16")
-    for name in ("kept", "default"):
+    assert out.startswith(f"# {new} vs {old} (") and "| tiny random model | fp32 base, LoRA r=16 |" in out
+    for name in (new, old):
         assert re.search(rf"^round 0 {name} *: ms [0-9,]+ / [0-9,]+ \| peak RSS [0-9.]+ GiB$", out, re.M), out
-    assert re.search(r"^ms per call, median of 2: kept [0-9,]+ \| default [0-9,]+ \| default / kept [0-9.]+x", out, re.M)
+    assert re.search(rf"^ms per call, median of 2: {new} [0-9,]+ \| {old} [0-9,]+ \| {old} / {new} [0-9.]+x", out, re.M)

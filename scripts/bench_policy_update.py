@@ -1,21 +1,25 @@
-"""Freed memory kept for reuse (distributed.tune_cpu_process) against glibc's default, on the
-policy half of a PPO update: the log-probs and entropy of a LoRA policy's sampled tokens, forward
-and backward, as nanopairwise/ppo.py's ppo_update runs them.
+"""The policy half of a PPO update on the CPU, under two settings of the process, each in its own
+child process: the log-probs and entropy of a LoRA policy's sampled tokens, forward and backward,
+as nanopairwise/ppo.py's ppo_update runs them.
 
-    python scripts/bench_memory_reuse.py --model ~/.cache/nanopairwise/smollm2-135m-instruct  # bf16, 8 x (80 + 64)
-    python scripts/bench_memory_reuse.py --smoke        # tiny random model (what the test runs)
+    python scripts/bench_policy_update.py --model ~/.cache/nanopairwise/smollm2-135m-instruct  # memory: kept vs default
+    python scripts/bench_policy_update.py --model ~/.cache/nanopairwise/smollm2-135m-instruct --compare kernels
+    python scripts/bench_policy_update.py --smoke        # tiny random model (what the test runs)
 
-Why. glibc serves each allocation over 32 MiB with its own mmap and unmaps it on free, so a
+--compare memory: freed memory kept for reuse (distributed.tune_cpu_process) against glibc's
+default. glibc serves each allocation over 32 MiB with its own mmap and unmaps it on free, so a
 (N, V) logits-sized tensor (512 x 49152 fp32: 96 MiB) page-faults in afresh every time it is
 made, 4 KiB a page, zeroed by the kernel; in a VM each fault is costly. tune_cpu_process sets
 M_MMAP_MAX = 0 and the largest M_TRIM_THRESHOLD, so such tensors come from the heap and freed
-memory stays there for the next one. A process cannot switch that back for memory it already
-holds, so each setting runs in its own child process (NANOPAIRWISE_KEEP_FREED_MEMORY = 1 / 0),
-alternating for --rounds rounds; each child does one untimed warm-up call, then --steps timed
-calls, and reports ms per call and its peak resident set. Printed: the median per setting, the
-ratio, and the peaks (the cost of keeping memory: the resident set stays at its peak).
-"""
+memory stays there. A process cannot switch that back for memory it already holds, hence the
+child processes (NANOPAIRWISE_KEEP_FREED_MEMORY = 1 / 0).
+--compare kernels: the token log-probs over 32-row chunks (nanopairwise/logprob_chunked.py, the
+CPU's default) against the reference's whole-(N, V) passes (NANOPAIRWISE_KERNELS = chunked / ref).
 
+The two settings alternate for --rounds rounds; each child does one untimed warm-up call, then
+--steps timed calls, and reports ms per call and its peak resident set. Printed: the median per
+setting, the ratio, and the peaks.
+"""
 import argparse
 import datetime
 import json
@@ -36,6 +40,11 @@ from nanopairwise.model import ModelConfig, Transformer
 from nanopairwise.policy import PolicyLogprobs
 
 
+# --compare -> the environment variable and its two values: (name, value) of the new setting, then the old
+SETTINGS = {"memory": ("NANOPAIRWISE_KEEP_FREED_MEMORY", [("kept", "1"), ("default", "0")]),
+            "kernels": ("NANOPAIRWISE_KERNELS", [("chunked", "chunked"), ("ref", "ref")])}
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="HF dir (default: SmolLM2-135M-Instruct from the cache)")
@@ -43,7 +52,8 @@ def get_args(argv=None):
     p.add_argument("--prompt-len", type=int, default=80, help="prompt tokens (chat template included)")
     p.add_argument("--new-tokens", type=int, default=64, help="response tokens scored")
     p.add_argument("--steps", type=int, default=3, help="timed calls per child process")
-    p.add_argument("--rounds", type=int, default=2, help="kept / default alternations (one child each)")
+    p.add_argument("--rounds", type=int, default=2, help="alternations of the two settings (one child each)")
+    p.add_argument("--compare", choices=sorted(SETTINGS), default="memory", help="what the two settings change")
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--dtype", default="bf16", help="base weights (adapters fp32): bf16 or fp32")
     p.add_argument("--smoke", action="store_true", help="tiny random model: the path runs, numbers meaningless")
@@ -52,7 +62,7 @@ def get_args(argv=None):
 
 
 def child(args) -> dict:
-    """In this process, under the setting of NANOPAIRWISE_KEEP_FREED_MEMORY: ms per call, peak RSS."""
+    """In this process, under the environment its parent set: ms per call, peak RSS."""
     tune_cpu_process()
     torch.manual_seed(0)
     dtype = parse_dtype(args.dtype)
@@ -87,15 +97,17 @@ def main(argv=None):
         print(json.dumps(child(args)))
         return 0
     argv = list(sys.argv[1:] if argv is None else argv)
-    print(f"# freed memory kept vs returned | {'tiny random model' if args.smoke else args.model or 'SmolLM2-135M-Instruct'}"
+    var, settings = SETTINGS[args.compare]
+    (new, _), (old, _) = settings
+    print(f"# {new} vs {old} ({var}) | {'tiny random model' if args.smoke else args.model or 'SmolLM2-135M-Instruct'}"
           f" | {args.dtype} base, LoRA r={args.lora_rank} | policy log-probs + entropy fwd + bwd of {args.rows} x "
           f"({args.prompt_len} + {args.new_tokens}) tokens | CPU {cpu_name()}, {torch.get_num_threads()} threads | "
           f"torch {torch.__version__} | {datetime.date.today()}", flush=True)
-    runs = {"kept": [], "default": []}
+    runs = {name: [] for name, _ in settings}
     for rnd in range(args.rounds):
-        for name, keep in (("kept", "1"), ("default", "0")):
+        for name, value in settings:
             proc = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--child"], capture_output=True,
-                                  text=True, env=dict(os.environ, NANOPAIRWISE_KEEP_FREED_MEMORY=keep))
+                                  text=True, env=dict(os.environ, **{var: value}))
             if proc.returncode:
                 raise SystemExit(f"child ({name}) failed:\n{proc.stderr[-3000:]}")
             res = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -104,9 +116,9 @@ def main(argv=None):
                   f"{res['peak_rss_gib']:.2f} GiB", flush=True)
     med = {k: statistics.median(x for r in v for x in r["ms"]) for k, v in runs.items()}
     peak = {k: max(r["peak_rss_gib"] for r in v) for k, v in runs.items()}
-    print(f"\nms per call, median of {args.rounds * args.steps}: kept {med['kept']:,.0f} | default {med['default']:,.0f}"
-          f" | default / kept {med['default'] / med['kept']:.2f}x | peak RSS kept {peak['kept']:.2f} GiB, default "
-          f"{peak['default']:.2f} GiB")
+    print(f"\nms per call, median of {args.rounds * args.steps}: {new} {med[new]:,.0f} | {old} {med[old]:,.0f}"
+          f" | {old} / {new} {med[old] / med[new]:.2f}x | peak RSS {new} {peak[new]:.2f} GiB, {old} "
+          f"{peak[old]:.2f} GiB")
     return 0
 
 
