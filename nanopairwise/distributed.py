@@ -87,11 +87,11 @@ def tune_cpu_process():
 
     - Freed memory is kept for reuse. glibc serves every allocation over 32 MiB (a (N, V) logits
       tensor: 512 x 49152 fp32 is 96 MiB) with a fresh mmap and returns it with munmap on free, so
-      each such tensor page-faults in again, 4 KiB at a time, zeroed by the kernel. In a VM a fault
-      is expensive: one `torch.where` over 512 x 49152 took 560 ms, and a bf16 LoRA fwd + bwd of
-      SmolLM2's policy log-probs (8 x 144 tokens) ran 1.9x faster with these allocations
-      served from the heap and kept (M_MMAP_MAX = 0, M_TRIM_THRESHOLD at its maximum; docs/
-      BENCHMARKS.md "Freed memory kept"). The cost: the resident set stays at its peak.
+      each such tensor page-faults in again, 4 KiB at a time, zeroed by the kernel; in a VM a fault
+      is expensive. Served from the heap and kept (M_MMAP_MAX = 0, M_TRIM_THRESHOLD at its
+      maximum), a bf16 LoRA fwd + bwd of SmolLM2's policy log-probs (8 x 144 tokens) ran 1.4-2x
+      faster and a SmolLM2 PPO step 1.24x (scripts/bench_policy_update.py, bench_ppo_step.py;
+      docs/BENCHMARKS.md). The cost: the resident set stays at its peak.
       glibc only; elsewhere nothing changes. NANOPAIRWISE_KEEP_FREED_MEMORY=0 turns it off.
     - Subnormal floats (|x| < 1.2e-38 in fp32) take a slow microcode path on x86: flushed to zero
       as a guard. SmolLM2's LoRA judge step makes none and runs alike either way (1.04x,

@@ -3,10 +3,12 @@ without its (N, V) temporaries, the CPU's path (ops.token_logprobs, backend "chu
 
 Why. The reference runs each step as a whole-(N, V) tensor op: the fp32 copy of the logits,
 logsumexp, softmax, the finite-logits mask, p * z, and in the backward as many again, each a
-fresh N x V x 4 bytes (96 MiB at 512 x 49152) streamed through memory. On the 2-core CPU these
-passes took half of a LoRA policy's forward + backward (docs/BENCHMARKS.md, "PPO step"). Here a
-chunk of `chunk` rows is small enough to stay in cache while every pass runs over it, and the
-backward recomputes softmax from the saved logits and logsumexp instead of keeping it.
+fresh N x V x 4 bytes (96 MiB at 512 x 49152) streamed through memory and held by autograd. Here
+a chunk of `chunk` rows is small enough to stay in cache while every pass runs over it, and the
+backward recomputes softmax from the saved logits and logsumexp instead of keeping it. A SmolLM2
+PPO step's peak resident set fell by 1.5 GiB with it, its time unchanged; scripts/
+bench_policy_update.py --compare kernels times a policy's forward + backward both ways
+(docs/BENCHMARKS.md, "PPO step").
 
 Math, per row, z = logits / T, lse = logsumexp(z), p = exp(z - lse), over the valid rows
 (target != ignore_index; the others get 0 and no gradient):
@@ -23,7 +25,7 @@ import torch
 
 from nanopairwise import losses
 
-CHUNK = 32   # rows per chunk: 32 x 49152 fp32 = 6 MiB, a few times over for the temporaries
+CHUNK = 8   # rows per chunk: 8 x 49152 fp32 = 1.5 MiB, a few times over for the temporaries (L2-sized)
 
 
 class ChunkedTokenLogprobs(torch.autograd.Function):

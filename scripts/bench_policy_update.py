@@ -57,6 +57,8 @@ def get_args(argv=None):
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--dtype", default="bf16", help="base weights (adapters fp32): bf16 or fp32")
     p.add_argument("--smoke", action="store_true", help="tiny random model: the path runs, numbers meaningless")
+    p.add_argument("--profile", action="store_true", help="then one call of the first setting under torch.profiler: "
+                   "its top ops by self CPU time")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)   # one setting's timings, as JSON
     return p.parse_args(argv)
 
@@ -88,7 +90,13 @@ def child(args) -> dict:
         t0 = time.perf_counter()
         call()
         ms.append((time.perf_counter() - t0) * 1e3)
-    return {"ms": ms, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    out = {"ms": ms, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            call()
+        out["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+    return out
 
 
 def main(argv=None):
@@ -106,7 +114,8 @@ def main(argv=None):
     runs = {name: [] for name, _ in settings}
     for rnd in range(args.rounds):
         for name, value in settings:
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--child"], capture_output=True,
+            child_argv = [a for a in argv if a != "--profile"] + ["--child"]
+            proc = subprocess.run([sys.executable, os.path.abspath(__file__), *child_argv], capture_output=True,
                                   text=True, env=dict(os.environ, **{var: value}))
             if proc.returncode:
                 raise SystemExit(f"child ({name}) failed:\n{proc.stderr[-3000:]}")
@@ -119,6 +128,11 @@ def main(argv=None):
     print(f"\nms per call, median of {args.rounds * args.steps}: {new} {med[new]:,.0f} | {old} {med[old]:,.0f}"
           f" | {old} / {new} {med[old] / med[new]:.2f}x | peak RSS {new} {peak[new]:.2f} GiB, {old} "
           f"{peak[old]:.2f} GiB")
+    if args.profile:
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--child"], capture_output=True,
+                              text=True, env=dict(os.environ, **{var: settings[0][1]}), check=True)
+        print(f"\none call with {new} under torch.profiler, top ops by self CPU time:\n"
+              + json.loads(proc.stdout.strip().splitlines()[-1])["profile"])
     return 0
 
 

@@ -52,11 +52,12 @@ def test_large_tensors_come_from_the_heap_and_stay_there():
     assert mapped["mmapped"] >= size and mapped["heap_in_use"] < size  # glibc's default: its own mapping
 
 
-@pytest.mark.parametrize("compare,new,old", [("memory", "kept", "default"), ("kernels", "chunked", "ref")])
-def test_bench_policy_update_smoke_runs_each_setting_in_its_own_process(compare, new, old):
+@pytest.mark.parametrize("compare,new,old,extra", [("memory", "kept", "default", []),
+                                                   ("kernels", "chunked", "ref", ["--profile"])])
+def test_bench_policy_update_smoke_runs_each_setting_in_its_own_process(compare, new, old, extra):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_policy_update.py"), "--smoke",
                            "--compare", compare, "--steps", "2", "--rounds", "1", "--rows", "2", "--prompt-len", "8",
-                           "--new-tokens", "4", "--dtype", "fp32"],
+                           "--new-tokens", "4", "--dtype", "fp32", *extra],
                           capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
@@ -64,3 +65,4 @@ def test_bench_policy_update_smoke_runs_each_setting_in_its_own_process(compare,
     for name in (new, old):
         assert re.search(rf"^round 0 {name} *: ms [0-9,]+ / [0-9,]+ \| peak RSS [0-9.]+ GiB$", out, re.M), out
     assert re.search(rf"^ms per call, median of 2: {new} [0-9,]+ \| {old} [0-9,]+ \| {old} / {new} [0-9.]+x", out, re.M)
+    assert ("under torch.profiler, top ops by self CPU time" in out) == bool(extra)
