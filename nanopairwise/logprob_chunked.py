@@ -69,6 +69,7 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
             if use_ent:
                 log_p_plus_h = torch.where(p > 0, z - lse[i:i + chunk, None] + ent[i:i + chunk, None], 0.0)
                 d -= g_ent[i:i + chunk, None] * p * log_p_plus_h
+            d.masked_fill_(~valid[i:i + chunk, None], 0.0)   # ignored rows: 0, even where p is NaN (all -inf)
             dlogits[i:i + chunk] = d / T
         return dlogits, None, None, None, None, None
 

@@ -42,6 +42,15 @@ def test_chunked_with_outputs_left_unused(entropy, used):
     check_parity(got, want, TOL[torch.float32])
 
 
+def test_ignored_rows_get_zeros_even_when_all_their_logits_are_minus_inf():
+    logits, targets, _ = make_case(9, 50, torch.float32, "cpu")
+    logits[4], targets[4] = float("-inf"), IGNORE_INDEX          # e.g. a fully masked padding row
+    x = logits.clone().requires_grad_(True)
+    out = logprob_chunked.token_logprobs(x, targets, entropy=True, chunk=4)
+    (out.logprobs.sum() + out.entropy.sum()).backward()
+    assert out.logprobs[4] == 0 and out.entropy[4] == 0 and (x.grad[4] == 0).all() and torch.isfinite(x.grad).all()
+
+
 def test_ops_runs_chunked_on_the_cpu_by_default(monkeypatch):
     monkeypatch.delenv("NANOPAIRWISE_KERNELS", raising=False)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
