@@ -97,15 +97,14 @@ def tune_cpu_process():
       as a guard. SmolLM2's LoRA judge step makes none and runs alike either way (1.04x,
       scripts/bench_subnormal.py; docs/BENCHMARKS.md "Subnormals").
     """
-    try:
-        if os.environ.get("NANOPAIRWISE_KEEP_FREED_MEMORY", "1") == "0":
-            raise OSError("turned off")
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    if os.environ.get("NANOPAIRWISE_KEEP_FREED_MEMORY", "1") != "0":
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        except OSError:                                    # no C library to load: nothing to set
+            libc = None
         if hasattr(libc, "gnu_get_libc_version"):          # glibc: these mallopt parameters exist
             libc.mallopt(M_MMAP_MAX, 0)
             libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
-    except OSError:                                        # turned off, or no C library to load
-        pass
     torch.set_flush_denormal(True)
 
 

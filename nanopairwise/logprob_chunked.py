@@ -57,7 +57,7 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
     def backward(ctx, g_lp, g_ent):
         logits, safe, lp_pass, valid, lse, ent = ctx.saved_tensors
         T, chunk = ctx.temperature, ctx.chunk
-        g_lp = torch.where(lp_pass, g_lp if g_lp is not None else 0.0, 0.0).float()        # (N,)
+        g_lp = torch.where(lp_pass, g_lp, 0.0).float()                  # (N,); autograd gives zeros if unused
         use_ent = ctx.entropy and g_ent is not None
         g_ent = torch.where(valid, g_ent, 0.0).float() if use_ent else None
         dlogits = torch.empty_like(logits)

@@ -5,7 +5,7 @@
     python scripts/bench_subnormal.py --smoke         # tiny random model (what the test runs)
 
 Why. A subnormal (denormal) float, 0 < |x| < 1.2e-38 in fp32, takes a slow microcode path in x86
-arithmetic, tens to a hundred times a normal operation. `distributed.compute_init` therefore calls
+arithmetic, far slower than a normal operation. `distributed.compute_init` therefore calls
 `torch.set_flush_denormal(True)` on the CPU (FTZ/DAZ: subnormal results and inputs read as 0).
 This script measures what that buys, on the step where it was first seen: train_rm.py's pairwise
 judge step (--pairs pairs x 2 orders, judge_loss on the verdict token, AdamW on LoRA adapters),
